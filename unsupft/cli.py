@@ -1,0 +1,41 @@
+"""`unsupft`: one sub-command per stage.
+
+Stage modules import torch and friends, so sub-commands are loaded lazily: `unsupft --help` and a
+typo in a command name answer at once. To add a stage, add one line to `STAGES`.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import click
+
+from unsupft import __version__
+
+# command name -> "module:attribute" of its click.Command
+STAGES: dict[str, str] = {
+    "ingest": "unsupft.data.ingest:ingest_command",
+}
+
+
+class LazyGroup(click.Group):
+    """A click group whose sub-commands are imported only when used."""
+
+    def __init__(self, *args, lazy: dict[str, str], **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.lazy = lazy
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(set(super().list_commands(ctx)) | set(self.lazy))
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name in self.lazy:
+            module_name, attr = self.lazy[name].split(":")
+            return getattr(importlib.import_module(module_name), attr)
+        return super().get_command(ctx, name)
+
+
+@click.group(cls=LazyGroup, lazy=STAGES, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="unsupft")
+def main() -> None:
+    """unsupft stages: each reads inputs from URIs and writes its outputs to --out."""

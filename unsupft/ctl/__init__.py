@@ -1,0 +1,1 @@
+"""`unsupft-ctl`: pipelines of stages on the local machine or on Kubernetes."""
