@@ -196,3 +196,17 @@ def cli_env() -> dict[str, str]:
     Request it after `s3_env` when the subprocess needs the test server's settings.
     """
     return {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+
+
+@pytest.fixture(scope="session")
+def ingest():
+    """Run `unsupft ingest` in-process (CliRunner): fast, and sees this test's S3 settings."""
+    from click.testing import CliRunner
+
+    from unsupft.data.ingest import ingest_command
+
+    def run(*args) -> None:
+        result = CliRunner().invoke(ingest_command, [str(a) for a in args], catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+
+    return run

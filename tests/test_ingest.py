@@ -19,9 +19,6 @@ from unsupft.data.ingest import ingest_command
 from unsupft.data.sources import FASHION_MNIST_CLASSES
 
 
-def ingest(*args: str) -> None:
-    result = CliRunner().invoke(ingest_command, [str(a) for a in args], catch_exceptions=False)
-    assert result.exit_code == 0, result.output
 
 
 def digits_uint8() -> tuple[np.ndarray, np.ndarray]:
@@ -52,7 +49,7 @@ def assert_same_as_source(uri: str, images: np.ndarray, labels: np.ndarray | Non
         assert arrays.labels.tolist() == [int(labels[int(k)]) for k in arrays.keys]
 
 
-def test_digits_round_trip(store_uri: str) -> None:
+def test_digits_round_trip(store_uri: str, ingest) -> None:
     images, labels = digits_uint8()
     ingest("sklearn:digits", store_uri, "--shard-size", "700")
     info = read_info(store_uri)
@@ -61,7 +58,7 @@ def test_digits_round_trip(store_uri: str) -> None:
     assert_same_as_source(store_uri, images, labels)
 
 
-def test_idx_round_trip_gzip_and_plain(store_uri: str, tmp_path: Path) -> None:
+def test_idx_round_trip_gzip_and_plain(store_uri: str, tmp_path: Path, ingest) -> None:
     images, labels = digits_uint8()
     images, labels = images[:300], labels[:300]
     folder = tmp_path / "fashion-mnist"  # the class names follow the Debian package's folder name
@@ -73,7 +70,7 @@ def test_idx_round_trip_gzip_and_plain(store_uri: str, tmp_path: Path) -> None:
     assert_same_as_source(store_uri, images, labels)
 
 
-def test_npz_round_trip_colour_with_names(store_uri: str, tmp_path: Path) -> None:
+def test_npz_round_trip_colour_with_names(store_uri: str, tmp_path: Path, ingest) -> None:
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, size=(40, 12, 10, 3), dtype=np.uint8)
     labels = rng.integers(0, 3, size=40)
@@ -84,7 +81,7 @@ def test_npz_round_trip_colour_with_names(store_uri: str, tmp_path: Path) -> Non
     assert_same_as_source(store_uri, images, labels)
 
 
-def test_npz_unlabeled_grayscale(store_uri: str, tmp_path: Path) -> None:
+def test_npz_unlabeled_grayscale(store_uri: str, tmp_path: Path, ingest) -> None:
     images = np.random.default_rng(1).integers(0, 256, size=(25, 9, 9), dtype=np.uint8)
     np.savez(tmp_path / "u.npz", images=images)
     ingest(tmp_path / "u.npz", store_uri)
@@ -109,7 +106,7 @@ def make_folder(root: Path, mode: str, per_class: int = 4) -> tuple[np.ndarray, 
 
 
 @pytest.mark.parametrize("mode", ["L", "RGB"])
-def test_folder_round_trip(store_uri: str, tmp_path: Path, mode: str) -> None:
+def test_folder_round_trip(store_uri: str, tmp_path: Path, mode: str, ingest) -> None:
     images, labels = make_folder(tmp_path / "src", mode)
     ingest(tmp_path / "src", store_uri, "--shard-size", "5")
     info = read_info(store_uri)
@@ -118,7 +115,7 @@ def test_folder_round_trip(store_uri: str, tmp_path: Path, mode: str) -> None:
     assert_same_as_source(store_uri, images, labels)
 
 
-def test_unlabeled_flag_drops_labels(tmp_path: Path) -> None:
+def test_unlabeled_flag_drops_labels(tmp_path: Path, ingest) -> None:
     ingest("sklearn:digits", tmp_path / "u", "--unlabeled", "--limit", "50")
     info = read_info(str(tmp_path / "u"))
     assert not info.labeled and info.classes == [] and info.samples == 50
@@ -133,7 +130,7 @@ def _tar_names(path: Path) -> list[str]:
         return tar.getnames()
 
 
-def test_split_disjoint_stratified_reproducible(tmp_path: Path) -> None:
+def test_split_disjoint_stratified_reproducible(tmp_path: Path, ingest) -> None:
     ingest("sklearn:digits", tmp_path / "a", "--split", "0.25", "--seed", "3", "--shard-size", "400")
     ingest("sklearn:digits", tmp_path / "b", "--split", "0.25", "--seed", "3", "--shard-size", "400")
     ingest("sklearn:digits", tmp_path / "c", "--split", "0.25", "--seed", "4", "--shard-size", "400")
@@ -150,7 +147,7 @@ def test_split_disjoint_stratified_reproducible(tmp_path: Path) -> None:
     assert set(load_arrays(str(tmp_path / "c/test")).keys) != set(test.keys)
 
 
-def test_class_subsets_disjoint_and_renumbered(tmp_path: Path) -> None:
+def test_class_subsets_disjoint_and_renumbered(tmp_path: Path, ingest) -> None:
     ingest("sklearn:digits", tmp_path / "source", "--classes", "0,1,2,3,4")
     ingest("sklearn:digits", tmp_path / "target", "--classes", "9,5,6,7,8", "--limit", "100")
     source, target = load_arrays(str(tmp_path / "source")), load_arrays(str(tmp_path / "target"))
@@ -241,7 +238,7 @@ def test_cli_bad_input_subprocess_one_line(tmp_path: Path, cli_env) -> None:
     assert not (tmp_path / "out").exists()
 
 
-def test_reingest_replaces_manifest_last(tmp_path: Path) -> None:
+def test_reingest_replaces_manifest_last(tmp_path: Path, ingest) -> None:
     ingest("sklearn:digits", tmp_path / "d", "--limit", "40")
     ingest("sklearn:digits", tmp_path / "d", "--limit", "20", "--seed", "1")
     manifest = json.loads((tmp_path / "d" / "dataset.json").read_text())
