@@ -126,6 +126,7 @@ def serve(root: str | Path | None = None, *, bucket: str = "unsupft", access_key
 
     with contextlib.ExitStack() as stack:
         base = Path(root) if root is not None else Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="weed-")))
+        base.mkdir(parents=True, exist_ok=True)
         for attempt in range(3):  # a port taken between choosing and binding: choose again
             try:
                 proc, endpoint = _launch(base, access_key, secret_key)
