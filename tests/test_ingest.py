@@ -243,3 +243,19 @@ def test_reingest_replaces_manifest_last(tmp_path: Path, ingest) -> None:
     ingest("sklearn:digits", tmp_path / "d", "--limit", "20", "--seed", "1")
     manifest = json.loads((tmp_path / "d" / "dataset.json").read_text())
     assert manifest["samples"] == 20 and "--seed 1" in manifest["source"]
+
+
+FASHION = Path("/usr/share/datasets/fashion-mnist")
+
+
+@pytest.mark.skipif(not (FASHION / "t10k-images-idx3-ubyte.gz").exists(),
+                    reason="Debian's dataset-fashion-mnist is not installed (apt-get install dataset-fashion-mnist)")
+def test_fashion_mnist_debian_files(tmp_path: Path, ingest) -> None:
+    from unsupft.data.sources import read_idx
+
+    ingest(FASHION / "t10k-images-idx3-ubyte.gz", tmp_path / "f", "--labels", FASHION / "t10k-labels-idx1-ubyte.gz",
+           "--limit", "200")
+    info = read_info(str(tmp_path / "f"))
+    assert (info.classes, info.image_size, info.channels) == (FASHION_MNIST_CLASSES, (28, 28), 1)
+    assert_same_as_source(str(tmp_path / "f"), read_idx(FASHION / "t10k-images-idx3-ubyte.gz"),
+                          read_idx(FASHION / "t10k-labels-idx1-ubyte.gz"))
