@@ -126,5 +126,7 @@ class LoaderBatches:
         sampler = StepBatchSampler(self.order, self.batch_size, steps, self.seed, start_step, rank, world_size)
         loader = DataLoader(self.dataset, batch_sampler=sampler, num_workers=self.num_workers,
                             collate_fn=self.collate_fn, pin_memory=torch.cuda.is_available(),
-                            persistent_workers=False)
+                            # its own generator: creating the iterator must not draw from the global
+                            # RNG, whose state a resumed run restores from the checkpoint
+                            generator=torch.Generator().manual_seed(self.seed))
         return iter(loader)
