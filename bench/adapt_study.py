@@ -35,8 +35,9 @@ def unsupft(*args) -> None:
     subprocess.run([sys.executable, "-m", "unsupft", *map(str, args)], check=True, env=env, capture_output=True)
 
 
-def few_shot_knn(model_uri: str, train, test, shots: int = 5, trials: int = 5) -> float:
-    backbone = load_backbone(model_uri)[0].eval()
+def few_shot_knn(backbone: torch.nn.Module, train, test, shots: int = 5, trials: int = 5) -> float:
+    """Mean 1-NN accuracy (cosine) on `test` with `shots` random labeled references per class."""
+    backbone.eval()
     with torch.no_grad():
         ref, query = (F.normalize(backbone(to_input(s.images)), dim=1) for s in (train, test))
     accs = []
@@ -46,6 +47,10 @@ def few_shot_knn(model_uri: str, train, test, shots: int = 5, trials: int = 5) -
             torch.randperm(int((train.labels == c).sum()), generator=g)[:shots]] for c in range(len(train.info.classes))])
         accs.append((train.labels[picks][(query @ ref[picks].T).argmax(1)] == test.labels).float().mean().item())
     return sum(accs) / trials
+
+
+def knn_of(model_uri: str, train, test) -> float:
+    return few_shot_knn(load_backbone(model_uri)[0], train, test)
 
 
 def main() -> None:
@@ -63,7 +68,7 @@ def main() -> None:
     unsupft("pretrain", "--data", src / "train", "--out", work / "pre", "--steps", args.pretrain_steps,
             "--lr", "0.06", *COMMON)
     train, test = load_arrays(str(tgt / "train")), load_arrays(str(tgt / "test"))
-    results: dict[str, list[float]] = {"pretrained (no adapt)": [few_shot_knn(str(work / "pre"), train, test)]}
+    results: dict[str, list[float]] = {"pretrained (no adapt)": [knn_of(str(work / "pre"), train, test)]}
     settings = {"replay 0.1 + cutmix": ["--replay-source", src / "train", "--replay-fraction", "0.1", "--mix", "cutmix"],
                 "naive": ["--replay-fraction", "0", "--mix", "none"]}
     for seed in args.seeds:
@@ -71,7 +76,7 @@ def main() -> None:
             out = work / f"{name.split()[0]}-{seed}"
             unsupft("adapt", "--init", work / "pre", "--target", tgt / "train", *extra, "--out", out,
                     "--steps", args.steps, "--seed", seed, "--lr", "0.03", *COMMON)
-            results.setdefault(name, []).append(few_shot_knn(str(out), train, test))
+            results.setdefault(name, []).append(knn_of(str(out), train, test))
             print(name, seed, round(results[name][-1], 4), flush=True)
     summary = {name: {"mean": round(statistics.mean(v), 4), "std": round(statistics.pstdev(v), 4),
                       "runs": [round(x, 4) for x in v]} for name, v in results.items()}

@@ -8,30 +8,13 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
+from bench.adapt_study import few_shot_knn  # the study's metric, so test and study measure alike
 from unsupft.data import load_arrays
-from unsupft.data.augment import to_input
 from unsupft.models import build_backbone, load_backbone
 
 ROOT = str(Path(__file__).resolve().parents[1])
 ENV = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
-
-
-def few_shot_knn(backbone, train, test, shots=5, trials=5) -> float:
-    """Mean 1-NN accuracy (cosine) on `test` with `shots` random labeled references per class."""
-    backbone.eval()
-    with torch.no_grad():
-        ref, query = (F.normalize(backbone(to_input(s.images)), dim=1) for s in (train, test))
-    accuracies = []
-    for trial in range(trials):
-        g = torch.Generator().manual_seed(trial)
-        picks = torch.cat([torch.nonzero(train.labels == c)[:, 0][torch.randperm(int((train.labels == c).sum()),
-                                                                                   generator=g)[:shots]]
-                           for c in range(len(train.info.classes))])
-        predicted = train.labels[picks][(query @ ref[picks].T).argmax(1)]
-        accuracies.append((predicted == test.labels).float().mean().item())
-    return sum(accuracies) / trials
 
 
 def test_short_pretrain_beats_random_features(tmp_path):
