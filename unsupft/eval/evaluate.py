@@ -123,7 +123,8 @@ def evaluate_model(backbone: torch.nn.Module, meta: dict[str, Any], train: Array
 @click.option("--shots", default="1,2,4,8", show_default=True, help="Comma list of K labeled images per class.")
 @click.option("--trials", type=click.IntRange(min=1), default=3, show_default=True, help="Seeded draws per K.")
 @click.option("--method", type=click.Choice(METHODS), default="ce", show_default=True, help="Few-shot finetuning method.")
-@click.option("--epochs", type=click.IntRange(min=1), default=30, show_default=True, help="Few-shot finetuning epochs.")
+@click.option("--epochs", type=click.IntRange(min=1), default=100, show_default=True,
+              help="Few-shot finetuning epochs (one step each at small K: few-shot runs need many).")
 @click.option("--metrics", "metrics_list", default=",".join(METRICS), show_default=True,
               help="Comma list of metrics to compute.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)

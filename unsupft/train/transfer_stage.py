@@ -52,7 +52,7 @@ def select_training_set(
 @click.option("--labels", "labels_file", default=None,
               help="CSV/text list of keys to train on (optional header key,label; labels override the shards').")
 @click.option("--method", type=click.Choice(METHODS), default="ce", show_default=True)
-@click.option("--epochs", type=click.IntRange(min=1), default=30, show_default=True)
+@click.option("--epochs", type=click.IntRange(min=1), default=100, show_default=True)
 @click.option("--coin-alpha", type=click.FloatRange(0.0, 1.0), default=0.7, show_default=True,
               help="COIN: share of the epochs trained with SupCon alone.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
