@@ -18,6 +18,8 @@ STAGES: dict[str, str] = {
     "pretrain": "unsupft.train.pretrain:pretrain_command",
     "bn-adapt": "unsupft.train.pretrain:bn_adapt_command",
     "adapt": "unsupft.train.adapt:adapt_command",
+    "transfer": "unsupft.train.transfer_stage:transfer_command",
+    "evaluate": "unsupft.eval.evaluate:evaluate_command",
 }
 
 
