@@ -15,6 +15,7 @@ from unsupft import __version__
 # command name -> "module:attribute" of its click.Command
 STAGES: dict[str, str] = {
     "ingest": "unsupft.data.ingest:ingest_command",
+    "annotate": "unsupft.select.annotate_web:annotate_command",
 }
 
 
