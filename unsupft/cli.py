@@ -16,6 +16,7 @@ from unsupft import __version__
 STAGES: dict[str, str] = {
     "ingest": "unsupft.data.ingest:ingest_command",
     "annotate": "unsupft.select.annotate_web:annotate_command",
+    "label": "unsupft.select.progressive:label_command",
 }
 
 
