@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 
 import pytest
@@ -32,8 +33,8 @@ def test_oracle_answers_from_the_shards():
         OracleAnnotator(["a"], None)
 
 
-def test_manual_round_waits_then_reads_the_answer(tmp_path):
-    out = str(tmp_path / "label")
+def test_manual_round_waits_then_reads_the_answer(store_uri):
+    out = store.join(store_uri, "label")
     imgs = images(["k1", "k2", "k3"])
     manual = ManualAnnotator(out, CLASSES, imgs.__getitem__)
     with pytest.raises(WaitingForLabels) as waiting:
@@ -45,7 +46,7 @@ def test_manual_round_waits_then_reads_the_answer(tmp_path):
     from PIL import Image
     import numpy as np
 
-    png = Image.open(f"{out}/requests/round-2/k3.png")
+    png = Image.open(io.BytesIO(store.read_bytes(f"{out}/requests/round-2/k3.png")))
     assert np.array_equal(np.array(png), imgs["k3"][0].numpy())
     store.write_text(labels_uri(out, 2), "key,label\nk1,bird\nk3,cat\n")
     assert manual.annotate(2, ["k3", "k1"]) == {"k1": 2, "k3": 0}
