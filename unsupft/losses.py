@@ -107,3 +107,35 @@ def bituning_categorical_contrastive(
     c, k, d = queue.shape
     queue_logits = (query @ queue.reshape(c * k, d).T).reshape(-1, c, k) / tau
     return _positive_set_cross_entropy(own, queue_logits, labels)
+
+
+# --------------------------------------------------------------------------------------------
+# Self-supervised losses (MoCo v2 and the mixed query of unsupervised finetuning)
+# --------------------------------------------------------------------------------------------
+
+
+def moco_logits(query: torch.Tensor, key: torch.Tensor, queue: torch.Tensor, tau: float = 0.2) -> torch.Tensor:
+    """`[N, 1 + K]` logits: column 0 is each query with its own key, the rest with the K queued keys.
+
+    `query`, `key` [N, D] and `queue` [K, D] are L2-normalised.
+    """
+    positive = (query * key).sum(dim=1, keepdim=True)
+    return torch.cat([positive, query @ queue.T], dim=1) / tau
+
+
+def infonce_loss(query: torch.Tensor, key: torch.Tensor, queue: torch.Tensor, tau: float = 0.2,
+                 reduction: str = "mean") -> torch.Tensor:
+    """MoCo's InfoNCE: -log( exp(q.k+/tau) / (exp(q.k+/tau) + sum_queue exp(q.n/tau)) ), averaged."""
+    logits = moco_logits(query, key, queue, tau)
+    target = torch.zeros(len(query), dtype=torch.long, device=query.device)
+    return F.cross_entropy(logits.float(), target, reduction=reduction)
+
+
+def mixed_query_loss(mixed_query: torch.Tensor, key_a: torch.Tensor, key_b: torch.Tensor, queue: torch.Tensor,
+                     lam: float | torch.Tensor, tau: float = 0.2) -> torch.Tensor:
+    """`lam * L(q_m, k_a) + (1 - lam) * L(q_m, k_b)`: a query mixed from images a and b is a positive
+    for both keys, weighted by how much of each it holds. `lam` is a number or one per row [N].
+    """
+    loss_a = infonce_loss(mixed_query, key_a, queue, tau, reduction="none")
+    loss_b = infonce_loss(mixed_query, key_b, queue, tau, reduction="none")
+    return (lam * loss_a + (1 - lam) * loss_b).mean()
