@@ -253,8 +253,7 @@ class TransferEngine:
         model = self._finetune(backbone, meta, images, labels, len(classes), method=method, epochs=epochs,
                                seed=seed, out=out)
         self._save(store.join(out, "model.pt"), model.backbone, meta["arch"], meta["in_channels"],
-                   meta.get("image_size"), classifier={"weight": model.fc.weight.detach(), "bias": model.fc.bias.detach()},
-                   classes=list(classes))
+                   meta.get("image_size") or list(images.shape[-2:]), classifier=model.fc, classes=list(classes))
         if test is None:
             return None
         return float((self._predict(model, test[0]) == test[1]).float().mean())
