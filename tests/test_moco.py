@@ -16,12 +16,7 @@ from unsupft.models import build_backbone
 from unsupft.models.moco import MoCo, freeze_all_but_bn
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def unit(*shape):

@@ -15,13 +15,7 @@ from unsupft.train.batches import LoaderBatches, StepBatchSampler, Shuffled
 from unsupft.train.loop import LoopConfig, TrainTask, lr_factor, seed_everything, train, unwrap
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine, spinning OpenMP threads slow steps 20x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -11,13 +11,12 @@ from __future__ import annotations
 import click
 import torch
 
-from unsupft import stage, store
+from unsupft import store
 from unsupft.data.augment import parse_augments
 from unsupft.data.mixing import replay_subset, with_replay
 from unsupft.errors import UserError, report_user_errors
-from unsupft.train.loop import LoopConfig, seed_everything
-from unsupft.train.moco_stage import (MIXES, MoCoTask, default_workers, init_moco, load_images, moco_options,
-                                      per_rank_batch, run_moco, steps_for, two_view_batches, validate_common)
+from unsupft.train.loop import seed_everything
+from unsupft.train.moco_stage import MIXES, MoCoTask, init_moco, load_images, moco_options, run_moco, validate_common
 
 
 @click.command("adapt")
@@ -52,21 +51,10 @@ def adapt_command(init, target, replay_source, replay_fraction, mix, mix_alpha, 
     seed_everything(seed)
     moco, arch, notes = init_moco(init, arch, channels, dim=128, queue_size=queue_size,
                                   temperature=temperature, momentum=key_momentum)
-    epoch_size = order.size if order else len(images)
-    steps = steps_for(steps, 200.0 if steps is None and epochs is None else epochs, epoch_size, batch_size)
-    lr = lr if lr is not None else 0.015 * batch_size / 256
-    config = {"stage": "adapt", "init": init, "target": target, "replay_source": replay_source,
+    config = {"init": init, "target": target, "replay_source": replay_source,
               "replay_fraction": replay_fraction if replay_source else 0.0, "replayed_images": replayed,
-              "mix": mix, "mix_alpha": mix_alpha, "arch": arch, "in_channels": channels, "image_size": size,
-              "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "queue_size": queue_size,
-              "temperature": temperature, "momentum": moco.momentum, "augment": list(augments),
-              "samples_per_epoch": epoch_size, **notes}
-    if stage.is_done(out, config):
-        click.echo(f"{out}: already done (same config)", err=True)
-        return
-    batches = two_view_batches(images, size, augments, per_rank_batch(batch_size), seed, order,
-                               default_workers() if workers is None else workers)
-    loop = LoopConfig(out=out, steps=steps, lr=lr, weight_decay=1e-4, momentum=0.9,
-                      checkpoint_every=checkpoint_every, seed=seed, amp=amp)
+              "mix": mix, "mix_alpha": mix_alpha, "arch": arch, **notes}
     inputs = {"init": init, "target": target, **({"replay_source": replay_source} if replay_source else {})}
-    run_moco("adapt", out, config, inputs, MoCoTask(moco, mix, mix_alpha), batches, loop, size)
+    run_moco("adapt", out, inputs, config, MoCoTask(moco, mix, mix_alpha), images, order, augments, steps=steps,
+             epochs=epochs, batch_size=batch_size, lr=lr, lr_per_256=0.015, seed=seed,
+             checkpoint_every=checkpoint_every, amp=amp, workers=workers)

@@ -176,10 +176,28 @@ def validate_common(batch_size: int, queue_size: int, temperature: float, key_mo
         raise UserError(f"--image-size must be at least 8 (got {image_size})")
 
 
-def run_moco(name: str, out: str, config: dict[str, Any], inputs: dict[str, str], task: MoCoTask,
-             batches: LoaderBatches, loop: LoopConfig, image_size: Sequence[int]) -> None:
-    """Train and write the stage outputs: config.json first, metrics.jsonl and checkpoint.pt by the
-    loop, then model.pt, moco.pt and _DONE.json last."""
+def run_moco(name: str, out: str, inputs: dict[str, str], config: dict[str, Any], task: MoCoTask,
+             images: torch.Tensor, order: EpochOrder | None, augments: Sequence[str], *, steps: int | None,
+             epochs: float | None, batch_size: int, lr: float | None, lr_per_256: float, seed: int,
+             checkpoint_every: int, amp: str, workers: int | None) -> None:
+    """Resolve length and lr, skip a finished stage, train, and write the stage outputs: config.json
+    first, metrics.jsonl and checkpoint.pt by the loop, then model.pt, moco.pt and _DONE.json last."""
+    epoch_size = order.size if order else len(images)
+    steps = steps_for(steps, 200.0 if steps is None and epochs is None else epochs, epoch_size, batch_size)
+    lr = lr if lr is not None else lr_per_256 * batch_size / 256
+    moco: MoCo = task.model
+    size = list(images.shape[-2:])
+    config = {"stage": name, **config, "in_channels": int(images.shape[1]), "image_size": size, "steps": steps,
+              "batch_size": batch_size, "lr": lr, "seed": seed, "queue_size": moco.queue.shape[0],
+              "temperature": moco.temperature, "momentum": moco.momentum, "augment": list(augments),
+              "samples_per_epoch": epoch_size}
+    if stage.is_done(out, config):
+        click.echo(f"{out}: already done (same config)", err=True)
+        return
+    batches = two_view_batches(images, size, augments, per_rank_batch(batch_size), seed, order,
+                               default_workers() if workers is None else workers)
+    loop = LoopConfig(out=out, steps=steps, lr=lr, weight_decay=1e-4, momentum=0.9,
+                      checkpoint_every=checkpoint_every, seed=seed, amp=amp)
     started = time.time()
     main = distributed.env_dist().is_main
     if main:
@@ -187,8 +205,8 @@ def run_moco(name: str, out: str, config: dict[str, Any], inputs: dict[str, str]
     result = train(task, batches, loop)
     if main:
         moco = unwrap(task.model).cpu()
-        in_channels = moco.backbone.in_channels
-        save_model(store.join(out, "model.pt"), moco.backbone, config["arch"], in_channels, image_size)
-        save_moco(store.join(out, "moco.pt"), moco, config["arch"], in_channels, image_size)
+        arch, in_channels = config["arch"], moco.backbone.in_channels
+        save_model(store.join(out, "model.pt"), moco.backbone, arch, in_channels, size)
+        save_moco(store.join(out, "moco.pt"), moco, arch, in_channels, size)
         stage.write_done(out, name, config, inputs, ["model.pt", "moco.pt", stage.METRICS, stage.CONFIG,
                                                      "checkpoint.pt"], started, final_metrics=result.metrics)

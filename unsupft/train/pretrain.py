@@ -13,9 +13,9 @@ from unsupft.data.mixing import rebalanced
 from unsupft.errors import UserError, report_user_errors
 from unsupft.models import ARCHS, save_model
 from unsupft.models.moco import MoCo, freeze_all_but_bn, save_moco
-from unsupft.train.loop import LoopConfig, seed_everything
-from unsupft.train.moco_stage import (MoCoTask, default_workers, init_moco, load_all, load_images, moco_options,
-                                      per_rank_batch, run_moco, steps_for, two_view_batches, validate_common)
+from unsupft.train.loop import seed_everything
+from unsupft.train.moco_stage import (MoCoTask, init_moco, load_all, load_images, moco_options, run_moco,
+                                      validate_common)
 
 
 @click.command("pretrain")
@@ -38,7 +38,6 @@ def pretrain_command(data_uris, target, target_ratio, init, freeze, out, arch, s
     augments = parse_augments(augment)
     out = store.normalize(out)
     sets = load_all([*data_uris, *([target] if target else [])], [image_size] * 2 if image_size else None)
-    size = list(sets[0].images.shape[-2:])
     channels = sets[0].images.shape[1]
     seed_everything(seed)
     moco, arch, notes = init_moco(init, arch, channels, dim=128, queue_size=queue_size,
@@ -48,23 +47,12 @@ def pretrain_command(data_uris, target, target_ratio, init, freeze, out, arch, s
     source = torch.cat([s.images for s in (sets[:-1] if target else sets)])
     images = torch.cat([source, sets[-1].images]) if target else source
     order = rebalanced(len(source), len(sets[-1].images), target_ratio, seed) if target else None
-    epoch_size = order.size if order else len(images)
-    steps = steps_for(steps, 200.0 if steps is None and epochs is None else epochs, epoch_size, batch_size)
-    lr = lr if lr is not None else 0.03 * batch_size / 256
-    config = {"stage": "pretrain", "data": list(data_uris), "target": target,
-              "target_ratio": target_ratio if target else None, "init": init, "freeze": freeze, "arch": arch,
-              "in_channels": channels, "image_size": size, "steps": steps, "batch_size": batch_size, "lr": lr,
-              "seed": seed, "queue_size": queue_size, "temperature": temperature, "momentum": moco.momentum,
-              "augment": list(augments), "samples_per_epoch": epoch_size, **notes}
-    if stage.is_done(out, config):
-        click.echo(f"{out}: already done (same config)", err=True)
-        return
-    batches = two_view_batches(images, size, augments, per_rank_batch(batch_size), seed, order,
-                               default_workers() if workers is None else workers)
-    loop = LoopConfig(out=out, steps=steps, lr=lr, weight_decay=1e-4, momentum=0.9,
-                      checkpoint_every=checkpoint_every, seed=seed, amp=amp)
+    config = {"data": list(data_uris), "target": target, "target_ratio": target_ratio if target else None,
+              "init": init, "freeze": freeze, "arch": arch, **notes}
     inputs = {"data": ",".join(data_uris), **({"target": target} if target else {}), **({"init": init} if init else {})}
-    run_moco("pretrain", out, config, inputs, MoCoTask(moco), batches, loop, size)
+    run_moco("pretrain", out, inputs, config, MoCoTask(moco), images, order, augments, steps=steps, epochs=epochs,
+             batch_size=batch_size, lr=lr, lr_per_256=0.03, seed=seed, checkpoint_every=checkpoint_every, amp=amp,
+             workers=workers)
 
 
 @click.command("bn-adapt")
