@@ -20,7 +20,8 @@ import numpy as np
 import torch
 from sklearn.cluster import KMeans
 
-from unsupft.select.ackmeans import ackmeans, default_device
+from unsupft.eval.features import default_device
+from unsupft.select.ackmeans import ackmeans
 
 
 def features(n: int, dim: int, clusters: int, seed: int = 0) -> torch.Tensor:

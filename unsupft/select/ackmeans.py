@@ -29,6 +29,8 @@ from typing import Literal, Sequence
 import torch
 import torch.nn.functional as F
 
+from unsupft.eval.features import default_device
+
 Metric = Literal["l2", "cosine"]
 
 
@@ -38,10 +40,6 @@ class ACKMeansResult:
     eigen: torch.Tensor  # [K] long: index of the unlabeled sample nearest to each new center
     assignment: torch.Tensor  # [N] long: 0..m-1 = anchor, m..m+K-1 = new center
     iterations: int
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _prepare(x: torch.Tensor, metric: Metric) -> torch.Tensor:
