@@ -284,7 +284,8 @@ def make_annotator(cfg: LabelConfig, target: Target) -> Annotator:
 @click.option("--per-round", type=click.IntRange(min=1), default=1, show_default=True,
               help="b: K = b*C new centers (labels) per round; the last round takes what is left.")
 @click.option("--initial", default="seeded", show_default=True,
-              help="'seeded' (one per class chosen by --seed) or a CSV of keys (optional label column).")
+              help="'seeded': one per class chosen by --seed (manual: the C ACKMeans eigen-samples), "
+                   "or a CSV of keys (optional label column).")
 @click.option("--annotator", type=click.Choice(["oracle", "manual"]), default="oracle", show_default=True)
 @click.option("--selector", type=click.Choice(["ackmeans", "random"]), default="ackmeans", show_default=True)
 @click.option("--method", type=click.Choice(["ce", "coin", "bituning"]), default="ce", show_default=True)
