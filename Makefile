@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 # torch first and pinned: pip then takes the CPU build on disk instead of the CUDA one from PyPI.
 TORCH  := torch==2.13.0
 
-.PHONY: install test demo bench clean
+.PHONY: install system-deps test demo bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -14,7 +14,19 @@ install: $(BIN)/python
 	$(BIN)/pip install -q --disable-pip-version-check $(TORCH)
 	$(BIN)/pip install -q --disable-pip-version-check -e '.[test]'
 
-test: install
+# Debian packages the tests use: Chromium drives the annotation page in a real browser, and the
+# Fashion-MNIST files are real data for ingestion. Installed when we may (root or password-less
+# sudo); elsewhere the tests that need them skip and say why.
+SYSTEM_PACKAGES := chromium dataset-fashion-mnist
+
+system-deps:
+	@missing=$$(for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ]; then sudo=""; elif sudo -n true 2>/dev/null; then sudo="sudo -n"; \
+	else echo "note: Debian packages missing ($$missing): the tests that need them will skip"; exit 0; fi; \
+	$$sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq --no-install-recommends $$missing
+
+test: install system-deps
 	$(BIN)/python -m pytest
 
 clean:
