@@ -139,7 +139,7 @@ def refresh(run: Run, pipeline: Pipeline) -> None:
         if prev is None:
             continue
         for keep in ("attempts", "started", "finished", "done_key", "done_hash", "pid", "pid_start", "host",
-                     "exit_code", "message", "object"):
+                     "exit_code", "message", "object", "started_key"):
             if keep in prev:
                 rec[keep] = prev[keep]
         rec["state"] = prev["state"] if prev["key"] == rec["key"] else PENDING
