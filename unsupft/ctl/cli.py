@@ -31,7 +31,7 @@ def _load(file: str, store_override: str | None) -> spec_mod.Pipeline:
     pipeline = spec_mod.load(file)
     check_options(pipeline, file)
     if store_override:
-        pipeline = spec_mod.Pipeline(pipeline.name, store.normalize(store_override), pipeline.datasets,
+        pipeline = spec_mod.Pipeline(pipeline.name, spec_mod.normalize_uri(store_override), pipeline.datasets,
                                      pipeline.stages, pipeline.source)
     return pipeline
 
@@ -45,7 +45,7 @@ def _preflight(pipeline: spec_mod.Pipeline) -> None:
 
 
 def _store(ctx: click.Context) -> str:
-    return store.normalize(ctx.obj.get("store") or DEFAULT_STORE)
+    return spec_mod.normalize_uri(ctx.obj.get("store") or DEFAULT_STORE)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -191,10 +191,21 @@ def _wait(store_uri: str, run_id: str, poll_s: float = 10.0) -> int:
 
 @main.command()
 @click.argument("run_id")
+@click.option("--create-from", type=click.Path(dir_okay=False), default=None,
+              help="Pipeline file: create the (Kubernetes) run first if it does not exist (the Helm chart's driver).")
+@click.option("--namespace", default="default", show_default=True, help="With --create-from: the namespace.")
+@click.option("--secret", default=None, help="With --create-from: Secret with the store credentials, by name.")
 @click.pass_context
 @report_user_errors
-def drive(ctx: click.Context, run_id: str) -> None:
+def drive(ctx: click.Context, run_id: str, create_from: str | None, namespace: str, secret: str | None) -> None:
     """Drive an existing run to its end (what `submit` starts; in the cluster, the driver Job)."""
+    if create_from:
+        pipeline = _load(create_from, ctx.obj["store"])
+        _preflight(pipeline)
+        # A restarted driver pod finds the run already there and continues it.
+        run_ = st.create(pipeline, _run_id(run_id, pipeline), "kubernetes", namespace=namespace, secret=secret) \
+            or st.open_run(pipeline.store, run_id)
+        ctx.obj["store"] = pipeline.store
     run_ = st.open_run(_store(ctx), run_id)
     pipeline = spec_mod.parse(yaml.safe_dump(run_.data["spec"]), f"{run_.uri}/run.json")
     if ctx.obj.get("store"):
