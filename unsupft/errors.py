@@ -24,7 +24,13 @@ class UserError(Exception):
     """A problem with the input (bad URI, missing file, malformed config): one line, exit 2."""
 
     def __init__(self, message: str) -> None:
-        super().__init__(" ".join(str(message).split()))
+        message = str(message)
+        if message.startswith("Caught ") and "Original Traceback" in message:
+            # Re-raised by a DataLoader from a worker process with the worker's traceback appended
+            # (torch.utils.data re-creates the exception from that text): keep the original line.
+            last = message.rstrip().splitlines()[-1]
+            message = last.split(": ", 1)[1] if ": " in last else last
+        super().__init__(" ".join(message.split()))
 
 
 def report_user_errors(fn: F) -> F:

@@ -85,6 +85,10 @@ def _s3_client():
     return boto3.session.Session().client("s3", config=config)
 
 
+# A boto3 client holds open connections; a forked child (DataLoader worker) makes its own.
+os.register_at_fork(after_in_child=_s3_client.cache_clear)
+
+
 def _split_s3(uri: str) -> tuple[str, str]:
     parsed = urlparse(normalize(uri))
     return parsed.netloc, parsed.path.lstrip("/")
@@ -93,10 +97,17 @@ def _split_s3(uri: str) -> tuple[str, str]:
 @contextlib.contextmanager
 def _s3_errors(uri: str) -> Iterator[None]:
     """Turn the S3 failures a user can cause into one line naming the URI."""
+    from boto3.exceptions import S3UploadFailedError
     from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
     try:
         yield
+    except S3UploadFailedError as exc:  # boto3's managed upload wraps the ClientError; unwrap it
+        cause = exc.__context__
+        if isinstance(cause, (ClientError, BotoCoreError)):
+            with _s3_errors(uri):
+                raise cause from None
+        raise UserError(f"{uri}: upload failed: {exc}") from exc
     except ClientError as exc:
         error = exc.response.get("Error", {})
         code = str(error.get("Code", ""))

@@ -1,0 +1,191 @@
+"""The artifact store against a local directory and a real S3 server (SeaweedFS on 127.0.0.1)."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from unsupft import store
+from unsupft.errors import UserError
+
+
+def _one_line(exc: pytest.ExceptionInfo) -> str:
+    message = str(exc.value)
+    assert "\n" not in message and message
+    return message
+
+
+def test_small_round_trips(store_uri: str) -> None:
+    store.write_bytes(store.join(store_uri, "a/b.bin"), b"\x00\x01payload")
+    store.write_text(store.join(store_uri, "t.txt"), "héllo\n")
+    store.write_json(store.join(store_uri, "j.json"), {"x": [1, 2], "y": None})
+    assert store.read_bytes(store.join(store_uri, "a/b.bin")) == b"\x00\x01payload"
+    assert store.read_text(store.join(store_uri, "t.txt")) == "héllo\n"
+    assert store.read_json(store.join(store_uri, "j.json")) == {"x": [1, 2], "y": None}
+    store.write_bytes(store.join(store_uri, "a/b.bin"), b"replaced")
+    assert store.read_bytes(store.join(store_uri, "a/b.bin")) == b"replaced"
+
+
+def test_large_object_round_trip_multipart(store_uri: str, tmp_path) -> None:
+    data = os.urandom(store._MULTIPART_THRESHOLD + (1 << 20))
+    src = tmp_path / "big.bin"
+    src.write_bytes(data)
+    uri = store.join(store_uri, "big.bin")
+    store.upload_file(src, uri)
+    if store.is_s3(uri):  # a multipart upload's ETag is "<md5 of part md5s>-<part count>"
+        bucket, key = store._split_s3(uri)
+        assert "-" in store._s3_client().head_object(Bucket=bucket, Key=key)["ETag"]
+    back = tmp_path / "back.bin"
+    store.download_file(uri, back)
+    assert back.read_bytes() == data
+    with store.open_read(uri) as stream:
+        chunks = iter(lambda: stream.read(1 << 20), b"")
+        assert b"".join(chunks) == data
+
+
+def test_open_read_streams_in_pieces(store_uri: str) -> None:
+    data = bytes(range(256)) * 1000
+    uri = store.join(store_uri, "s.bin")
+    store.upload_stream(uri, io.BytesIO(data))
+    with store.open_read(uri) as stream:
+        first = stream.read(1000)
+        rest = stream.read()
+    assert first == data[:1000] and first + rest == data
+
+
+def test_list_exists_delete(store_uri: str) -> None:
+    for name in ("ab/x", "ab/sub/y", "abc/z", "top"):
+        store.write_bytes(store.join(store_uri, name), name.encode())
+    assert store.list_prefix(store_uri) == ["ab/sub/y", "ab/x", "abc/z", "top"]
+    assert store.list_prefix(store.join(store_uri, "ab")) == ["sub/y", "x"]  # not abc/
+    assert store.list_prefix(store.join(store_uri, "nothing")) == []
+    assert store.exists(store.join(store_uri, "ab/x"))
+    assert not store.exists(store.join(store_uri, "ab"))  # a prefix is not an object
+    assert not store.exists(store.join(store_uri, "missing"))
+    store.delete(store.join(store_uri, "top"))
+    store.delete(store.join(store_uri, "top"))  # deleting what is gone is fine
+    assert not store.exists(store.join(store_uri, "top"))
+    store.delete_prefix(store.join(store_uri, "ab"))
+    assert store.list_prefix(store_uri) == ["abc/z"]
+
+
+def test_missing_object_is_one_line_naming_uri(store_uri: str) -> None:
+    uri = store.join(store_uri, "nope.json")
+    with pytest.raises(UserError) as exc:
+        store.read_json(uri)
+    assert uri in _one_line(exc)
+
+
+@pytest.mark.parametrize("direction", ["file->s3", "s3->s3", "s3->file"])
+def test_copy_prefix(direction: str, s3_uri: str, tmp_path) -> None:
+    roots = {"file": str(tmp_path / "local"), "s3": s3_uri}
+    src_kind, dst_kind = direction.split("->")
+    src = store.join(roots[src_kind], "src")
+    dst = store.join(roots[dst_kind], "dst")
+    files = {"m.pt": b"weights", "d/metrics.jsonl": b'{"step": 1}\n'}
+    for name, data in files.items():
+        store.write_bytes(store.join(src, name), data)
+    assert sorted(store.copy_prefix(src, dst)) == sorted(files)
+    assert {n: store.read_bytes(store.join(dst, n)) for n in store.list_prefix(dst)} == files
+
+
+def test_create_exclusive_refuses_second(store_uri: str) -> None:
+    uri = store.join(store_uri, "locks/run-1")
+    assert store.create_exclusive(uri, b"first")
+    assert not store.create_exclusive(uri, b"second")
+    assert store.read_bytes(uri) == b"first"
+
+
+def test_wrong_credentials_one_line(s3_uri: str, monkeypatch) -> None:
+    store.write_bytes(store.join(s3_uri, "x"), b"1")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+    store._s3_client.cache_clear()
+    with pytest.raises(UserError) as exc:
+        store.read_bytes(store.join(s3_uri, "x"))
+    assert "secret key" in _one_line(exc)
+    with pytest.raises(UserError) as exc:
+        store.write_bytes(store.join(s3_uri, "y"), b"2")
+    assert store.join(s3_uri, "y") in _one_line(exc)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "nobody")
+    store._s3_client.cache_clear()
+    with pytest.raises(UserError) as exc:
+        store.list_prefix(s3_uri)
+    assert "access key" in _one_line(exc)
+
+
+def test_missing_bucket_one_line(s3_env) -> None:
+    uri = "s3://no-such-bucket-unsupft/data/x.bin"
+    for action in (lambda: store.read_bytes(uri), lambda: store.write_bytes(uri, b"1"),
+                   lambda: store.list_prefix("s3://no-such-bucket-unsupft/data")):
+        with pytest.raises(UserError) as exc:
+            action()
+        message = _one_line(exc)
+        assert "no-such-bucket-unsupft" in message and "bucket" in message
+
+
+def test_unreachable_endpoint_one_line(s3_env, monkeypatch) -> None:
+    import socket
+
+    with socket.socket() as sock:  # a port that was free a moment ago and that nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")
+    store._s3_client.cache_clear()
+    uri = "s3://bucket/key.json"
+    with pytest.raises(UserError) as exc:
+        store.read_json(uri)
+    message = _one_line(exc)
+    assert uri in message and "connect" in message.lower()
+
+
+_SLOW_WRITER = textwrap.dedent(
+    """
+    import io, sys, time
+    from unsupft import store
+
+    class Slow(io.RawIOBase):
+        # Serves `fast` bytes at once (enough for multipart parts to go up), then trickles forever.
+        def __init__(self, fast):
+            self.left = fast
+        def readable(self):
+            return True
+        def readinto(self, buf):
+            if self.left > 0:
+                n = min(len(buf), self.left)
+                buf[:n] = b"x" * n
+                self.left -= n
+                if self.left == 0:
+                    print("streaming", flush=True)
+                return n
+            time.sleep(0.5)
+            buf[:1] = b"y"
+            return 1
+
+    store.upload_stream(sys.argv[1], io.BufferedReader(Slow(int(sys.argv[2]))))
+    """
+)
+
+
+def test_killed_writer_leaves_nothing_visible(store_uri: str, cli_env) -> None:
+    uri = store.join(store_uri, "out/model.pt")
+    fast = store._MULTIPART_THRESHOLD + (16 << 20)  # past the threshold: parts are being uploaded
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _SLOW_WRITER, uri, str(fast)], env=cli_env, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout.readline().strip() == "streaming"
+        time.sleep(1.0)  # let the uploader push parts / write the temp file
+        assert proc.poll() is None
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert not store.exists(uri)
+    assert store.list_prefix(store_uri) == []
