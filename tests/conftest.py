@@ -79,3 +79,15 @@ def ingest():
         assert result.exit_code == 0, result.output
 
     return run
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """One intra-op thread for training tests: on a shared 2-core machine, OpenMP threads spinning
+    against other processes made small training steps 20x slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -15,6 +15,11 @@ from unsupft import __version__
 # command name -> "module:attribute" of its click.Command
 STAGES: dict[str, str] = {
     "ingest": "unsupft.data.ingest:ingest_command",
+    "pretrain": "unsupft.train.pretrain:pretrain_command",
+    "bn-adapt": "unsupft.train.pretrain:bn_adapt_command",
+    "adapt": "unsupft.train.adapt:adapt_command",
+    "annotate": "unsupft.select.annotate_web:annotate_command",
+    "label": "unsupft.select.progressive:label_command",
 }
 
 

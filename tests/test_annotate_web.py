@@ -1,0 +1,91 @@
+"""`unsupft annotate` driven in a real headless browser (Debian's chromium through playwright)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from unsupft import store
+from unsupft.select.annotators import ManualAnnotator, WaitingForLabels, labels_uri
+
+CHROMIUM = "/usr/bin/chromium"
+ROOT = Path(__file__).resolve().parents[1]
+CLASSES = [f"class{i}" for i in range(12)]  # more than 10: letters serve as shortcuts too
+
+pytestmark = pytest.mark.skipif(
+    not os.path.exists(CHROMIUM), reason=f"{CHROMIUM} absent (apt-get install -y chromium)"
+)
+
+
+def waiting_round(out: str, keys: list[str]) -> None:
+    g = torch.Generator().manual_seed(0)
+    imgs = {k: torch.randint(0, 256, (3, 12, 12), generator=g, dtype=torch.uint8) for k in keys}
+    with pytest.raises(WaitingForLabels):
+        ManualAnnotator(out, CLASSES, imgs.__getitem__).annotate(1, keys)
+
+
+def test_label_a_round_in_the_browser(tmp_path):
+    sync_api = pytest.importorskip("playwright.sync_api")
+    run = tmp_path / "run"
+    out = str(run / "stages" / "label")
+    keys = ["img-a", "img-b", "img-c", "img-d"]
+    waiting_round(out, keys)
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "unsupft", "annotate", str(run)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    try:
+        line = proc.stdout.readline()
+        assert "open http://127.0.0.1:" in line, line + proc.stderr.read()
+        url = line.split("open ")[1].strip()
+        with sync_api.sync_playwright() as p:
+            browser = p.chromium.launch(
+                executable_path=CHROMIUM,
+                args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                      "--disable-component-update", "--disable-sync"],
+            )
+            page = browser.new_page()
+            page.goto(url)
+            page.wait_for_selector("button.cls")
+            assert page.locator("button.cls").count() == len(CLASSES)
+            assert page.inner_text("#key") == "img-a"
+            assert "0 / 4" in page.inner_text("#progress")
+            # the image really loads and is drawn large with pixelated upscaling
+            page.wait_for_function("document.getElementById('img').naturalWidth === 12")
+            assert page.eval_on_selector("#img", "e => getComputedStyle(e).imageRendering") == "pixelated"
+            assert page.eval_on_selector("#img", "e => e.getBoundingClientRect().width") >= 300
+            page.screenshot(path=str(tmp_path / "annotate.png"))
+            page.keyboard.press("3")  # img-a -> class2
+            page.keyboard.press("b")  # img-b -> class11 (shortcut after 1..9, 0, a)
+            page.keyboard.press("Backspace")  # back to img-b, relabel it by clicking
+            assert page.inner_text("#key") == "img-b"
+            page.click("button.cls[data-cls='class5']")
+            page.keyboard.press("0")  # img-c -> class9
+            assert "3 / 4" in page.inner_text("#progress")
+            page.keyboard.press("1")  # img-d -> class0: all labeled -> saved
+            page.wait_for_selector("#status:has-text('saved')")
+            browser.close()
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert store.read_text(labels_uri(out, 1)).splitlines() == [
+        "key,label", "img-a,class2", "img-b,class5", "img-c,class9", "img-d,class0",
+    ]
+    if os.environ.get("UNSUPFT_KEEP_SCREENSHOT"):
+        Path(os.environ["UNSUPFT_KEEP_SCREENSHOT"]).write_bytes((tmp_path / "annotate.png").read_bytes())
+
+
+def test_nothing_waiting_is_a_one_line_error(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "unsupft", "annotate", str(tmp_path)],
+        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert result.returncode == 2 and "no round waits for labels" in result.stderr

@@ -1,0 +1,125 @@
+"""`unsupft pretrain`, `adapt`, `bn-adapt` as subprocesses on real shards (sklearn digits)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from unsupft import checkpoint
+from unsupft.models import build_backbone, load_backbone, save_model
+
+ROOT = str(Path(__file__).resolve().parents[1])
+ENV = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+SMALL = ["--batch-size", "32", "--queue-size", "64", "--workers", "0", "--key-momentum", "0.99"]
+
+
+def unsupft(*args, check=True, **kw):
+    proc = subprocess.run([sys.executable, "-m", "unsupft", *map(str, args)], env=ENV, capture_output=True,
+                          text=True, **kw)
+    if check:
+        assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    root = tmp_path_factory.mktemp("digits")
+    unsupft("ingest", "sklearn:digits", root / "src", "--classes", "0,1,2,3,4", "--limit", "300")
+    unsupft("ingest", "sklearn:digits", root / "tgt", "--classes", "5,6,7,8,9", "--limit", "200")
+    return root
+
+
+def test_pretrain_writes_the_stage_outputs_and_chains(digits, tmp_path):
+    out = tmp_path / "base"
+    unsupft("pretrain", "--data", digits / "src", "--out", out, "--steps", 6, "--checkpoint-every", 3, *SMALL)
+    assert {"model.pt", "moco.pt", "metrics.jsonl", "config.json", "_DONE.json"} <= {p.name for p in out.iterdir()}
+    done = json.loads((out / "_DONE.json").read_text())
+    assert done["stage"] == "pretrain" and done["inputs"]["data"] == str(digits / "src")
+    backbone, meta = load_backbone(str(out))
+    assert meta["arch"] == "tiny" and meta["in_channels"] == 1 and meta["image_size"] == [8, 8]
+    moco = checkpoint.load(str(out / "moco.pt"))
+    assert moco["queue_size"] == 64 and "head.0.weight" in moco["moco"]
+
+    # HPT chain with HPT-BN and TUP: the head comes along, only BN affine params (and head) train
+    nxt = tmp_path / "target"
+    unsupft("pretrain", "--data", digits / "src", "--target", digits / "tgt", "--target-ratio", 0.5, "--init", out,
+            "--freeze", "bn-only", "--out", nxt, "--steps", 3, *SMALL)
+    config = json.loads((nxt / "config.json").read_text())
+    assert config["head"] == "loaded" and config["samples_per_epoch"] == 300 + 150
+    after, _ = load_backbone(str(nxt))
+    for name, value in backbone.state_dict().items():
+        same = torch.equal(value, after.state_dict()[name])
+        assert same != ("bn" in name or "downsample.1" in name), name
+
+    adapted = tmp_path / "adapted"
+    unsupft("adapt", "--init", nxt, "--target", digits / "tgt", "--replay-source", digits / "src", "--out", adapted,
+            "--steps", 3, *SMALL)
+    config = json.loads((adapted / "config.json").read_text())
+    assert config["replayed_images"] == 30 and config["mix"] == "cutmix" and config["samples_per_epoch"] == 230
+    assert "mix" in json.loads((adapted / "metrics.jsonl").read_text().splitlines()[-1])
+
+    bn = tmp_path / "bn"
+    unsupft("bn-adapt", "--init", out, "--data", digits / "tgt", "--out", bn)
+    adapted_bn, _ = load_backbone(str(bn))
+    # running statistics move to the target's, weights stay
+    assert not torch.equal(adapted_bn.bn1.running_mean, backbone.bn1.running_mean)
+    assert torch.equal(adapted_bn.conv1.weight, backbone.conv1.weight)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--init", "{tmp}/missing.pt"], "no checkpoint there"),
+    (["--init", "{tmp}/r18.pt", "--arch", "tiny"], "holds a resnet18 backbone, but tiny"),
+    (["--target", "{digits}/tgt", "--target-ratio", "1.5"], "--target-ratio must be strictly between 0 and 1"),
+    (["--target", "{digits}/tgt", "--target-ratio", "0"], "--target-ratio must be strictly between 0 and 1"),
+    (["--data", "{tmp}/empty"], "the data set is empty"),
+    (["--data", "{tmp}/nothing"], "incomplete data set"),
+])
+def test_bad_input_is_one_line_exit_2_nothing_written(digits, tmp_path, args, message):
+    save_model(str(tmp_path / "r18.pt"), build_backbone("resnet18", 1), "resnet18", 1, (8, 8))
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "dataset.json").write_text(json.dumps({
+        "format": "unsupft-shards/1", "samples": 0, "classes": [], "labeled": False, "image_size": [8, 8],
+        "channels": 1, "shards": [], "source": "test", "created": 0}))
+    out = tmp_path / "out"
+    args = [a.format(tmp=tmp_path, digits=digits) for a in args]
+    base = [] if "--data" in args else ["--data", str(digits / "src")]
+    proc = unsupft("pretrain", *base, *args, "--out", out, "--steps", 2, *SMALL, check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and message in proc.stderr
+    assert not out.exists()
+
+
+def test_killed_run_resumes_to_the_same_weights(digits, tmp_path):
+    args = ["adapt", "--init", tmp_path / "init.pt", "--target", digits / "tgt", "--replay-source", digits / "src",
+            "--steps", 24, "--checkpoint-every", 8, *SMALL]
+    save_model(str(tmp_path / "init.pt"), build_backbone("tiny", 1), "tiny", 1, (8, 8))
+    unsupft(*args, "--out", tmp_path / "whole")
+
+    cmd = [sys.executable, "-m", "unsupft", *map(str, args), "--out", str(tmp_path / "split")]
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "split" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline:  # kill after the checkpoint of step 8, before the end
+        if metrics.exists() and any(json.loads(x)["step"] >= 10 for x in metrics.read_text().splitlines()):
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert checkpoint.load(str(tmp_path / "split" / "checkpoint.pt"))["step"] in (8, 16)
+    assert not (tmp_path / "split" / "_DONE.json").exists()
+    unsupft(*args, "--out", tmp_path / "split")
+
+    whole = checkpoint.load(str(tmp_path / "whole" / "moco.pt"))["moco"]
+    split = checkpoint.load(str(tmp_path / "split" / "moco.pt"))["moco"]
+    for name, value in whole.items():
+        assert torch.allclose(value.float(), split[name].float(), atol=1e-5), name
+    steps = [json.loads(x)["step"] for x in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [10, 20, 24]

@@ -1,0 +1,153 @@
+"""Who answers a round's labeling request: the shards themselves (`oracle`) or a person (`manual`).
+
+A manual round is an exchange through the store, so that it works the same on a laptop and in a
+cluster where the stage runs as a batch Job with nobody attached:
+
+  <out>/requests/round-N.csv       column `key`: the samples to label, in order
+  <out>/requests/round-N/<key>.png the images, viewable in any file browser or S3 console
+  <out>/requests/classes.json      the class names to choose from
+  <out>/labels/round-N.csv         written by the person (or `unsupft annotate <out>`): key,label
+                                   where label is a class name
+
+While the labels file is missing the stage stops with exit code 75 (`EXIT_WAITING_FOR_LABELS`); the
+next attempt (`unsupft label --resume`, or the controller's retry) finds the file and goes on.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from typing import Callable, Protocol, Sequence
+
+import torch
+
+from unsupft import store
+from unsupft.errors import UserError
+
+
+class WaitingForLabels(Exception):
+    """A manual round was requested and its labels file is not there yet."""
+
+    def __init__(self, labels_uri: str, out: str) -> None:
+        self.labels_uri = labels_uri
+        super().__init__(
+            f"waiting for labels: put {labels_uri} (or run `unsupft annotate {out}`)"
+        )
+
+
+class Annotator(Protocol):
+    def annotate(self, round_index: int, keys: Sequence[str]) -> dict[str, int]:
+        """Label ids (indices into the data set's classes) for `keys`; may raise WaitingForLabels."""
+
+
+class OracleAnnotator:
+    """Answers with the labels already stored in the shards (experiments, baselines)."""
+
+    def __init__(self, keys: Sequence[str], labels: torch.Tensor | None) -> None:
+        if labels is None:
+            raise UserError("--annotator oracle needs a labeled data set (its shards carry no labels)")
+        self.by_key = dict(zip(keys, labels.tolist()))
+
+    def annotate(self, round_index: int, keys: Sequence[str]) -> dict[str, int]:
+        return {k: int(self.by_key[k]) for k in keys}
+
+
+def request_uri(out: str, round_index: int) -> str:
+    return store.join(out, "requests", f"round-{round_index}.csv")
+
+
+def labels_uri(out: str, round_index: int) -> str:
+    return store.join(out, "labels", f"round-{round_index}.csv")
+
+
+def image_uri(out: str, round_index: int, key: str) -> str:
+    return store.join(out, "requests", f"round-{round_index}", f"{key}.png")
+
+
+def classes_uri(out: str) -> str:
+    return store.join(out, "requests", "classes.json")
+
+
+def png_bytes(image: torch.Tensor) -> bytes:
+    """A [C, H, W] uint8 tensor as PNG."""
+    from PIL import Image
+
+    array = image.permute(1, 2, 0).numpy()
+    pil = Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array)
+    buf = io.BytesIO()
+    pil.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def read_requested_keys(out: str, round_index: int) -> list[str]:
+    rows = list(csv.DictReader(io.StringIO(store.read_text(request_uri(out, round_index)))))
+    return [row["key"] for row in rows]
+
+
+def parse_labels(
+    text: str, source: str, requested: Sequence[str], classes: Sequence[str]
+) -> dict[str, int]:
+    """Validate a returned `key,label` file against the request; one-line errors naming the line."""
+    class_id = {name: i for i, name in enumerate(classes)}
+    wanted = set(requested)
+    reader = csv.reader(io.StringIO(text))
+    header = [h.strip() for h in next(reader, [])]
+    if header[:2] != ["key", "label"]:
+        raise UserError(f"{source}: line 1: header must be 'key,label', got {','.join(header)!r}")
+    labels: dict[str, int] = {}
+    for row in reader:
+        line = reader.line_num
+        if not row or not "".join(row).strip():
+            continue
+        if len(row) < 2:
+            raise UserError(f"{source}: line {line}: expected key,label, got {','.join(row)!r}")
+        key, name = row[0].strip(), row[1].strip()
+        if key not in wanted:
+            raise UserError(f"{source}: line {line}: unknown key {key!r} (not requested this round)")
+        if key in labels:
+            raise UserError(f"{source}: line {line}: duplicate key {key!r}")
+        if name not in class_id:
+            raise UserError(
+                f"{source}: line {line}: unknown class {name!r} (classes: {', '.join(classes)})"
+            )
+        labels[key] = class_id[name]
+    missing = [k for k in requested if k not in labels]
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise UserError(f"{source}: missing keys {', '.join(missing[:3])}{more}")
+    return labels
+
+
+def format_labels(labels: dict[str, str]) -> str:
+    """A labels file from key -> class name (what `unsupft annotate` writes)."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["key", "label"])
+    writer.writerows(labels.items())
+    return buf.getvalue()
+
+
+class ManualAnnotator:
+    """Writes the round's request to the store and reads the person's answer from it."""
+
+    def __init__(
+        self, out: str, classes: Sequence[str], image_of: Callable[[str], torch.Tensor]
+    ) -> None:
+        if not classes:
+            raise UserError("--annotator manual needs class names (dataset.json has no classes)")
+        self.out, self.classes, self.image_of = out, list(classes), image_of
+
+    def annotate(self, round_index: int, keys: Sequence[str]) -> dict[str, int]:
+        answer = labels_uri(self.out, round_index)
+        if store.exists(answer):
+            return parse_labels(store.read_text(answer), answer, keys, self.classes)
+        self.write_request(round_index, keys)
+        raise WaitingForLabels(answer, self.out)
+
+    def write_request(self, round_index: int, keys: Sequence[str]) -> None:
+        """Images and class names first, the CSV last: a request CSV is always complete."""
+        for key in keys:
+            store.write_bytes(image_uri(self.out, round_index, key), png_bytes(self.image_of(key)))
+        store.write_text(classes_uri(self.out), json.dumps(self.classes))
+        store.write_text(request_uri(self.out, round_index), "key\n" + "".join(f"{k}\n" for k in keys))

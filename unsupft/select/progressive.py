@@ -1,0 +1,333 @@
+"""`unsupft label`: progressive few-label transfer ("1 + epsilon") with a person or an oracle in the loop.
+
+Round 0 labels the initial set: one sample per class chosen by the seed (oracle), a key file
+(`--initial FILE`, column `key`, optional `label`), or, for a person who has no labels yet, the C
+eigen-samples of ACKMeans without anchors. Every later round
+  1. extracts features of the whole target set with the previous round's model,
+  2. runs ACKMeans with the labeled samples as fixed anchors and K = b*C new centers (the last round
+     takes what is left of the budget epsilon*C), or draws K unlabeled samples (`--selector random`),
+  3. asks the annotator for the labels of the selected (eigen-)samples,
+  4. finetunes on all labels so far.
+Finetuning always starts from `--init`, not from the previous round's model: every round's model is
+then a function of its label set alone (reproducible, comparable across rounds and selectors, the
+same as one transfer run with those labels), and no drift or over-fitting to the early labels
+accumulates over rounds; a round costs one short finetuning either way. The previous round's model
+is used only to see the data (features for selection), which is where co-evolution pays off.
+
+Checkpointing: `state.json` in `--out` records the round, its phase (select, annotate, finetune) and
+the keys requested, and is rewritten (atomically) at each phase change. Selected keys are recorded
+*before* they are sent to the annotator, so a run killed anywhere resumes in the round and phase it
+was in and never asks for a key twice. Outputs: `labels.csv` (key,label,round), `rounds.jsonl`,
+`rounds/round-N/model.pt`, the final `model.pt` and `_DONE.json` (written last).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol, Sequence
+
+import click
+import torch
+
+from unsupft import stage, store
+from unsupft.errors import EXIT_WAITING_FOR_LABELS, UserError, report_user_errors
+from unsupft.select.ackmeans import ackmeans
+from unsupft.select.annotators import Annotator, ManualAnnotator, OracleAnnotator, WaitingForLabels
+
+STATE = "state.json"
+
+
+class Engine(Protocol):
+    """Features and finetuning, by model URI (the real one wraps unsupft.train.transfer)."""
+
+    def features(self, model_uri: str, images: torch.Tensor) -> torch.Tensor:
+        """Float features [N, d] of uint8 images [N, C, H, W]."""
+
+    def finetune(
+        self,
+        init: str,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        classes: Sequence[str],
+        out: str,
+        *,
+        method: str,
+        epochs: int,
+        seed: int,
+        test: tuple[torch.Tensor, torch.Tensor] | None,
+    ) -> float | None:
+        """Finetune `init` on the labeled images, write `<out>/model.pt`; test accuracy or None."""
+
+
+@dataclass
+class Target:
+    keys: list[str]
+    images: torch.Tensor
+    labels: torch.Tensor | None  # shard labels (only the oracle may look at them)
+    classes: list[str]
+
+
+@dataclass
+class LabelConfig:
+    init: str
+    data: str
+    out: str
+    test: str | None = None
+    budget: float = 1.0
+    per_round: int = 1
+    initial: str = "seeded"
+    annotator: str = "oracle"
+    selector: str = "ackmeans"
+    method: str = "ce"
+    epochs: int = 30
+    seed: int = 0
+    metric: str = "cosine"
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class State:
+    round: int = 0
+    phase: str = "select"  # select -> annotate -> finetune -> (next round) select ... -> done
+    pending: list[str] = field(default_factory=list)
+    labeled: list[list[Any]] = field(default_factory=list)  # [key, label id, round]
+    rounds: list[dict[str, Any]] = field(default_factory=list)
+
+    @classmethod
+    def load(cls, out: str) -> "State | None":
+        uri = store.join(out, STATE)
+        return cls(**store.read_json(uri)) if store.exists(uri) else None
+
+    def save(self, out: str, classes: Sequence[str]) -> None:
+        """labels.csv first, state last: the state never claims labels that are not written."""
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        writer.writerow(["key", "label", "round"])
+        writer.writerows([k, classes[y], r] for k, y, r in self.labeled)
+        store.write_text(store.join(out, "labels.csv"), buf.getvalue())
+        store.write_text(store.join(out, "rounds.jsonl"), "".join(json.dumps(r) + "\n" for r in self.rounds))
+        store.write_json(store.join(out, STATE), self.__dict__)
+
+
+def extra_budget(cfg: LabelConfig, num_classes: int) -> int:
+    """epsilon * C extra labels beyond the initial set (rounded to the nearest label)."""
+    return int(round(cfg.budget * num_classes))
+
+
+def remaining(cfg: LabelConfig, state: State, target: Target) -> int:
+    """Labels still to request after the rounds recorded so far (0: the run is complete)."""
+    spent = len(state.labeled) - state.rounds[0]["labels"]
+    left = extra_budget(cfg, len(target.classes)) - spent
+    return max(0, min(left, len(target.keys) - len(state.labeled)))
+
+
+def model_uri(out: str, round_index: int) -> str:
+    return store.join(out, "rounds", f"round-{round_index}", "model.pt")
+
+
+def initial_keys(cfg: LabelConfig, target: Target, engine: Engine) -> tuple[list[str], dict[str, int]]:
+    """Round 0's keys, and any labels that came with them (a key,label file)."""
+    if cfg.initial != "seeded":
+        rows = list(csv.DictReader(io.StringIO(store.read_text(cfg.initial))))
+        if not rows or "key" not in rows[0]:
+            raise UserError(f"{cfg.initial}: expected a CSV with a 'key' column (and optionally 'label')")
+        known = set(target.keys)
+        class_id = {name: i for i, name in enumerate(target.classes)}
+        keys, given = [], {}
+        for line, row in enumerate(rows, start=2):
+            key = row["key"].strip()
+            if key not in known or key in keys:
+                raise UserError(f"{cfg.initial}: line {line}: {'duplicate' if key in keys else 'unknown'} key {key!r}")
+            keys.append(key)
+            if row.get("label"):
+                if row["label"].strip() not in class_id:
+                    raise UserError(f"{cfg.initial}: line {line}: unknown class {row['label'].strip()!r}")
+                given[key] = class_id[row["label"].strip()]
+        return keys, given
+    if cfg.annotator == "oracle":  # one per class, chosen by the seed among that class's samples
+        g = torch.Generator().manual_seed(cfg.seed)
+        order = torch.randperm(len(target.keys), generator=g)
+        first: dict[int, str] = {}
+        for i in order.tolist():
+            first.setdefault(int(target.labels[i]), target.keys[i])
+        return [first[c] for c in sorted(first)], {}
+    # a person without labels: the C most representative samples (ACKMeans without anchors)
+    feats = engine.features(cfg.init, target.images)
+    picked = ackmeans(feats, [], len(target.classes), metric=cfg.metric, seed=cfg.seed).eigen
+    return [target.keys[i] for i in picked.tolist()], {}
+
+
+def select(cfg: LabelConfig, state: State, target: Target, engine: Engine, k: int) -> list[str]:
+    """The round's new keys: ACKMeans eigen-samples around the labeled anchors, or a random draw."""
+    index = {key: i for i, key in enumerate(target.keys)}
+    labeled = [index[key] for key, _, _ in state.labeled]
+    seed = cfg.seed * 1000 + state.round
+    if cfg.selector == "random":
+        free = torch.ones(len(target.keys), dtype=torch.bool)
+        free[labeled] = False
+        pool = torch.nonzero(free).flatten()
+        picked = pool[torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed))[:k]]
+    else:
+        feats = engine.features(model_uri(cfg.out, state.round - 1), target.images)
+        picked = ackmeans(feats, labeled, k, metric=cfg.metric, seed=seed).eigen
+    return [target.keys[i] for i in picked.tolist()]
+
+
+def run_label(
+    cfg: LabelConfig,
+    target: Target,
+    annotator: Annotator,
+    engine: Engine,
+    test: tuple[torch.Tensor, torch.Tensor] | None = None,
+    log=print,
+) -> State:
+    """Run (or resume) the rounds until the budget is spent; raises WaitingForLabels for a person."""
+    C = len(target.classes)
+    state = State.load(cfg.out) or State()
+    index = {key: i for i, key in enumerate(target.keys)}
+    while state.phase != "done":
+        if state.phase == "select":
+            if state.round == 0:
+                keys, given = initial_keys(cfg, target, engine)
+                state.labeled = [[k, y, 0] for k, y in given.items()]
+                keys = [k for k in keys if k not in given]
+            else:
+                k = min(cfg.per_round * C, remaining(cfg, state, target))
+                keys = select(cfg, state, target, engine, k)
+            state.pending, state.phase = keys, "annotate"
+            state.save(cfg.out, target.classes)
+            log(f"round {state.round}: requesting {len(keys)} labels")
+        if state.phase == "annotate":
+            if state.pending:
+                answers = annotator.annotate(state.round, state.pending)
+                state.labeled += [[k, int(answers[k]), state.round] for k in state.pending]
+            state.pending, state.phase = [], "finetune"
+            state.save(cfg.out, target.classes)
+        if state.phase == "finetune":
+            idx = torch.tensor([index[k] for k, _, _ in state.labeled])
+            y = torch.tensor([lab for _, lab, _ in state.labeled])
+            acc = engine.finetune(
+                cfg.init, target.images[idx], y, target.classes, store.join(cfg.out, "rounds", f"round-{state.round}"),
+                method=cfg.method, epochs=cfg.epochs, seed=cfg.seed, test=test,
+            )
+            counts = torch.bincount(y, minlength=C).tolist()
+            record = {"round": state.round, "labels": len(state.labeled),
+                      "per_class": dict(zip(target.classes, counts)), "test_top1": acc}
+            state.rounds = [r for r in state.rounds if r["round"] != state.round] + [record]
+            log(json.dumps(record))
+            if remaining(cfg, state, target) == 0:
+                state.phase = "done"
+            else:
+                state.round, state.phase = state.round + 1, "select"
+            state.save(cfg.out, target.classes)
+    return state
+
+
+class TransferEngine:
+    """The real engine: `unsupft.models` backbones, `unsupft.train.transfer.finetune`, and
+    `unsupft.eval.features.extract_features`."""
+
+    def __init__(self) -> None:
+        try:
+            from unsupft.eval.features import extract_features
+            from unsupft.models import load_backbone, save_model
+            from unsupft.train.transfer import finetune, predict
+        except ImportError as exc:  # a partial build: say what is missing instead of a traceback
+            raise UserError(f"the label stage needs finetuning and feature extraction: {exc}") from exc
+        self._extract, self._load, self._save = extract_features, load_backbone, save_model
+        self._finetune, self._predict = finetune, predict
+
+    def features(self, model_uri: str, images: torch.Tensor) -> torch.Tensor:
+        backbone, meta = self._load(model_uri)
+        return self._extract(backbone, images, image_size=meta.get("image_size"))
+
+    def finetune(self, init, images, labels, classes, out, *, method, epochs, seed, test):
+        backbone, meta = self._load(init)
+        model = self._finetune(backbone, meta, images, labels, len(classes), method=method, epochs=epochs,
+                               seed=seed, out=out)
+        self._save(store.join(out, "model.pt"), model.backbone, meta["arch"], meta["in_channels"],
+                   meta.get("image_size") or list(images.shape[-2:]), classifier=model.fc, classes=list(classes))
+        if test is None:
+            return None
+        return float((self._predict(model, test[0]) == test[1]).float().mean())
+
+
+def load_target(uri: str) -> Target:
+    from unsupft.data import load_arrays
+
+    arrays = load_arrays(uri)
+    if not arrays.info.classes:
+        raise UserError(f"{uri}: the label stage needs the class names in dataset.json")
+    return Target(list(arrays.keys), arrays.images, arrays.labels, list(arrays.info.classes))
+
+
+def make_annotator(cfg: LabelConfig, target: Target) -> Annotator:
+    if cfg.annotator == "oracle":
+        return OracleAnnotator(target.keys, target.labels)
+    index = {key: i for i, key in enumerate(target.keys)}
+    return ManualAnnotator(cfg.out, target.classes, lambda key: target.images[index[key]])
+
+
+@click.command("label")
+@click.option("--init", help="Model to start from (model.pt, moco.pt or a stage output URI).")
+@click.option("--data", help="Target data set URI (shards; labels used only by --annotator oracle).")
+@click.option("--test", default=None, help="Labeled test set URI: per-round accuracy in rounds.jsonl.")
+@click.option("--budget", type=click.FloatRange(min=0), default=1.0, show_default=True,
+              help="Extra labels per class on average (epsilon): epsilon*C labels beyond the initial set.")
+@click.option("--per-round", type=click.IntRange(min=1), default=1, show_default=True,
+              help="b: K = b*C new centers (labels) per round; the last round takes what is left.")
+@click.option("--initial", default="seeded", show_default=True,
+              help="'seeded': one per class chosen by --seed (manual: the C ACKMeans eigen-samples), "
+                   "or a CSV of keys (optional label column).")
+@click.option("--annotator", type=click.Choice(["oracle", "manual"]), default="oracle", show_default=True)
+@click.option("--selector", type=click.Choice(["ackmeans", "random"]), default="ackmeans", show_default=True)
+@click.option("--method", type=click.Choice(["ce", "coin", "bituning"]), default="ce", show_default=True)
+@click.option("--epochs", type=click.IntRange(min=1), default=30, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", required=True, help="Output URI (state, requests, labels, models).")
+@click.option("--resume", is_flag=True, help="Continue the run in --out with its stored config (other options may be left out).")
+@report_user_errors
+def label_command(resume: bool, **options: Any) -> None:
+    """Progressive few-label transfer: ACKMeans selection, annotation and finetuning, round by round."""
+    started = time.time()
+    out = store.normalize(options["out"])
+    stored = store.join(out, stage.CONFIG)
+    if resume:
+        if not store.exists(stored):
+            raise UserError(f"{out}: nothing to resume (no {stage.CONFIG})")
+        cfg = LabelConfig(**store.read_json(stored))
+    else:
+        missing = [name for name in ("init", "data") if not options[name]]
+        if missing:
+            raise UserError(f"missing --{' and --'.join(missing)} (or pass --resume to continue a run)")
+        cfg = LabelConfig(**{**options, "out": out})
+        if store.exists(stored) and store.read_json(stored) != cfg.as_dict():
+            raise UserError(f"{out}: holds a label run with another config; use --resume or another --out")
+    if stage.is_done(out, cfg.as_dict()):
+        click.echo(f"{out}: already done")
+        return
+    stage.write_config(out, cfg.as_dict())
+    target = load_target(cfg.data)
+    test = None
+    if cfg.test:
+        from unsupft.data import load_arrays
+
+        t = load_arrays(cfg.test)
+        test = (t.images, t.labels)
+    try:
+        state = run_label(cfg, target, make_annotator(cfg, target), TransferEngine(), test,
+                          log=lambda line: click.echo(line, err=True))
+    except WaitingForLabels as waiting:
+        click.echo(str(waiting))
+        sys.exit(EXIT_WAITING_FOR_LABELS)
+    final = model_uri(out, state.round)
+    store.write_bytes(store.join(out, "model.pt"), store.read_bytes(final))
+    stage.write_done(out, "label", cfg.as_dict(), {"init": cfg.init, "data": cfg.data, "test": cfg.test or ""},
+                     ["model.pt", "labels.csv", "rounds.jsonl", STATE], started, labels=len(state.labeled))

@@ -1,0 +1,60 @@
+"""`unsupft adapt`: unsupervised finetuning of a pretrained model on a small unlabeled target.
+
+MoCo v2 continues from `--init` on the target, with sparse source replay (a fixed, seeded
+`--replay-fraction` of `--replay-source`, chosen once, in every epoch) and data mixing (a CutMix or
+MixUp query, positive for both its keys, loss `lam*L(qm,ka) + (1-lam)*L(qm,kb)` added to InfoNCE).
+Naive unsupervised finetuning is `--replay-fraction 0 --mix none`.
+"""
+
+from __future__ import annotations
+
+import click
+import torch
+
+from unsupft import store
+from unsupft.data.augment import parse_augments
+from unsupft.data.mixing import replay_subset, with_replay
+from unsupft.errors import UserError, report_user_errors
+from unsupft.train.loop import seed_everything
+from unsupft.train.moco_stage import MIXES, MoCoTask, init_moco, load_images, moco_options, run_moco, validate_common
+
+
+@click.command("adapt")
+@click.option("--init", required=True, help="Pretrained stage output URI or checkpoint file.")
+@click.option("--target", required=True, help="Unlabeled target data set URI.")
+@click.option("--replay-source", default=None, help="Source data set to replay a fixed subset of.")
+@click.option("--replay-fraction", type=float, default=0.1, show_default=True,
+              help="Share of --replay-source replayed (0 = no replay).")
+@click.option("--mix", type=click.Choice(MIXES), default="cutmix", show_default=True)
+@click.option("--mix-alpha", type=float, default=1.0, show_default=True, help="lam ~ Beta(alpha, alpha).")
+@moco_options(default_lr_per_256=0.015, default_epochs=200)
+@report_user_errors
+def adapt_command(init, target, replay_source, replay_fraction, mix, mix_alpha, out, arch, steps, epochs, batch_size,
+                  lr, seed, queue_size, temperature, key_momentum, image_size, augment, checkpoint_every, amp, workers) -> None:
+    """Unsupervised finetuning (MoCo v2 with source replay and mixed queries) from --init on --target."""
+    if not 0.0 <= replay_fraction < 1.0:
+        raise UserError(f"--replay-fraction must be in [0, 1) (got {replay_fraction})")
+    if mix_alpha <= 0:
+        raise UserError(f"--mix-alpha must be positive (got {mix_alpha})")
+    validate_common(batch_size, queue_size, temperature, key_momentum, image_size)
+    augments = parse_augments(augment)
+    out = store.normalize(out)
+    tgt = load_images(target, [image_size] * 2 if image_size else None)
+    size, channels = list(tgt.images.shape[-2:]), tgt.images.shape[1]
+    images, order, replayed = tgt.images, None, 0
+    if replay_source is not None and replay_fraction > 0:
+        source = load_images(replay_source, size, channels).images
+        subset = replay_subset(len(source), replay_fraction, seed)
+        if len(subset) == 0:
+            raise UserError(f"--replay-fraction {replay_fraction} of {replay_source} selects no image")
+        images, order, replayed = torch.cat([tgt.images, source[subset]]), with_replay(len(tgt.images), subset, seed), len(subset)
+    seed_everything(seed)
+    moco, arch, notes = init_moco(init, arch, channels, dim=128, queue_size=queue_size,
+                                  temperature=temperature, momentum=key_momentum)
+    config = {"init": init, "target": target, "replay_source": replay_source,
+              "replay_fraction": replay_fraction if replay_source else 0.0, "replayed_images": replayed,
+              "mix": mix, "mix_alpha": mix_alpha, "arch": arch, **notes}
+    inputs = {"init": init, "target": target, **({"replay_source": replay_source} if replay_source else {})}
+    run_moco("adapt", out, inputs, config, MoCoTask(moco, mix, mix_alpha), images, order, augments, steps=steps,
+             epochs=epochs, batch_size=batch_size, lr=lr, lr_per_256=0.015, seed=seed,
+             checkpoint_every=checkpoint_every, amp=amp, workers=workers)

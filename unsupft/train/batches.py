@@ -1,0 +1,132 @@
+"""Deterministic, resumable batches: step `s` always gets the same samples and augmentations.
+
+The index stream is the concatenation of per-epoch orders (epoch `e`'s order comes from a
+generator seeded by `(seed, e)`), cut into global batches of `batch_size * world_size`; rank `r`
+takes its slice of each. So step `s` can be produced directly, without replaying steps 0..s-1,
+which is what makes a resumed run continue the same run. Each sample also gets its own seed
+(from `seed` and its position in the stream) under which its augmentation runs, so the images a
+step sees do not depend on DataLoader workers, their number, or resuming.
+
+Any data set size and batch size work: a batch that crosses an epoch boundary takes the rest of
+one epoch and the start of the next, and data sets smaller than a batch repeat within it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterator, Protocol, Sequence
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+_SEED_MIX = 0x9E3779B97F4A7C15  # golden-ratio constant: spreads (seed, position) pairs apart
+
+
+def mix_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (stable across runs and platforms)."""
+    h = 0
+    for p in parts:
+        h = (h * 6364136223846793005 + (int(p) ^ _SEED_MIX) + 1442695040888963407) % (1 << 64)
+    return h >> 1
+
+
+class EpochOrder(Protocol):
+    """What a training epoch consists of: a fixed number of indices, reordered per epoch."""
+
+    size: int
+
+    def __call__(self, epoch: int) -> torch.Tensor:
+        """The `size` data set indices of `epoch` in training order (deterministic in `epoch`)."""
+
+
+class Shuffled:
+    """Each epoch visits every index of a data set of `n` once, in a seeded random order."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.size = n
+        self.seed = seed
+
+    def __call__(self, epoch: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(mix_seed(self.seed, epoch))
+        return torch.randperm(self.size, generator=g)
+
+
+class StepBatchSampler:
+    """Yields, for steps `start_step`..`steps-1`, this rank's `[(index, sample_seed), ...]`."""
+
+    def __init__(self, order: EpochOrder, batch_size: int, steps: int, seed: int,
+                 start_step: int = 0, rank: int = 0, world_size: int = 1) -> None:
+        if order.size < 1:
+            raise ValueError("cannot draw batches from an empty data set")
+        self.order, self.batch_size, self.steps, self.seed = order, batch_size, steps, seed
+        self.start_step, self.rank, self.world_size = start_step, rank, world_size
+        self._epoch, self._indices = -1, torch.empty(0, dtype=torch.long)
+
+    def __len__(self) -> int:
+        return max(0, self.steps - self.start_step)
+
+    def _index_at(self, position: int) -> int:
+        epoch, offset = divmod(position, self.order.size)
+        if epoch != self._epoch:
+            self._epoch, self._indices = epoch, self.order(epoch)
+        return int(self._indices[offset])
+
+    def batch(self, step: int) -> list[tuple[int, int]]:
+        first = (step * self.world_size + self.rank) * self.batch_size
+        return [(self._index_at(p), mix_seed(self.seed, p)) for p in range(first, first + self.batch_size)]
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        for step in range(self.start_step, self.steps):
+            yield self.batch(step)
+
+
+class SeededDataset(Dataset):
+    """Items `(index, seed)` -> `fn(index)` computed with the global torch RNG seeded by `seed`.
+
+    torchvision's random transforms draw from the global RNG; forking it per sample makes every
+    augmentation a pure function of the sample's position in the stream.
+    """
+
+    def __init__(self, n: int, fn: Callable[[int], Any]) -> None:
+        self.n, self.fn = n, fn
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, item: tuple[int, int]) -> Any:
+        index, seed = item
+        outer = torch.get_rng_state()  # (torch.random.fork_rng costs ~4 ms a call: too slow per sample)
+        torch.manual_seed(seed)
+        try:
+            return self.fn(index)
+        finally:
+            torch.set_rng_state(outer)
+
+
+class LoaderBatches:
+    """A resumable batch source over a seeded sample function, loaded by a DataLoader.
+
+    `sample(index)` returns one training example (tensors, tuples of tensors, ...); it runs in
+    DataLoader workers under a per-sample seed. `order` decides what an epoch contains
+    (default: every index once, shuffled). This is the `BatchSource` that `train` resumes exactly.
+    """
+
+    def __init__(self, sample: Callable[[int], Any], n: int, batch_size: int, seed: int, *,
+                 order: EpochOrder | None = None, num_workers: int = 0,
+                 collate_fn: Callable[[Sequence[Any]], Any] | None = None) -> None:
+        self.dataset = SeededDataset(n, sample)
+        self.order = order or Shuffled(n, seed)
+        self.batch_size, self.seed = batch_size, seed
+        self.num_workers, self.collate_fn = num_workers, collate_fn
+
+    @property
+    def samples_per_epoch(self) -> int:
+        return self.order.size
+
+    def batches(self, start_step: int, steps: int, rank: int = 0, world_size: int = 1) -> Iterator[Any]:
+        sampler = StepBatchSampler(self.order, self.batch_size, steps, self.seed, start_step, rank, world_size)
+        loader = DataLoader(self.dataset, batch_sampler=sampler, num_workers=self.num_workers,
+                            collate_fn=self.collate_fn, pin_memory=torch.cuda.is_available(),
+                            # its own generator: creating the iterator must not draw from the global
+                            # RNG, whose state a resumed run restores from the checkpoint
+                            generator=torch.Generator().manual_seed(self.seed))
+        return iter(loader)

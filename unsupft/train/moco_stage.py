@@ -1,0 +1,212 @@
+"""What `pretrain`, `adapt` and `bn-adapt` share: data sets in memory, MoCo from `--init`, the
+MoCo training task, and writing the stage outputs.
+
+Every input is read and checked before anything is written, so bad input (a missing or
+foreign `--init`, an empty data set, mismatched channels) ends with one line and an untouched
+output URI.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import click
+import torch
+import torch.nn.functional as F
+
+from unsupft import stage, store
+from unsupft.data import load_arrays
+from unsupft.data.augment import DEFAULT_AUGMENTS, moco_v2_augment, to_input
+from unsupft.data.mixing import cutmix, mixup
+from unsupft.errors import UserError
+from unsupft.models import ARCHS, build_backbone, load_backbone, save_model
+from unsupft.models.moco import MoCo, save_moco
+from unsupft.train import distributed
+from unsupft.train.batches import EpochOrder, LoaderBatches
+from unsupft.train.loop import LoopConfig, TrainTask, train, unwrap
+
+MIXES = ("cutmix", "mixup", "none")
+
+
+@dataclass
+class Images:
+    uri: str
+    images: torch.Tensor  # uint8 [N, C, H, W]
+
+
+def load_images(uri: str, image_size: Sequence[int] | None = None, channels: int | None = None) -> Images:
+    """All images of a data set (labels ignored), resized to `image_size` when given."""
+    arrays = load_arrays(uri)
+    images = arrays.images
+    if len(images) == 0:
+        raise UserError(f"{uri}: the data set is empty")
+    if channels is not None and images.shape[1] != channels:
+        raise UserError(f"{uri}: has {images.shape[1]}-channel images, the other inputs {channels}-channel")
+    if image_size is not None and list(images.shape[-2:]) != list(image_size):
+        images = F.interpolate(images.float(), size=tuple(image_size), mode="bilinear", antialias=True,
+                               align_corners=False).round().clamp(0, 255).to(torch.uint8)
+    return Images(uri, images)
+
+
+def load_all(uris: Sequence[str], image_size: Sequence[int] | None) -> list[Images]:
+    """Data sets with one channel count, all at `image_size` (default: the first one's size)."""
+    first = load_images(uris[0], image_size)
+    size = list(first.images.shape[-2:])
+    return [first] + [load_images(u, size, first.images.shape[1]) for u in uris[1:]]
+
+
+def init_moco(init: str | None, arch: str | None, in_channels: int, *, dim: int, queue_size: int,
+              temperature: float, momentum: float = 0.999) -> tuple[MoCo, str, dict[str, Any]]:
+    """MoCo around a new backbone or the one in `init`; the projection head is taken over when
+    `init` has one (a stage output with moco.pt, a moco.pt file, a facebookresearch checkpoint),
+    otherwise initialised afresh. Returns (moco, arch, notes for the config)."""
+    notes: dict[str, Any] = {"init": init, "head": "new"}
+    if init is None:
+        backbone = build_backbone(arch or "tiny", in_channels)
+    else:
+        moco_file = store.join(init, "moco.pt")
+        source = moco_file if not init.endswith((".pt", ".pth", ".tar", ".ckpt")) and store.exists(moco_file) else init
+        backbone, meta = load_backbone(source, arch=arch, in_channels=in_channels)
+        notes["init_format"] = meta.get("format")
+    moco = MoCo(backbone, dim=dim, queue_size=queue_size, momentum=momentum, temperature=temperature)
+    if init is not None and meta.get("head"):
+        try:
+            moco.head.load_state_dict(meta["head"])
+            notes["head"] = "loaded"
+        except RuntimeError:  # a head of another size: keep the fresh one
+            notes["head"] = "new (init head has another shape)"
+        moco.reset_key_encoder()
+    return moco, backbone.arch, notes
+
+
+class MoCoTask(TrainTask):
+    """One MoCo v2 step on a batch of two views; with `mix`, also the mixed-query loss."""
+
+    def __init__(self, moco: MoCo, mix: str = "none", mix_alpha: float = 1.0) -> None:
+        self.model, self.mix, self.mix_alpha = moco, mix, mix_alpha
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], step: int):
+        view_q, view_k = batch
+        if self.mix == "none":
+            return self.model(view_q, view_k)
+        # Batches come in random order, so each image is mixed with its predecessor.
+        partner = torch.roll(torch.arange(len(view_q), device=view_q.device), 1)
+        mixed, lam = (cutmix if self.mix == "cutmix" else mixup)(view_q, partner, self.mix_alpha)
+        loss, metrics = self.model(view_q, view_k, mixed=mixed, mix_partner=partner, lam=lam)
+        return loss, {**metrics, "lam": lam}
+
+
+def two_view_batches(images: torch.Tensor, image_size: Sequence[int], augments: Sequence[str],
+                     batch_size: int, seed: int, order: EpochOrder | None, workers: int) -> LoaderBatches:
+    augment = moco_v2_augment(image_size, augments)
+
+    def sample(i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image = images[i]
+        return to_input(augment(image)), to_input(augment(image))
+
+    return LoaderBatches(sample, len(images), batch_size, seed, order=order, num_workers=workers)
+
+
+def per_rank_batch(batch_size: int) -> int:
+    world = distributed.env_dist().world_size
+    if batch_size % world:
+        raise UserError(f"--batch-size {batch_size} is not divisible by the {world} processes")
+    return batch_size // world
+
+
+def steps_for(steps: int | None, epochs: float | None, samples_per_epoch: int, batch_size: int) -> int:
+    if steps is not None and epochs is not None:
+        raise UserError("give --steps or --epochs, not both")
+    if steps is not None:
+        if steps < 1:
+            raise UserError(f"--steps must be at least 1 (got {steps})")
+        return steps
+    if epochs is None or epochs <= 0:
+        raise UserError(f"--epochs must be positive (got {epochs})")
+    return max(1, math.ceil(epochs * samples_per_epoch / batch_size))
+
+
+def default_workers() -> int:
+    """DataLoader workers: augmentation runs beside the training step, leaving it most cores."""
+    return min(8, (os.cpu_count() or 2) // 2)
+
+
+def moco_options(default_lr_per_256: float, default_epochs: float):
+    """The options `pretrain` and `adapt` share (click decorators)."""
+    options = [
+        click.option("--out", required=True, help="Output URI (directory or s3://bucket/prefix)."),
+        click.option("--arch", type=click.Choice(ARCHS), default=None,
+                     help="Backbone (default: the --init's, else tiny)."),
+        click.option("--steps", type=int, default=None, help="Training length in optimizer steps."),
+        click.option("--epochs", type=float, default=None,
+                     help=f"Training length in epochs (default {default_epochs:g} when --steps is not given)."),
+        click.option("--batch-size", type=int, default=256, show_default=True, help="Global batch (all processes)."),
+        click.option("--lr", type=float, default=None,
+                     help=f"Peak SGD learning rate (default {default_lr_per_256} * batch / 256)."),
+        click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--queue-size", type=int, default=65536, show_default=True),
+        click.option("--temperature", type=float, default=0.2, show_default=True),
+        click.option("--key-momentum", type=float, default=0.999, show_default=True,
+                     help="Key encoder momentum (short runs on small data learn faster with 0.99)."),
+        click.option("--image-size", type=int, default=None, help="Resize images to this square size."),
+        click.option("--augment", default=",".join(DEFAULT_AUGMENTS), show_default=True,
+                     help="Comma list of augmentations (or 'none')."),
+        click.option("--checkpoint-every", type=int, default=500, show_default=True),
+        click.option("--amp", type=click.Choice(["auto", "bf16", "off"]), default="auto", show_default=True),
+        click.option("--workers", type=int, default=None, help="DataLoader workers (default: half the cores)."),
+    ]
+
+    def decorate(fn):
+        for option in reversed(options):
+            fn = option(fn)
+        return fn
+
+    return decorate
+
+
+def validate_common(batch_size: int, queue_size: int, temperature: float, key_momentum: float,
+                    image_size: int | None) -> None:
+    if batch_size < 1 or queue_size < 1 or temperature <= 0 or not 0 <= key_momentum < 1:
+        raise UserError("--batch-size and --queue-size must be positive, --temperature above 0, --key-momentum in [0, 1)")
+    if image_size is not None and image_size < 8:
+        raise UserError(f"--image-size must be at least 8 (got {image_size})")
+
+
+def run_moco(name: str, out: str, inputs: dict[str, str], config: dict[str, Any], task: MoCoTask,
+             images: torch.Tensor, order: EpochOrder | None, augments: Sequence[str], *, steps: int | None,
+             epochs: float | None, batch_size: int, lr: float | None, lr_per_256: float, seed: int,
+             checkpoint_every: int, amp: str, workers: int | None) -> None:
+    """Resolve length and lr, skip a finished stage, train, and write the stage outputs: config.json
+    first, metrics.jsonl and checkpoint.pt by the loop, then model.pt, moco.pt and _DONE.json last."""
+    epoch_size = order.size if order else len(images)
+    steps = steps_for(steps, 200.0 if steps is None and epochs is None else epochs, epoch_size, batch_size)
+    lr = lr if lr is not None else lr_per_256 * batch_size / 256
+    moco: MoCo = task.model
+    size = list(images.shape[-2:])
+    config = {"stage": name, **config, "in_channels": int(images.shape[1]), "image_size": size, "steps": steps,
+              "batch_size": batch_size, "lr": lr, "seed": seed, "queue_size": moco.queue.shape[0],
+              "temperature": moco.temperature, "momentum": moco.momentum, "augment": list(augments),
+              "samples_per_epoch": epoch_size}
+    if stage.is_done(out, config):
+        click.echo(f"{out}: already done (same config)", err=True)
+        return
+    batches = two_view_batches(images, size, augments, per_rank_batch(batch_size), seed, order,
+                               default_workers() if workers is None else workers)
+    loop = LoopConfig(out=out, steps=steps, lr=lr, weight_decay=1e-4, momentum=0.9,
+                      checkpoint_every=checkpoint_every, seed=seed, amp=amp)
+    started = time.time()
+    main = distributed.env_dist().is_main
+    if main:
+        stage.write_config(out, config)
+    result = train(task, batches, loop)
+    if main:
+        moco = unwrap(task.model).cpu()
+        arch, in_channels = config["arch"], moco.backbone.in_channels
+        save_model(store.join(out, "model.pt"), moco.backbone, arch, in_channels, size)
+        save_moco(store.join(out, "moco.pt"), moco, arch, in_channels, size)
+        stage.write_done(out, name, config, inputs, ["model.pt", "moco.pt", stage.METRICS, stage.CONFIG,
+                                                     "checkpoint.pt"], started, final_metrics=result.metrics)
