@@ -20,6 +20,8 @@ STAGES: dict[str, str] = {
     "adapt": "unsupft.train.adapt:adapt_command",
     "annotate": "unsupft.select.annotate_web:annotate_command",
     "label": "unsupft.select.progressive:label_command",
+    "transfer": "unsupft.train.transfer_stage:transfer_command",
+    "evaluate": "unsupft.eval.evaluate:evaluate_command",
 }
 
 

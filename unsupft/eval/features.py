@@ -2,7 +2,7 @@
 
 Training (`unsupft.train.transfer`) and evaluation both go through `preprocess`, so a backbone
 always sees images the same way: resized to the model's `image_size` (bilinear) when the data set
-has another size, scaled to [0, 1] and centred as `(x - 0.5) / 0.5`.
+has another size, then normalised by `unsupft.data.augment.to_input` exactly as pretraining does.
 """
 
 from __future__ import annotations
@@ -13,17 +13,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from unsupft.data.augment import to_input
+
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def preprocess(images: torch.Tensor, image_size: Sequence[int] | None = None) -> torch.Tensor:
-    """uint8 [N, C, H, W] -> float [N, C, h, w] centred to [-1, 1] (resized to `image_size` if given)."""
-    x = images.float().div_(255.0)
+    """uint8 [N, C, H, W] -> normalised float backbone input (resized to `image_size` if given)."""
+    x = to_input(images)
     if image_size is not None and tuple(x.shape[-2:]) != tuple(int(s) for s in image_size):
         x = F.interpolate(x, size=tuple(int(s) for s in image_size), mode="bilinear", align_corners=False)
-    return (x - 0.5) / 0.5
+    return x
 
 
 @torch.no_grad()

@@ -2,7 +2,7 @@
 
 Public API (used by `unsupft transfer`, `unsupft evaluate` and the label stage):
 
-    model = finetune(backbone, meta, images, labels, num_classes, method="ce", epochs=30, seed=0)
+    model = finetune(backbone, meta, images, labels, num_classes, method="ce", epochs=100, seed=0)
     predictions = predict(model, images)
 
 `images` are uint8 [N, C, H, W] as `unsupft.data.load_arrays` returns them, `labels` long [N].
@@ -115,7 +115,7 @@ def finetune(
     labels: torch.Tensor,
     num_classes: int,
     method: str = "ce",
-    epochs: int = 30,
+    epochs: int = 100,
     seed: int = 0,
     out: str | None = None,
     *,

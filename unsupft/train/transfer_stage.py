@@ -1,0 +1,96 @@
+"""`unsupft transfer`: supervised finetuning of a backbone on (few) labeled target images.
+
+Inputs are read and checked before anything is written, so bad input (a missing `--init`, K
+larger than a class, an unknown key in `--labels`) ends with one line, exit 2 and an untouched
+`--out`. Outputs: `config.json`, `metrics.jsonl` (one line per epoch), `train_keys.txt` (the keys
+trained on, for reproducibility), `model.pt` (backbone + classifier + classes), `_DONE.json`.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import click
+import numpy as np
+import torch
+
+from unsupft import stage, store
+from unsupft.data import ArraySet, load_arrays
+from unsupft.errors import UserError, report_user_errors
+from unsupft.models import ARCHS, load_backbone, save_model
+from unsupft.train.fewshot import draw_shots, read_label_list
+from unsupft.train.transfer import METHODS, finetune
+
+
+def select_training_set(
+    data: ArraySet, shots: int | None, seed: int, labels_file: str | None
+) -> tuple[np.ndarray, torch.Tensor]:
+    """(indices, labels) of the samples to train on: K per class, a key list, or every labeled one."""
+    classes = data.info.classes
+    if labels_file is not None:
+        indices, listed = read_label_list(labels_file, data.keys, classes)
+        if listed is not None:
+            return indices, torch.as_tensor(listed)
+        if data.labels is None:
+            raise UserError(f"{data.info.uri}: unlabeled, and {labels_file} has no label column")
+        return indices, data.labels[indices]
+    if data.labels is None:
+        raise UserError(f"{data.info.uri}: the data set has no labels (use --labels FILE with a label column)")
+    if shots is not None:
+        indices = draw_shots(data.labels.numpy(), shots, seed, classes)
+    else:
+        indices = np.arange(len(data.keys))
+    return indices, data.labels[indices]
+
+
+@click.command("transfer")
+@click.option("--init", required=True, help="Stage output URI or checkpoint file (model.pt, moco.pt, torchvision state_dict).")
+@click.option("--train", "train_uri", required=True, help="Labeled training data set URI.")
+@click.option("--shots", type=click.IntRange(min=1), default=None, help="Draw exactly K labeled images per class.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the draw, init, order and augmentation.")
+@click.option("--labels", "labels_file", default=None,
+              help="CSV/text list of keys to train on (optional header key,label; labels override the shards').")
+@click.option("--method", type=click.Choice(METHODS), default="ce", show_default=True)
+@click.option("--epochs", type=click.IntRange(min=1), default=100, show_default=True)
+@click.option("--coin-alpha", type=click.FloatRange(0.0, 1.0), default=0.7, show_default=True,
+              help="COIN: share of the epochs trained with SupCon alone.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--lr-head", type=float, default=3.0, show_default=True, help="Learning rate of the new classifier.")
+@click.option("--lr-backbone", type=float, default=1e-4, show_default=True)
+@click.option("--arch", type=click.Choice(ARCHS), default=None, help="Architecture of a plain torchvision --init.")
+@click.option("--out", required=True, help="Output URI.")
+@report_user_errors
+def transfer_command(init: str, train_uri: str, shots: int | None, seed: int, labels_file: str | None, method: str,
+                     epochs: int, coin_alpha: float, batch_size: int, lr_head: float, lr_backbone: float,
+                     arch: str | None, out: str) -> None:
+    """Finetune --init on labeled --train images (all, --shots K per class, or --labels FILE)."""
+    started = time.time()
+    if shots is not None and labels_file is not None:
+        raise UserError("give either --shots or --labels, not both")
+    out = store.normalize(out)
+    config: dict[str, Any] = {
+        "stage": "transfer", "init": init, "train": train_uri, "shots": shots, "seed": seed, "labels": labels_file,
+        "method": method, "epochs": epochs, "coin_alpha": coin_alpha, "batch_size": batch_size,
+        "lr_head": lr_head, "lr_backbone": lr_backbone, "arch": arch,
+    }
+    if stage.is_done(out, config):
+        click.echo(f"{out}: already done (same config); nothing to do", err=True)
+        return
+    data = load_arrays(train_uri)
+    backbone, meta = load_backbone(init, arch=arch, in_channels=data.info.channels)
+    indices, labels = select_training_set(data, shots, seed, labels_file)
+    if meta.get("image_size") is None:
+        meta["image_size"] = list(data.images.shape[-2:])
+
+    stage.write_config(out, config)
+    model = finetune(backbone, meta, data.images[indices], labels, len(data.info.classes), method=method,
+                     epochs=epochs, seed=seed, out=out, batch_size=batch_size, coin_alpha=coin_alpha,
+                     lr_head=lr_head, lr_backbone=lr_backbone)
+    store.write_text(store.join(out, "train_keys.txt"), "".join(data.keys[i] + "\n" for i in indices))
+    save_model(store.join(out, "model.pt"), model.backbone, meta["arch"], meta["in_channels"], meta["image_size"],
+               classifier=model.fc, classes=list(data.info.classes))
+    stage.write_done(out, "transfer", config, {"init": init, "train": train_uri, **({"labels": labels_file} if labels_file else {})},
+                     ["config.json", "metrics.jsonl", "train_keys.txt", "model.pt"], started,
+                     trained_on=int(len(indices)))
+    click.echo(f"{out}: finetuned with {method} on {len(indices)} labeled images", err=True)
