@@ -123,3 +123,18 @@ def test_killed_run_resumes_to_the_same_weights(digits, tmp_path):
         assert torch.allclose(value.float(), split[name].float(), atol=1e-5), name
     steps = [json.loads(x)["step"] for x in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [10, 20, 24]
+
+
+def test_two_process_ddp_pretrain_with_shuffle_bn(digits, tmp_path):
+    """torchrun with 2 CPU processes (Gloo): DDP, shuffle-BN across ranks, gathered queue and RNG states."""
+    out = tmp_path / "ddp"
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         "-m", "unsupft", "pretrain", "--data", str(digits / "src"), "--out", str(out), "--steps", "4",
+         "--checkpoint-every", "2", *SMALL], env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    state = checkpoint.load(str(out / "checkpoint.pt"))
+    assert state["world_size"] == 2 and len(state["rng"]) == 2 and state["step"] == 4
+    assert not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])  # ranks draw differently
+    assert int(state["model"]["queue_ptr"]) == 4 * 32 % 64  # global batches of 32 enqueued from both ranks
+    assert (out / "_DONE.json").exists()

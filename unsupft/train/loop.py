@@ -11,12 +11,12 @@ API
 
     class MyTask(TrainTask):
         def __init__(self, backbone, fc):
-            self.model = nn.ModuleDict({"backbone": backbone, "fc": fc})   # required
+            self.model = nn.Sequential(backbone, fc)  # required; its forward is what DDP wraps
 
         def param_groups(self):                      # optional; default: every trainable param at cfg.lr
             m = unwrap(self.model)
-            return [{"params": m["fc"].parameters(), "lr": 3.0, "weight_decay": 0.0},
-                    {"params": m["backbone"].parameters(), "lr": 1e-4, "weight_decay": 0.0}]
+            return [{"params": m[1].parameters(), "lr": 3.0, "weight_decay": 0.0},
+                    {"params": m[0].parameters(), "lr": 1e-4, "weight_decay": 0.0}]
 
         def training_step(self, batch, step):        # required
             images, labels = batch                   # already on self.device
@@ -28,7 +28,9 @@ API
         def load_extra_state(self, state): pass      #   kept outside model buffers)
 
     seed_everything(cfg.seed)                        # before building the model: seeded init
+    batches = LoaderBatches(sample_fn, n, batch_size=256, seed=cfg.seed)  # unsupft.train.batches
     result = train(MyTask(...), batches, LoopConfig(out=out_uri, steps=1000, lr=0.03))
+    # result.step, result.resumed_from (None or the checkpoint step), result.metrics (last record)
 
 - `task.model` (nn.Module) holds every weight that trains or is checkpointed (buffers such as
   BatchNorm statistics and the MoCo queue included). The loop moves it to the device (and to
@@ -48,7 +50,8 @@ API
   `batches(start_step, steps, rank, world_size) -> iterator of batches` that yields exactly the
   batches of steps `start_step..steps-1` for this rank (see `unsupft.train.batches.LoaderBatches`,
   which does this deterministically, so a resumed run sees the same data as an uninterrupted one) --
-  or any iterable of batches (it is restarted on resume, so the data order then differs). A
+  or any iterable of batches (iterated afresh from its start on resume and whenever it runs out,
+  so the data order then differs from an uninterrupted run). A
   batch may be a tensor or any nesting of tuples/lists/dicts of tensors; tensors are moved to the
   device (4-d float tensors to channels-last when enabled).
 - Schedule: linear warm-up over `warmup_steps` from lr/warmup_steps to lr, then cosine to
