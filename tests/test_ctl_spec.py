@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from unsupft.ctl import spec
-from unsupft.ctl.command import stage_args
+from unsupft.ctl.command import check_options, stage_args
 from unsupft.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,10 +21,11 @@ store: file:///tmp/unsupft-store
 datasets:
   digits: file:///data/digits
 stages:
-  naive: {kind: adapt, init: base, target: digits, mix: false}
+  naive: {kind: adapt, init: base, target: digits, mix: none}
   base: {kind: pretrain, data: [digits], arch: tiny, steps: 20}
-  adapt: {kind: adapt, init: base, target: digits, replay_source: digits, replay_fraction: 0.1, mix: true}
+  adapt: {kind: adapt, init: base, target: digits, replay_source: digits, replay_fraction: 0.1, mix: cutmix}
   eval: {kind: evaluate, model: {adapt: adapt, naive: naive}, train: digits, test: digits, shots: [1, 2]}
+  lab: {kind: label, init: base, data: digits, resume: true}
 resources:
   defaults: {cpu: 2, memory: 4Gi}
   base: {gpus: 1, nodes: 2, procs_per_node: 4}
@@ -41,21 +42,31 @@ def test_good_pipeline_orders_stages_and_maps_parameters():
     assert p.stages["naive"].resources.gpus == 0
     args = stage_args(p.stages["adapt"], "/s/runs/r")
     assert args == ["adapt", "--init", "/s/runs/r/base", "--target", "/data/digits", "--replay-source", "/data/digits",
-                    "--replay-fraction", "0.1", "--mix", "--out", "/s/runs/r/adapt"]
-    assert stage_args(p.stages["naive"], "/r")[-3] == "--no-mix"
+                    "--replay-fraction", "0.1", "--mix", "cutmix", "--out", "/s/runs/r/adapt"]
+    assert stage_args(p.stages["lab"], "/r")[-3] == "--resume"  # true -> the flag
     ev = stage_args(p.stages["eval"], "/r")
     assert ev[1:5] == ["--model", "adapt=/r/adapt", "--model", "naive=/r/naive"]
-    assert ev.count("--shots") == 2  # a list is a repeated option unless the command says otherwise
+    assert ev[ev.index("--shots") + 1] == "1,2"  # evaluate's --shots takes one comma list
+    check_options(p, "demo.yaml")
+
+
+def test_parameters_are_checked_against_the_stage_commands():
+    with pytest.raises(UserError, match="stages.base.colour: 'pretrain' has no option --colour"):
+        check_options(spec.parse(GOOD.replace("arch: tiny", "arch: tiny, colour: red"), "demo.yaml"), "demo.yaml")
+    with pytest.raises(UserError, match="stages.adapt.mix: 'blend' is not one of cutmix, mixup, none"):
+        check_options(spec.parse(GOOD.replace("mix: cutmix", "mix: blend"), "demo.yaml"), "demo.yaml")
+    with pytest.raises(UserError, match="stages.lab.resume: expected true or false"):
+        check_options(spec.parse(GOOD.replace("resume: true", "resume: 3"), "demo.yaml"), "demo.yaml")
 
 
 @pytest.mark.parametrize(
     "change, expected",
     [
         (("  base: {kind: pretrain,", "  base: {kind: pretrain, colour: red,"), None),  # unknown param: fine until options are checked
-        (("resources:", "resource:"), "demo.yaml:10: resource: unknown field"),
-        (("  base: {gpus: 1,", "  base: {gpu: 1,"), "demo.yaml:12: resources.base.gpu: unknown field"),
-        (("{cpu: 2,", "{cpu: [2],"), "demo.yaml:11: resources.defaults.cpu: expected int/float/str"),
-        (("nodes: 2", "nodes: 0"), "demo.yaml:12: resources.base.nodes: out of range"),
+        (("resources:", "resource:"), "demo.yaml:11: resource: unknown field"),
+        (("  base: {gpus: 1,", "  base: {gpu: 1,"), "demo.yaml:13: resources.base.gpu: unknown field"),
+        (("{cpu: 2,", "{cpu: [2],"), "demo.yaml:12: resources.defaults.cpu: expected int/float/str"),
+        (("nodes: 2", "nodes: 0"), "demo.yaml:13: resources.base.nodes: out of range"),
         (("init: base, target: digits, mix", "init: bsae, target: digits, mix"), "demo.yaml:6: stages.naive.init: unknown reference 'bsae'"),
         (("data: [digits]", "data: [digits, digts]"), "demo.yaml:7: stages.base.data[1]: unknown reference 'digts'"),
         (("kind: evaluate", "kind: evaluation"), "demo.yaml:9: stages.eval.kind: kind must be one of"),
@@ -86,7 +97,7 @@ def test_validate_cli_exit_codes(tmp_path):
     good.write_text(GOOD)
     ok = subprocess.run([sys.executable, "-m", "unsupft.ctl", "validate", str(good)], env=env, capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
-    assert "4 stages" in ok.stdout
+    assert "5 stages" in ok.stdout
     bad = tmp_path / "bad.yaml"
     bad.write_text(GOOD.replace("replay_fraction: 0.1", "replay_fraction: 0.1, init: nowhere"))
     res = subprocess.run([sys.executable, "-m", "unsupft.ctl", "validate", str(bad)], env=env, capture_output=True, text=True)

@@ -31,7 +31,9 @@ def _options(kind: str) -> dict[str, click.Option] | None:
         command = getattr(importlib.import_module(module_name), attr)
     except ImportError:
         return None
-    return {p.name: p for p in command.params if isinstance(p, click.Option)}
+    # Keyed by the long option as typed (`--replay-source` -> replay_source), not the Python name.
+    return {opt[2:].replace("-", "_"): p for p in command.params if isinstance(p, click.Option)
+            for opt in p.opts if opt.startswith("--")}
 
 
 def check_options(pipeline: Pipeline, file: str) -> None:
@@ -47,6 +49,10 @@ def check_options(pipeline: Pipeline, file: str) -> None:
             option = options[key]
             if option.is_flag and not isinstance(value, bool):
                 raise UserError(f"{file}: stages.{stage.name}.{key}: expected true or false, got {value!r}")
+            if isinstance(option.type, click.Choice):
+                for v in value if isinstance(value, list) else [value]:
+                    if str(v) not in option.type.choices:
+                        raise UserError(f"{file}: stages.{stage.name}.{key}: {v!r} is not one of {', '.join(option.type.choices)}")
 
 
 def _flag(name: str) -> str:
