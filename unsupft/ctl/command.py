@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
+import os
 from typing import Any
 
 import click
@@ -21,10 +22,11 @@ from unsupft.errors import UserError
 
 
 def _options(kind: str) -> dict[str, click.Option] | None:
-    """The stage command's options by parameter name, or None when this install lacks the stage."""
+    """The stage command's options by parameter name, or None when they are not ours to know:
+    this install lacks the stage, or `UNSUPFT_STAGE_PROGRAM` runs stages through another program."""
     from unsupft.cli import STAGES
 
-    if kind not in STAGES:
+    if kind not in STAGES or os.environ.get("UNSUPFT_STAGE_PROGRAM"):
         return None
     module_name, attr = STAGES[kind].split(":")
     try:
