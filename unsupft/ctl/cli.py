@@ -122,6 +122,11 @@ def _print_table(run_: st.Run) -> None:
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
     for r in rows:
         click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[5])
+    for name in run_.data["order"]:  # where to look next: the evaluate stages' reports
+        for report in ("report.html", "report.json"):
+            uri = store.join(run_.stage_uri(name), report)
+            if run_.stages[name]["state"] == st.SUCCEEDED and store.exists(uri):
+                click.echo(f"report ({name}): {uri}")
 
 
 @main.command()
