@@ -1,13 +1,331 @@
-"""`unsupft-ctl`: validate, run, submit and inspect pipelines."""
+"""`unsupft-ctl`: validate, run, submit and inspect pipelines.
+
+`run FILE` is the everyday command: it runs the pipeline here, stage after stage, and a second
+`run` of the same file continues where the first stopped (finished stages are cached). `submit`
+starts a run that must be new (the run id is taken with a conditional write), locally in the
+background or on Kubernetes through a driver Job. `status`, `logs`, `fetch` and `cancel` read the
+run state from the store, so they work from any machine that can reach it.
+"""
 
 from __future__ import annotations
 
-import click
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
 
-from unsupft import __version__
+import click
+import yaml
+
+from unsupft import __version__, store
+from unsupft.ctl import spec as spec_mod
+from unsupft.ctl import state as st
+from unsupft.ctl.command import check_options
+from unsupft.errors import UserError, report_user_errors
+
+DEFAULT_STORE = "file://./runs"
+
+
+def _load(file: str, store_override: str | None) -> spec_mod.Pipeline:
+    pipeline = spec_mod.load(file)
+    check_options(pipeline, file)
+    if store_override:
+        pipeline = spec_mod.Pipeline(pipeline.name, spec_mod.normalize_uri(store_override), pipeline.datasets,
+                                     pipeline.stages, pipeline.source)
+    return pipeline
+
+
+def _preflight(pipeline: spec_mod.Pipeline) -> None:
+    """Fail before any stage starts: the store must answer and every data set must be complete."""
+    store.exists(store.join(pipeline.store, "runs"))  # raises UserError naming the URI when unreachable
+    for name, uri in pipeline.datasets.items():
+        if not store.exists(store.join(uri, "dataset.json")):
+            raise UserError(f"datasets.{name}: {uri}: incomplete data set (no dataset.json); run `unsupft ingest` first")
+
+
+def _store(ctx: click.Context) -> str:
+    return spec_mod.normalize_uri(ctx.obj.get("store") or DEFAULT_STORE)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="unsupft-ctl")
-def main() -> None:
+@click.option("--store", envvar="UNSUPFT_STORE", default=None,
+              help="Store URI holding runs (default: the pipeline's `store`, else file://./runs).")
+@click.pass_context
+def main(ctx: click.Context, store: str | None) -> None:
     """Run unsupft pipelines locally or on Kubernetes."""
+    ctx.ensure_object(dict)["store"] = store
+
+
+@main.command()
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.pass_context
+@report_user_errors
+def validate(ctx: click.Context, file: str) -> None:
+    """Check a pipeline file (fields, types, references, cycles) without running anything."""
+    pipeline = _load(file, ctx.obj["store"])
+    chain = ", ".join(f"{n} ({s.kind})" for n, s in pipeline.stages.items())
+    click.echo(f"ok: {pipeline.name}: {len(pipeline.stages)} stages in order: {chain}")
+
+
+@main.command()
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--run-id", default=None, help="Run id (default: the pipeline's name).")
+@click.option("--max-parallel", default=2, show_default=True, help="Independent stages run at the same time.")
+@click.pass_context
+@report_user_errors
+def run(ctx: click.Context, file: str, run_id: str | None, max_parallel: int) -> None:
+    """Run a pipeline here and wait; running it again continues where it stopped."""
+    pipeline = _load(file, ctx.obj["store"])
+    run_id = _run_id(run_id, pipeline)
+    _preflight(pipeline)
+    run_ = st.create(pipeline, run_id, "local")
+    if run_ is None:
+        run_ = st.open_run(pipeline.store, run_id)
+        if st.controller_alive(run_):
+            raise UserError(f"run {run_id} is being run by process {run_.data['controller']['pid']}; "
+                            f"use `unsupft-ctl status {run_id}` or `cancel`")
+        if run_.data["backend"] != "local":
+            raise UserError(f"run {run_id} was submitted to {run_.data['backend']}; use a new --run-id")
+        store.delete(store.join(run_.uri, st.CANCEL_FILE))
+        st.refresh(run_, pipeline)
+        click.echo(f"continuing run {run_id} in {run_.uri}")
+    else:
+        click.echo(f"run {run_id} in {run_.uri}")
+    ok = _drive_local(run_, pipeline, max_parallel)
+    sys.exit(0 if ok else 1)
+
+
+def _run_id(run_id: str | None, pipeline: spec_mod.Pipeline) -> str:
+    run_id = run_id or pipeline.name
+    if not spec_mod.NAME_RE.match(run_id):
+        raise UserError(f"--run-id {run_id!r}: lower-case letters, digits and '-' (at most 40)")
+    return run_id
+
+
+def _drive_local(run_: st.Run, pipeline: spec_mod.Pipeline, max_parallel: int) -> bool:
+    from unsupft.ctl.local import LocalBackend
+
+    ok = LocalBackend(run_, pipeline, max_parallel=max_parallel, echo=click.echo).execute()
+    _print_table(st.open_run(pipeline.store, run_.run_id))
+    return ok
+
+
+def _print_table(run_: st.Run) -> None:
+    rows = [("STAGE", "KIND", "STATE", "TRIES", "SECONDS", "OUTPUT / MESSAGE")]
+    for name in run_.data["order"]:
+        rec = run_.stages[name]
+        secs = f"{rec['finished'] - rec['started']:.1f}" if rec.get("started") and rec.get("finished") else "-"
+        note = rec.get("message") or (run_.stage_uri(name) if rec["state"] == st.SUCCEEDED else "")
+        rows.append((name, rec["kind"], rec["state"], str(rec["attempts"]), secs, note))
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    for r in rows:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[5])
+    for name in run_.data["order"]:  # where to look next: the evaluate stages' reports
+        for report in ("report.html", "report.json"):
+            uri = store.join(run_.stage_uri(name), report)
+            if run_.stages[name]["state"] == st.SUCCEEDED and store.exists(uri):
+                click.echo(f"report ({name}): {uri}")
+
+
+@main.command()
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--backend", type=click.Choice(["local", "kubernetes"]), default="local", show_default=True)
+@click.option("--namespace", default="default", show_default=True, help="Kubernetes namespace.")
+@click.option("--run-id", default=None, help="Run id (default: the pipeline's name); must be new.")
+@click.option("--image", default=None, help="Driver image (default: the pipeline's default stage image).")
+@click.option("--secret", default=None, help="Secret with the store credentials (AWS_ACCESS_KEY_ID, ...), by name.")
+@click.option("--wait", is_flag=True, help="Wait for the run to finish and print the table.")
+@click.pass_context
+@report_user_errors
+def submit(ctx, file, backend, namespace, run_id, image, secret, wait) -> None:
+    """Start a new run in the background (here) or on Kubernetes; a used run id is refused."""
+    pipeline = _load(file, ctx.obj["store"])
+    run_id = _run_id(run_id, pipeline)
+    if backend == "kubernetes":
+        from unsupft.ctl import kube
+
+        kube.check_store_for_cluster(pipeline)
+        api = kube.Api()
+    _preflight(pipeline)
+    extra = {"namespace": namespace, "secret": secret} if backend == "kubernetes" else {}
+    run_ = st.create(pipeline, run_id, backend, **extra)
+    if run_ is None:
+        raise UserError(f"run {run_id} already exists in {st.run_uri(pipeline.store, run_id)}; pick another --run-id")
+    if backend == "kubernetes":
+        kctx = kube.Context(run_id, namespace, secret, kube.store_env())
+        driver = kube.driver_job(kctx, pipeline.store, image or next(iter(pipeline.stages.values())).resources.image)
+        api.create(driver)
+        click.echo(f"submitted run {run_id}: Job {driver['metadata']['name']} in namespace {namespace}")
+    else:
+        log = store.local_path(store.join(run_.uri, st.LOGS, "controller.log"))
+        args = [sys.executable, "-m", "unsupft.ctl", "--store", pipeline.store, "drive", run_id]
+        if log is not None and not wait:
+            log.parent.mkdir(parents=True, exist_ok=True)
+            with open(log, "ab") as out:
+                subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                 start_new_session=True, env=os.environ.copy())
+            click.echo(f"submitted run {run_id} in {run_.uri} (controller log: {log})")
+        elif not wait:
+            raise UserError("a background local run needs a local store; use --wait or `unsupft-ctl run`")
+    if wait:
+        if backend == "local":
+            sys.exit(0 if _drive_local(run_, pipeline, 2) else 1)
+        sys.exit(_wait(pipeline.store, run_id))
+
+
+def _wait(store_uri: str, run_id: str, poll_s: float = 10.0) -> int:
+    seen: dict[str, str] = {}
+    while True:
+        run_ = st.open_run(store_uri, run_id)
+        for name, rec in run_.stages.items():
+            if seen.get(name) != rec["state"]:
+                seen[name] = rec["state"]
+                click.echo(f"{name:<16} {rec['state']}")
+        states = [r["state"] for r in run_.stages.values()]
+        if all(s == st.SUCCEEDED for s in states):
+            _print_table(run_)
+            return 0
+        if not any(s in (st.RUNNING, st.PENDING) for s in states) or any(s in (st.FAILED, st.CANCELLED) for s in states) \
+                and not any(s == st.RUNNING for s in states):
+            _print_table(run_)
+            return 1
+        time.sleep(poll_s)
+
+
+@main.command()
+@click.argument("run_id")
+@click.option("--create-from", type=click.Path(dir_okay=False), default=None,
+              help="Pipeline file: create the (Kubernetes) run first if it does not exist (the Helm chart's driver).")
+@click.option("--namespace", default="default", show_default=True, help="With --create-from: the namespace.")
+@click.option("--secret", default=None, help="With --create-from: Secret with the store credentials, by name.")
+@click.pass_context
+@report_user_errors
+def drive(ctx: click.Context, run_id: str, create_from: str | None, namespace: str, secret: str | None) -> None:
+    """Drive an existing run to its end (what `submit` starts; in the cluster, the driver Job)."""
+    if create_from:
+        pipeline = _load(create_from, ctx.obj["store"])
+        _preflight(pipeline)
+        # A restarted driver pod finds the run already there and continues it.
+        run_ = st.create(pipeline, _run_id(run_id, pipeline), "kubernetes", namespace=namespace, secret=secret) \
+            or st.open_run(pipeline.store, run_id)
+        ctx.obj["store"] = pipeline.store
+    run_ = st.open_run(_store(ctx), run_id)
+    pipeline = spec_mod.parse(yaml.safe_dump(run_.data["spec"]), f"{run_.uri}/run.json")
+    if ctx.obj.get("store"):
+        pipeline = spec_mod.Pipeline(pipeline.name, _store(ctx), pipeline.datasets, pipeline.stages, pipeline.source)
+    if run_.data["backend"] == "local":
+        sys.exit(0 if _drive_local(run_, pipeline, 2) else 1)
+    from unsupft.ctl import kube
+
+    kctx = kube.Context(run_id, run_.data["namespace"], run_.data.get("secret"), kube.store_env())
+    ok = kube.Driver(run_, pipeline, kube.Api(), kctx, echo=click.echo).execute()
+    _print_table(st.open_run(pipeline.store, run_id))
+    sys.exit(0 if ok else 1)
+
+
+@main.command()
+@click.argument("run_id")
+@click.pass_context
+@report_user_errors
+def status(ctx: click.Context, run_id: str) -> None:
+    """Table of the run's stages: state, attempts, time, output."""
+    run_ = st.open_run(_store(ctx), run_id)
+    click.echo(f"run {run_id} ({run_.data['pipeline']}, {run_.data['backend']}) in {run_.uri}")
+    _print_table(run_)
+
+
+@main.command()
+@click.argument("run_id")
+@click.argument("stage")
+@click.option("-f", "--follow", is_flag=True, help="Keep printing while the stage runs.")
+@click.option("--attempt", type=int, default=None, help="Attempt number (default: the latest).")
+@click.pass_context
+@report_user_errors
+def logs(ctx: click.Context, run_id: str, stage: str, follow: bool, attempt: int | None) -> None:
+    """Print a stage's log (local runs: from the store; Kubernetes runs: from the stage's pod)."""
+    run_ = st.open_run(_store(ctx), run_id)
+    if stage not in run_.stages:
+        raise UserError(f"run {run_id} has no stage {stage!r} (stages: {', '.join(run_.stages)})")
+    if run_.data["backend"] == "kubernetes":
+        from unsupft.ctl import kube
+
+        click.echo(kube.Api().stage_logs(run_.data["namespace"], run_id, stage), nl=False)
+        return
+    shown = 0
+    while True:
+        run_ = st.open_run(_store(ctx), run_id)
+        rec = run_.stages[stage]
+        uri = run_.log_uri(stage, attempt)
+        if rec["attempts"] == 0:
+            if not follow:
+                raise UserError(f"stage {stage} of run {run_id} has not started yet")
+        elif store.exists(uri):
+            data = store.read_bytes(uri)
+            sys.stdout.buffer.write(data[shown:])
+            sys.stdout.flush()
+            shown = len(data)
+        if not follow or rec["state"] not in (st.RUNNING, st.PENDING):
+            return
+        time.sleep(1.0)
+
+
+@main.command()
+@click.argument("run_id")
+@click.argument("stage", required=False)
+@click.option("--to", "dest", default=".", show_default=True, type=click.Path(file_okay=False),
+              help="Local folder; files land in DEST/<run>/<stage>/.")
+@click.pass_context
+@report_user_errors
+def fetch(ctx: click.Context, run_id: str, stage: str | None, dest: str) -> None:
+    """Download a run's artifacts (models, reports, metrics) from the store."""
+    run_ = st.open_run(_store(ctx), run_id)
+    stages = [stage] if stage else list(run_.stages)
+    for name in stages:
+        if name not in run_.stages:
+            raise UserError(f"run {run_id} has no stage {name!r} (stages: {', '.join(run_.stages)})")
+        target = Path(dest) / run_id / name
+        names = store.list_prefix(run_.stage_uri(name))
+        for rel in names:
+            store.download_file(store.join(run_.stage_uri(name), rel), target / rel)
+        click.echo(f"{name}: {len(names)} files -> {target}")
+
+
+@main.command()
+@click.argument("run_id")
+@click.pass_context
+@report_user_errors
+def cancel(ctx: click.Context, run_id: str) -> None:
+    """Stop a run: running stages are killed (local) or their objects deleted (Kubernetes)."""
+    run_ = st.open_run(_store(ctx), run_id)
+    if run_.data["backend"] == "kubernetes":
+        from unsupft.ctl import kube
+
+        run_.request_cancel()
+        kube.Api().delete_run(run_.data["namespace"], run_id, include_driver=False)
+        click.echo(f"cancel requested for run {run_id}; the driver records it and exits")
+        return
+    from unsupft.ctl.local import cancel_local
+
+    cancel_local(run_)
+    click.echo(f"cancelled run {run_id}")
+
+
+@main.command()
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--namespace", default="default", show_default=True)
+@click.option("--run-id", default=None)
+@click.option("--image", default=None, help="Driver image (default: the pipeline's default stage image).")
+@click.option("--secret", default=None, help="Secret with the store credentials, by name.")
+@click.pass_context
+@report_user_errors
+def render(ctx, file, namespace, run_id, image, secret) -> None:
+    """Print the Kubernetes objects a submit would create (driver Job + each stage's first attempt)."""
+    from unsupft.ctl import kube
+
+    pipeline = _load(file, ctx.obj["store"])
+    run_id = _run_id(run_id, pipeline)
+    kctx = kube.Context(run_id, namespace, secret, kube.store_env())
+    objs = kube.render(pipeline, kctx, image or next(iter(pipeline.stages.values())).resources.image)
+    click.echo(yaml.safe_dump_all(objs, sort_keys=False), nl=False)

@@ -1,0 +1,161 @@
+"""The local backend end to end, with real processes: run, cache, resume after a killed
+controller, retry, cancel without leftovers, one run id taken once, store checked first.
+
+Stages are `tests.ctl_fake_stages` (real processes writing the real `_DONE.json`) until the
+stage commands of the other issues are on this branch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _env(**extra: str) -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(ROOT), "UNSUPFT_STAGE_PROGRAM": f"{sys.executable} -m tests.ctl_fake_stages", **extra}
+
+
+def _pipeline(tmp_path: Path, sleep_b: float = 0.1, extra_b: str = "") -> Path:
+    f = tmp_path / "p.yaml"
+    f.write_text(f"""\
+name: t
+store: file://{tmp_path}/store
+stages:
+  a: {{kind: pretrain, arch: tiny, sleep: 0.1}}
+  b: {{kind: adapt, init: a, sleep: {sleep_b}{extra_b}}}
+  c: {{kind: evaluate, model: {{b: b}}}}
+""")
+    return f
+
+
+def _ctl(*args: str, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "unsupft.ctl", *args], env=_env(), capture_output=True, text=True,
+                          cwd=ROOT, timeout=180, **kw)
+
+
+def _events(stdout: str, what: str) -> int:
+    return sum(1 for line in stdout.splitlines() if line.startswith("[") and line.split(None, 2)[-1].startswith(what))
+
+
+def _runs(tmp_path: Path, stage: str) -> int:
+    f = tmp_path / "store/runs/t" / stage / "runs.txt"
+    return len(f.read_text().splitlines()) if f.exists() else 0
+
+
+def _state(tmp_path: Path) -> dict:
+    return json.loads((tmp_path / "store/runs/t/run.json").read_text())
+
+
+def test_run_then_cached_rerun_then_changed_parameter(tmp_path):
+    f = _pipeline(tmp_path)
+    res = _ctl("run", str(f))
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "STAGE" in res.stdout and res.stdout.count("succeeded") >= 6  # events + table
+    assert [_runs(tmp_path, s) for s in "abc"] == [1, 1, 1]
+    assert _state(tmp_path)["stages"]["c"]["command"][:3] == ["evaluate", "--model", f"b={tmp_path}/store/runs/t/b"]
+
+    again = _ctl("run", str(f))
+    assert again.returncode == 0 and _events(again.stdout, "cached") == 3
+    assert [_runs(tmp_path, s) for s in "abc"] == [1, 1, 1]
+
+    # A changed parameter re-runs that stage and everything downstream, not upstream.
+    f.write_text(f.read_text().replace("sleep: 0.1}\n  c", "sleep: 0.2}\n  c"))
+    third = _ctl("run", str(f))
+    assert third.returncode == 0, third.stdout
+    assert [_runs(tmp_path, s) for s in "abc"] == [1, 1, 1]  # b and c outputs were reset, then ran once
+    assert _state(tmp_path)["stages"]["b"]["command"][-3:-2] == ["0.2"] or "0.2" in _state(tmp_path)["stages"]["b"]["command"]
+    assert _events(third.stdout, "cached") == 1
+
+
+def test_failed_attempt_is_retried(tmp_path):
+    f = _pipeline(tmp_path, extra_b=", fail_once: true")
+    res = _ctl("run", str(f))
+    assert res.returncode == 0, res.stdout
+    assert "retrying" in res.stdout
+    assert _state(tmp_path)["stages"]["b"]["attempts"] == 2
+    assert _runs(tmp_path, "b") == 2 and _runs(tmp_path, "c") == 1
+    assert "exit" in (tmp_path / "store/runs/t/_logs/b.1.log").read_text() or (tmp_path / "store/runs/t/_logs/b.1.log").exists()
+
+
+def _wait_for(cond, timeout=120.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if cond():
+            return
+        time.sleep(0.2)
+    raise AssertionError("condition not reached")
+
+
+def _stage_state(tmp_path, stage):
+    try:
+        return _state(tmp_path)["stages"][stage]["state"]
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def test_killed_controller_is_picked_up_without_redoing_stages(tmp_path):
+    f = _pipeline(tmp_path, sleep_b=3.0)
+    ctl = subprocess.Popen([sys.executable, "-m", "unsupft.ctl", "run", str(f)], env=_env(), cwd=ROOT,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    _wait_for(lambda: _stage_state(tmp_path, "b") == "running")
+    ctl.kill()  # SIGKILL: no chance to clean up; stage b keeps running in its own group
+    ctl.wait()
+    res = _ctl("run", str(f))
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert _events(res.stdout, "cached") == 1 and "adopted" in res.stdout
+    assert [_runs(tmp_path, s) for s in "abc"] == [1, 1, 1]
+
+
+def test_cancel_leaves_no_process_behind(tmp_path):
+    f = _pipeline(tmp_path, sleep_b=60.0)
+    ctl = subprocess.Popen([sys.executable, "-m", "unsupft.ctl", "run", str(f)], env=_env(), cwd=ROOT,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    _wait_for(lambda: _stage_state(tmp_path, "b") == "running" and _runs(tmp_path, "b") == 1)
+    pid = _state(tmp_path)["stages"]["b"]["pid"]
+    res = subprocess.run(
+        [sys.executable, "-m", "unsupft.ctl", "--store", f"file://{tmp_path}/store", "cancel", "t"],
+        env=_env(), capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    out, _ = ctl.communicate(timeout=60)
+    assert ctl.returncode == 1
+    with pytest.raises(ProcessLookupError):
+        os.killpg(pid, 0)  # the stage and the sleeping child it started are gone
+    states = {n: r["state"] for n, r in _state(tmp_path)["stages"].items()}
+    assert states == {"a": "succeeded", "b": "cancelled", "c": "cancelled"}
+
+
+def test_submit_twice_is_refused_and_status_reads_the_store(tmp_path):
+    f = _pipeline(tmp_path)
+    first = _ctl("submit", str(f), "--wait")
+    assert first.returncode == 0, first.stdout + first.stderr
+    second = _ctl("submit", str(f))
+    assert second.returncode == 2 and "already exists" in second.stderr
+    status = _ctl("--store", f"file://{tmp_path}/store", "status", "t")
+    assert status.returncode == 0 and status.stdout.count("succeeded") == 3
+    logs = _ctl("--store", f"file://{tmp_path}/store", "logs", "t", "b")
+    assert "ctl_fake_stages adapt --init" in logs.stdout
+    fetched = _ctl("--store", f"file://{tmp_path}/store", "fetch", "t", "b", "--to", str(tmp_path / "got"))
+    assert fetched.returncode == 0 and (tmp_path / "got/t/b/_DONE.json").exists()
+
+
+def test_unreachable_store_and_missing_data_fail_before_any_stage(tmp_path):
+    f = _pipeline(tmp_path)
+    f.write_text(f.read_text().replace(f"file://{tmp_path}/store", "s3://nobucket/x"))
+    res = subprocess.run([sys.executable, "-m", "unsupft.ctl", "run", str(f)], capture_output=True, text=True, cwd=ROOT,
+                         env=_env(AWS_ENDPOINT_URL="http://127.0.0.1:9", AWS_ACCESS_KEY_ID="x", AWS_SECRET_ACCESS_KEY="y",
+                                  AWS_MAX_ATTEMPTS="1"), timeout=120)
+    assert res.returncode == 2 and res.stderr.startswith("error: ") and "s3://nobucket" in res.stderr
+    g = _pipeline(tmp_path)
+    g.write_text(g.read_text().replace("stages:", f"datasets: {{d: file://{tmp_path}/nodata}}\nstages:"))
+    res = _ctl("run", str(g))
+    assert res.returncode == 2 and "datasets.d" in res.stderr and "no dataset.json" in res.stderr
+    assert not (tmp_path / "store/runs/t").exists()

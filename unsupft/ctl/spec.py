@@ -1,0 +1,334 @@
+"""The pipeline file: one YAML document -> validated `Pipeline` (datasets, stages, resources).
+
+A stage is its `kind` plus parameters that map one to one onto the stage command's options
+(`replay_fraction: 0.1` -> `--replay-fraction 0.1`). Only which parameters are *inputs* is known
+per kind (`INPUTS`): their values name a data set or an earlier stage (or are literal URIs), and
+they define the DAG. Every error names the file, the field and the line, so a typo in a 200-line
+pipeline is found at once, before anything runs.
+
+    name: demo
+    store: file://./runs
+    datasets: {digits: file://./data/digits}
+    stages:
+      base:  {kind: pretrain, data: [digits], arch: tiny, steps: 200}
+      probe: {kind: evaluate, model: {base: base}, train: digits, test: digits}
+    resources:
+      defaults: {cpu: 2, memory: 4Gi}
+      base: {gpus: 1}
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from unsupft import store
+from unsupft.errors import UserError
+
+KINDS = ("pretrain", "bn-adapt", "adapt", "transfer", "label", "evaluate")
+
+# kind -> the parameters whose values refer to data sets or stages (the edges of the DAG).
+INPUTS: dict[str, tuple[str, ...]] = {
+    "pretrain": ("data", "target", "init"),
+    "bn-adapt": ("init", "data"),
+    "adapt": ("init", "target", "replay_source"),
+    "transfer": ("init", "train", "labels"),
+    "label": ("init", "data", "test"),
+    "evaluate": ("model", "train", "test"),
+}
+
+# Names become Kubernetes object names and store folders: keep them DNS-label shaped.
+NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,38}[a-z0-9])?$")
+
+RESOURCE_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "image": str,
+    "cpu": (int, float, str),
+    "memory": str,
+    "gpus": int,
+    "nodes": int,
+    "procs_per_node": int,
+    "retries": int,
+    "node_selector": dict,
+    "tolerations": list,
+}
+TOP_FIELDS = ("name", "store", "datasets", "stages", "resources")
+
+Scalar = (str, int, float, bool)
+
+
+@dataclass(frozen=True)
+class Resources:
+    image: str = "unsupft:latest"
+    cpu: int | float | str = 1
+    memory: str = "2Gi"
+    gpus: int = 0
+    nodes: int = 1
+    procs_per_node: int = 1
+    retries: int = 2
+    node_selector: dict[str, str] = field(default_factory=dict)
+    tolerations: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def processes(self) -> int:
+        return self.nodes * self.procs_per_node
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    kind: str
+    params: dict[str, Any]  # option name (snake case) -> value; inputs already resolved to URIs
+    needs: tuple[str, ...]  # stages this one reads from
+    resources: Resources
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    name: str
+    store: str
+    datasets: dict[str, str]
+    stages: dict[str, Stage]  # in DAG order (every stage after the stages it needs)
+    source: dict[str, Any]  # the document as written, frozen into run.json
+
+    def run_uri(self, run_id: str) -> str:
+        return store.join(self.store, "runs", run_id)
+
+    def stage_uri(self, run_id: str, stage: str) -> str:
+        return store.join(self.run_uri(run_id), stage)
+
+
+class _Where:
+    """Line numbers of every field of a YAML document, for error messages."""
+
+    def __init__(self, file: str, node: yaml.Node | None) -> None:
+        self.file, self.lines = file, {}
+        if node is not None:
+            self._walk(node, ())
+
+    def _walk(self, node: yaml.Node, path: tuple) -> None:
+        self.lines[path] = node.start_mark.line + 1
+        if isinstance(node, yaml.MappingNode):
+            seen = set()
+            for key, value in node.value:
+                name = key.value
+                if name in seen:
+                    raise UserError(f"{self.file}:{key.start_mark.line + 1}: {self.dotted(path + (name,))}: duplicate key")
+                seen.add(name)
+                self.lines[path + (name,)] = key.start_mark.line + 1
+                self._walk(value, path + (name,))
+                self.lines[path + (name,)] = key.start_mark.line + 1
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                self._walk(item, path + (i,))
+
+    @staticmethod
+    def dotted(path: tuple) -> str:
+        return "".join(f"[{p}]" if isinstance(p, int) else (f".{p}" if i else str(p)) for i, p in enumerate(path))
+
+    def error(self, path: tuple, message: str) -> UserError:
+        probe = path
+        while probe and probe not in self.lines:
+            probe = probe[:-1]
+        line = self.lines.get(probe)
+        where = f"{self.file}:{line}" if line else self.file
+        return UserError(f"{where}: {self.dotted(path) or '(document)'}: {message}")
+
+
+def load(path: str | Path) -> Pipeline:
+    """Read and validate a pipeline file; every problem is a `UserError` naming file, field, line."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read pipeline file ({exc.strerror})") from None
+    return parse(text, str(path))
+
+
+def parse(text: str, file: str = "<pipeline>") -> Pipeline:
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        where = _Where(file, node)
+        doc = loader.construct_document(node) if node is not None else None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark else ""
+        raise UserError(f"{file}{line}: malformed YAML ({getattr(exc, 'problem', None) or exc})") from None
+    finally:
+        loader.dispose()
+    return _build(doc, where)
+
+
+def normalize_uri(uri: str) -> str:
+    """`store.normalize`, plus `file://./rel` (relative to the working directory) as in DESIGN.md."""
+    if uri.startswith(("file://./", "file://../")) or uri == "file://.":
+        uri = uri[len("file://"):]
+    return store.normalize(uri)
+
+
+def _expect(where: _Where, path: tuple, value: Any, kind: type | tuple[type, ...], what: str) -> Any:
+    bad_bool = isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,))
+    if not isinstance(value, kind) or bad_bool:
+        raise where.error(path, f"expected {what}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _name(where: _Where, path: tuple, value: Any, what: str) -> str:
+    _expect(where, path, value, str, f"a {what} name")
+    if not NAME_RE.match(value):
+        raise where.error(path, f"{what} name {value!r} must be lower-case letters, digits and '-' (at most 40)")
+    return value
+
+
+def _build(doc: Any, where: _Where) -> Pipeline:
+    if not isinstance(doc, dict):
+        raise where.error((), "a pipeline is a mapping with name, stages and optionally store, datasets, resources")
+    for key in doc:
+        if key not in TOP_FIELDS:
+            raise where.error((key,), f"unknown field (expected one of {', '.join(TOP_FIELDS)})")
+    if "name" not in doc:
+        raise where.error((), "missing field 'name'")
+    name = _name(where, ("name",), doc["name"], "pipeline")
+    store_uri = _expect(where, ("store",), doc.get("store", "file://./runs"), str, "a store URI")
+    try:
+        store_uri = normalize_uri(store_uri)
+    except UserError as exc:
+        raise where.error(("store",), str(exc)) from None
+
+    datasets: dict[str, str] = {}
+    for ds, uri in _expect(where, ("datasets",), doc.get("datasets") or {}, dict, "a mapping name -> URI").items():
+        _name(where, ("datasets", ds), ds, "data set")
+        _expect(where, ("datasets", ds), uri, str, "a URI")
+        try:
+            datasets[ds] = normalize_uri(uri)
+        except UserError as exc:
+            raise where.error(("datasets", ds), str(exc)) from None
+
+    raw_stages = _expect(where, ("stages",), doc.get("stages"), dict, "a mapping of stages")
+    if not raw_stages:
+        raise where.error(("stages",), "a pipeline needs at least one stage")
+    for sname in raw_stages:
+        _name(where, ("stages", sname), sname, "stage")
+        if sname in datasets:
+            raise where.error(("stages", sname), "a stage and a data set share this name")
+
+    resources = _resources(where, doc.get("resources") or {}, raw_stages)
+    stages: dict[str, tuple[str, dict[str, Any], set[str]]] = {}
+    for sname, body in raw_stages.items():
+        stages[sname] = _stage(where, sname, body, datasets, raw_stages)
+    order = _topological(where, {s: deps for s, (_, _, deps) in stages.items()})
+    built = {s: Stage(s, stages[s][0], stages[s][1], tuple(sorted(stages[s][2])), resources[s]) for s in order}
+    return Pipeline(name, store_uri, datasets, built, doc)
+
+
+def _stage(where: _Where, sname: str, body: Any, datasets: dict[str, str], stages: dict) -> tuple:
+    path = ("stages", sname)
+    _expect(where, path, body, dict, "a mapping with 'kind' and the stage's parameters")
+    kind = body.get("kind")
+    if kind not in KINDS:
+        raise where.error(path + ("kind",), f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    params: dict[str, Any] = {}
+    needs: set[str] = set()
+    for key, value in body.items():
+        if key == "kind":
+            continue
+        ppath = path + (key,)
+        if not isinstance(key, str) or not re.match(r"^[a-z][a-z0-9_-]*$", key):
+            raise where.error(ppath, "parameter names are lower-case option names (e.g. replay_fraction)")
+        key = key.replace("-", "_")
+        if key == "out":
+            raise where.error(ppath, "the controller sets each stage's output; remove 'out'")
+        if key in INPUTS[kind]:
+            value = _resolve_inputs(where, ppath, value, datasets, stages, needs, sname)
+        else:
+            _check_value(where, ppath, value)
+        params[key] = value
+    return kind, params, needs
+
+
+def _check_value(where: _Where, path: tuple, value: Any) -> None:
+    if isinstance(value, Scalar):
+        return
+    if isinstance(value, list) and all(isinstance(v, Scalar) for v in value):
+        return
+    if isinstance(value, dict) and all(isinstance(v, Scalar) for v in value.values()):
+        return
+    raise where.error(path, "a parameter is a scalar, a list of scalars or a mapping of scalars")
+
+
+def _resolve_inputs(where, path, value, datasets, stages, needs, sname):
+    """Data set and stage names -> URIs (stage outputs are filled in per run: `stage:<name>`)."""
+
+    def one(ref: Any, p: tuple) -> str:
+        _expect(where, p, ref, str, "a data set name, a stage name or a URI")
+        if ref in datasets:
+            return datasets[ref]
+        if ref in stages:
+            if ref == sname:
+                raise where.error(p, "a stage cannot read its own output")
+            needs.add(ref)
+            return f"stage:{ref}"
+        if "://" in ref or ref.startswith(("/", "./")):
+            try:
+                return normalize_uri(ref)
+            except UserError as exc:
+                raise where.error(p, str(exc)) from None
+        raise where.error(p, f"unknown reference {ref!r} (not a data set, a stage or a URI)")
+
+    if isinstance(value, list):
+        return [one(v, path + (i,)) for i, v in enumerate(value)]
+    if isinstance(value, dict):
+        return {k: one(v, path + (k,)) for k, v in value.items()}
+    return one(value, path)
+
+
+def _resources(where: _Where, raw: Any, stages: dict) -> dict[str, Resources]:
+    _expect(where, ("resources",), raw, dict, "a mapping with 'defaults' and per-stage entries")
+    for key in raw:
+        if key != "defaults" and key not in stages:
+            raise where.error(("resources", key), "unknown stage (expected 'defaults' or a stage name)")
+
+    def fields(key: str) -> dict[str, Any]:
+        body = _expect(where, ("resources", key), raw.get(key) or {}, dict, "a mapping of resource fields")
+        for fname, value in body.items():
+            path = ("resources", key, fname)
+            if fname not in RESOURCE_FIELDS:
+                raise where.error(path, f"unknown field (expected one of {', '.join(RESOURCE_FIELDS)})")
+            expected = RESOURCE_FIELDS[fname]
+            _expect(where, path, value, expected, f"{'/'.join(t.__name__ for t in (expected if isinstance(expected, tuple) else (expected,)))}")
+            if fname in ("gpus", "retries") and value < 0 or fname in ("nodes", "procs_per_node") and value < 1:
+                raise where.error(path, f"out of range: {value}")
+            if fname == "node_selector" and not all(isinstance(v, str) for v in value.values()):
+                raise where.error(path, "node selector values are strings")
+            if fname == "tolerations" and not all(isinstance(t, dict) for t in value):
+                raise where.error(path, "tolerations are a list of mappings")
+        return body
+
+    defaults = fields("defaults")
+    return {s: Resources(**{**defaults, **fields(s)}) for s in stages}
+
+
+def _topological(where: _Where, deps: dict[str, set[str]]) -> list[str]:
+    """Stages in DAG order (stable: file order among independent stages); a cycle is an error."""
+    order: list[str] = []
+    state: dict[str, int] = {}  # 1 = on the current path, 2 = placed
+
+    def visit(s: str, path: list[str]) -> None:
+        if state.get(s) == 2:
+            return
+        if state.get(s) == 1:
+            cycle = path[path.index(s):] + [s]
+            raise where.error(("stages", s), f"cycle: {' -> '.join(cycle)}")
+        state[s] = 1
+        for d in sorted(deps[s]):
+            visit(d, path + [s])
+        state[s] = 2
+        order.append(s)
+
+    for s in deps:
+        visit(s, [])
+    return order
