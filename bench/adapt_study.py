@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from unsupft.data import load_arrays
+from unsupft.data.shards import Sample, write_dataset
 from unsupft.data.augment import to_input
 from unsupft.models import load_backbone
 
@@ -53,18 +54,33 @@ def knn_of(model_uri: str, train, test) -> float:
     return few_shot_knn(load_backbone(model_uri)[0], train, test)
 
 
+def write_subset(src: Path, out: Path, count: int) -> None:
+    """A seeded random `count` images of the data set at `src` (the test split stays whole)."""
+    full = load_arrays(str(src))
+    keep = torch.randperm(len(full.keys), generator=torch.Generator().manual_seed(0))[:count].tolist()
+    samples = (Sample(full.keys[i], full.images[i, 0].numpy(), None) for i in keep)
+    write_dataset(str(out), samples, classes=[], labeled=False, channels=1, image_size=tuple(full.info.image_size),
+                  source=f"{src} subset {count}", shard_size=10000)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--work", default="/tmp/adapt_study")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--pretrain-steps", type=int, default=200)
     ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--target-limit", type=int, default=None, help="Keep only this many target train images.")
     args = ap.parse_args()
     work = Path(args.work)
     src, tgt = work / "src", work / "tgt"
     if not (src / "train" / "dataset.json").exists():
         unsupft("ingest", "sklearn:digits", src, "--classes", "0,1,2,3,4", "--split", "0.3")
         unsupft("ingest", "sklearn:digits", tgt, "--classes", "5,6,7,8,9", "--split", "0.3")
+    target_train = tgt / "train"
+    if args.target_limit:  # the small-target regime replay is meant for
+        target_train = work / f"tgt-{args.target_limit}"
+        if not (target_train / "dataset.json").exists():
+            write_subset(tgt / "train", target_train, args.target_limit)
     unsupft("pretrain", "--data", src / "train", "--out", work / "pre", "--steps", args.pretrain_steps,
             "--lr", "0.06", *COMMON)
     train, test = load_arrays(str(tgt / "train")), load_arrays(str(tgt / "test"))
@@ -73,8 +89,8 @@ def main() -> None:
                 "naive": ["--replay-fraction", "0", "--mix", "none"]}
     for seed in args.seeds:
         for name, extra in settings.items():
-            out = work / f"{name.split()[0]}-{seed}"
-            unsupft("adapt", "--init", work / "pre", "--target", tgt / "train", *extra, "--out", out,
+            out = work / f"{name.split()[0]}-{args.target_limit or 'all'}-{args.steps}-{seed}"
+            unsupft("adapt", "--init", work / "pre", "--target", target_train, *extra, "--out", out,
                     "--steps", args.steps, "--seed", seed, "--lr", "0.03", *COMMON)
             results.setdefault(name, []).append(knn_of(str(out), train, test))
             print(name, seed, round(results[name][-1], 4), flush=True)

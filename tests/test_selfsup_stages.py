@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from unsupft import checkpoint
+from unsupft import checkpoint, store
 from unsupft.models import build_backbone, load_backbone, save_model
 
 ROOT = str(Path(__file__).resolve().parents[1])
@@ -22,7 +22,8 @@ SMALL = ["--batch-size", "32", "--queue-size", "64", "--workers", "0", "--key-mo
 
 
 def unsupft(*args, check=True, **kw):
-    proc = subprocess.run([sys.executable, "-m", "unsupft", *map(str, args)], env=ENV, capture_output=True,
+    env = {**os.environ, **ENV}  # read now: S3 tests set the server's settings per test
+    proc = subprocess.run([sys.executable, "-m", "unsupft", *map(str, args)], env=env, capture_output=True,
                           text=True, **kw)
     if check:
         assert proc.returncode == 0, proc.stderr
@@ -78,7 +79,6 @@ def test_pretrain_writes_the_stage_outputs_and_chains(digits, tmp_path):
     (["--init", "{tmp}/missing.pt"], "no checkpoint there"),
     (["--init", "{tmp}/r18.pt", "--arch", "tiny"], "holds a resnet18 backbone, but tiny"),
     (["--target", "{digits}/tgt", "--target-ratio", "1.5"], "--target-ratio must be strictly between 0 and 1"),
-    (["--target", "{digits}/tgt", "--target-ratio", "0"], "--target-ratio must be strictly between 0 and 1"),
     (["--data", "{tmp}/empty"], "the data set is empty"),
     (["--data", "{tmp}/nothing"], "incomplete data set"),
 ])
@@ -138,3 +138,13 @@ def test_two_process_ddp_pretrain_with_shuffle_bn(digits, tmp_path):
     assert not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])  # ranks draw differently
     assert int(state["model"]["queue_ptr"]) == 4 * 32 % 64  # global batches of 32 enqueued from both ranks
     assert (out / "_DONE.json").exists()
+
+
+def test_pretrain_to_s3_and_skip_when_done(digits, s3_uri):
+    args = ["pretrain", "--data", digits / "src", "--out", s3_uri, "--steps", 4, "--checkpoint-every", 2, *SMALL]
+    unsupft(*args)
+    backbone, meta = load_backbone(s3_uri)
+    assert meta["arch"] == "tiny"
+    assert [json.loads(x)["step"] for x in store.read_text(f"{s3_uri}/metrics.jsonl").splitlines()] == [4]
+    again = unsupft(*args)
+    assert "already done" in again.stderr
