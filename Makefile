@@ -29,5 +29,17 @@ system-deps:
 test: install system-deps
 	$(BIN)/python -m pytest
 
+# The main job: digits ingested into shards, then the whole chain (MoCo pretrain, adapt with replay
+# and CutMix, naive adapt, progressive labeling, evaluation) through the local backend. Ingestion is
+# skipped when its data set is complete; a second `make demo` is a cached re-run of seconds.
+DEMO_DATA := data
+
+demo: install
+	test -f $(DEMO_DATA)/digits-source/dataset.json || \
+	  $(BIN)/unsupft ingest sklearn:digits $(DEMO_DATA)/digits-source --limit 1000 --seed 0 --unlabeled
+	test -f $(DEMO_DATA)/digits-target/train/dataset.json || \
+	  $(BIN)/unsupft ingest sklearn:digits $(DEMO_DATA)/digits-target --limit 600 --seed 1 --split 0.5
+	$(BIN)/unsupft-ctl run jobs/demo.yaml
+
 clean:
-	rm -rf $(VENV) runs build *.egg-info
+	rm -rf $(VENV) runs data build *.egg-info

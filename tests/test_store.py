@@ -189,3 +189,17 @@ def test_killed_writer_leaves_nothing_visible(store_uri: str, cli_env) -> None:
         proc.wait()
     assert not store.exists(uri)
     assert store.list_prefix(store_uri) == []
+
+
+def test_uri_forms_normalize_to_one_place(tmp_path, monkeypatch):
+    """A plain path, file:///abs and file://./rel (DESIGN.md's default store) name the same place."""
+    monkeypatch.chdir(tmp_path)
+    expected = str(tmp_path / "runs")
+    assert store.normalize("runs") == expected
+    assert store.normalize("file://./runs") == expected
+    assert store.normalize(f"file://{expected}") == expected
+    assert store.normalize("s3://bucket/prefix/") == "s3://bucket/prefix"
+    store.write_text("file://./runs/x.txt", "hi")
+    assert store.read_text(str(tmp_path / "runs" / "x.txt")) == "hi"
+    with pytest.raises(UserError, match="unsupported URI scheme 'gs'"):
+        store.normalize("gs://bucket/x")

@@ -54,6 +54,8 @@ def normalize(uri: str) -> str:
         if not parsed.netloc:
             raise UserError(f"{uri}: an S3 URI needs a bucket (s3://bucket/prefix)")
         return uri.rstrip("/") if parsed.path not in ("", "/") else f"s3://{parsed.netloc}"
+    if uri.startswith(("file://./", "file://../")) or uri in ("file://.", "file://.."):
+        return str(Path(uri[len("file://"):]).absolute())
     if "://" in uri:
         parsed = urlparse(uri)
         if parsed.scheme != "file":

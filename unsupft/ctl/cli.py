@@ -31,7 +31,7 @@ def _load(file: str, store_override: str | None) -> spec_mod.Pipeline:
     pipeline = spec_mod.load(file)
     check_options(pipeline, file)
     if store_override:
-        pipeline = spec_mod.Pipeline(pipeline.name, spec_mod.normalize_uri(store_override), pipeline.datasets,
+        pipeline = spec_mod.Pipeline(pipeline.name, store.normalize(store_override), pipeline.datasets,
                                      pipeline.stages, pipeline.source)
     return pipeline
 
@@ -45,7 +45,7 @@ def _preflight(pipeline: spec_mod.Pipeline) -> None:
 
 
 def _store(ctx: click.Context) -> str:
-    return spec_mod.normalize_uri(ctx.obj.get("store") or DEFAULT_STORE)
+    return store.normalize(ctx.obj.get("store") or DEFAULT_STORE)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

@@ -163,13 +163,6 @@ def parse(text: str, file: str = "<pipeline>") -> Pipeline:
     return _build(doc, where)
 
 
-def normalize_uri(uri: str) -> str:
-    """`store.normalize`, plus `file://./rel` (relative to the working directory) as in DESIGN.md."""
-    if uri.startswith(("file://./", "file://../")) or uri == "file://.":
-        uri = uri[len("file://"):]
-    return store.normalize(uri)
-
-
 def _expect(where: _Where, path: tuple, value: Any, kind: type | tuple[type, ...], what: str) -> Any:
     bad_bool = isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,))
     if not isinstance(value, kind) or bad_bool:
@@ -195,7 +188,7 @@ def _build(doc: Any, where: _Where) -> Pipeline:
     name = _name(where, ("name",), doc["name"], "pipeline")
     store_uri = _expect(where, ("store",), doc.get("store", "file://./runs"), str, "a store URI")
     try:
-        store_uri = normalize_uri(store_uri)
+        store_uri = store.normalize(store_uri)
     except UserError as exc:
         raise where.error(("store",), str(exc)) from None
 
@@ -204,7 +197,7 @@ def _build(doc: Any, where: _Where) -> Pipeline:
         _name(where, ("datasets", ds), ds, "data set")
         _expect(where, ("datasets", ds), uri, str, "a URI")
         try:
-            datasets[ds] = normalize_uri(uri)
+            datasets[ds] = store.normalize(uri)
         except UserError as exc:
             raise where.error(("datasets", ds), str(exc)) from None
 
@@ -274,7 +267,7 @@ def _resolve_inputs(where, path, value, datasets, stages, needs, sname):
             return f"stage:{ref}"
         if "://" in ref or ref.startswith(("/", "./")):
             try:
-                return normalize_uri(ref)
+                return store.normalize(ref)
             except UserError as exc:
                 raise where.error(p, str(exc)) from None
         raise where.error(p, f"unknown reference {ref!r} (not a data set, a stage or a URI)")
