@@ -159,3 +159,15 @@ def test_unreachable_store_and_missing_data_fail_before_any_stage(tmp_path):
     res = _ctl("run", str(g))
     assert res.returncode == 2 and "datasets.d" in res.stderr and "no dataset.json" in res.stderr
     assert not (tmp_path / "store/runs/t").exists()
+
+
+def test_stages_share_the_cores_instead_of_fighting_over_them(monkeypatch):
+    from unsupft.ctl.local import default_parallel, stage_env
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    assert default_parallel() == 1 and stage_env(1)["OMP_NUM_THREADS"] == "2"
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    assert default_parallel() == 4 and stage_env(4)["OMP_NUM_THREADS"] == "4"
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert stage_env(4)["OMP_NUM_THREADS"] == "3"

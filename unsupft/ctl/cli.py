@@ -72,10 +72,11 @@ def validate(ctx: click.Context, file: str) -> None:
 @main.command()
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.option("--run-id", default=None, help="Run id (default: the pipeline's name).")
-@click.option("--max-parallel", default=2, show_default=True, help="Independent stages run at the same time.")
+@click.option("--max-parallel", type=click.IntRange(min=1), default=None,
+              help="Independent stages run at the same time (default: one per two CPU cores, at most 4).")
 @click.pass_context
 @report_user_errors
-def run(ctx: click.Context, file: str, run_id: str | None, max_parallel: int) -> None:
+def run(ctx: click.Context, file: str, run_id: str | None, max_parallel: int | None) -> None:
     """Run a pipeline here and wait; running it again continues where it stopped."""
     pipeline = _load(file, ctx.obj["store"])
     run_id = _run_id(run_id, pipeline)
@@ -104,7 +105,7 @@ def _run_id(run_id: str | None, pipeline: spec_mod.Pipeline) -> str:
     return run_id
 
 
-def _drive_local(run_: st.Run, pipeline: spec_mod.Pipeline, max_parallel: int) -> bool:
+def _drive_local(run_: st.Run, pipeline: spec_mod.Pipeline, max_parallel: int | None) -> bool:
     from unsupft.ctl.local import LocalBackend
 
     ok = LocalBackend(run_, pipeline, max_parallel=max_parallel, echo=click.echo).execute()
@@ -171,7 +172,7 @@ def submit(ctx, file, backend, namespace, run_id, image, secret, wait) -> None:
             raise UserError("a background local run needs a local store; use --wait or `unsupft-ctl run`")
     if wait:
         if backend == "local":
-            sys.exit(0 if _drive_local(run_, pipeline, 2) else 1)
+            sys.exit(0 if _drive_local(run_, pipeline, None) else 1)
         sys.exit(_wait(pipeline.store, run_id))
 
 
@@ -216,7 +217,7 @@ def drive(ctx: click.Context, run_id: str, create_from: str | None, namespace: s
     if ctx.obj.get("store"):
         pipeline = spec_mod.Pipeline(pipeline.name, _store(ctx), pipeline.datasets, pipeline.stages, pipeline.source)
     if run_.data["backend"] == "local":
-        sys.exit(0 if _drive_local(run_, pipeline, 2) else 1)
+        sys.exit(0 if _drive_local(run_, pipeline, None) else 1)
     from unsupft.ctl import kube
 
     kctx = kube.Context(run_id, run_.data["namespace"], run_.data.get("secret"), kube.store_env())

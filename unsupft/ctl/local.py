@@ -83,10 +83,28 @@ class _Proc:
         return not st.process_alive(self.pid, self.start)
 
 
+def default_parallel() -> int:
+    """Stages run at once by default: one per two cores (at least one, at most four).
+
+    Each training stage keeps its cores busy with OpenMP threads and DataLoader workers; two stages
+    sharing two cores made a small MoCo step 10x slower (threads spinning against each other), so
+    on a small machine stages take turns instead.
+    """
+    return max(1, min(4, (os.cpu_count() or 1) // 2))
+
+
+def stage_env(max_parallel: int) -> dict[str, str]:
+    """A child stage's environment: its share of the cores as OpenMP threads, unless the user chose."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max_parallel)))
+    return env
+
+
 class LocalBackend:
-    def __init__(self, run: st.Run, pipeline: Pipeline, *, max_parallel: int = 4,
+    def __init__(self, run: st.Run, pipeline: Pipeline, *, max_parallel: int | None = None,
                  echo: Callable[[str], None] = print) -> None:
-        self.run, self.pipeline, self.max_parallel, self.echo = run, pipeline, max_parallel, echo
+        self.run, self.pipeline, self.echo = run, pipeline, echo
+        self.max_parallel = max_parallel or default_parallel()
         self.procs: dict[str, _Proc] = {}
         self.t0 = time.time()
         self.retries_left = {n: s.resources.retries for n, s in pipeline.stages.items()}
@@ -165,7 +183,7 @@ class LocalBackend:
         log.write(f"$ {shlex.join(argv)}\n".encode())
         log.flush()
         popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                 start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                 start_new_session=True, env=stage_env(self.max_parallel))
         start = st.process_start(popen.pid)
         self.procs[name] = _Proc(popen.pid, popen, start, log, local if store.is_s3(log_uri) else None)
         self.run.set(name, state=st.RUNNING, attempts=attempt, started=time.time(), finished=None,
