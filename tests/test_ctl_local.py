@@ -171,3 +171,16 @@ def test_stages_share_the_cores_instead_of_fighting_over_them(monkeypatch):
     assert default_parallel() == 4 and stage_env(4)["OMP_NUM_THREADS"] == "4"
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     assert stage_env(4)["OMP_NUM_THREADS"] == "3"
+
+
+def test_results_table_lists_each_model_with_its_headline_numbers():
+    from unsupft.ctl.cli import _results_table
+
+    report = {"models": {
+        "adapt": {"fewshot": {"1": {"top1_mean": 0.5}, "4": {"top1_mean": 0.75}}, "retrieval_top5": 0.6},
+        "naive": {"fewshot": {"4": {"top1_mean": 0.7}}, "retrieval_top5": 0.55, "linear_top1": 0.9},
+    }}
+    lines = _results_table(report).splitlines()
+    assert lines[0].split() == ["MODEL", "1-SHOT", "TOP1", "4-SHOT", "TOP1", "RETRIEVAL_TOP5", "LINEAR_TOP1"]
+    assert lines[1].split() == ["adapt", "0.500", "0.750", "0.600", "-"]
+    assert lines[2].split() == ["naive", "-", "0.700", "0.550", "0.900"]

@@ -124,10 +124,27 @@ def _print_table(run_: st.Run) -> None:
     for r in rows:
         click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[5])
     for name in run_.data["order"]:  # where to look next: the evaluate stages' reports
-        for report in ("report.html", "report.json"):
-            uri = store.join(run_.stage_uri(name), report)
-            if run_.stages[name]["state"] == st.SUCCEEDED and store.exists(uri):
-                click.echo(f"report ({name}): {uri}")
+        json_uri = store.join(run_.stage_uri(name), "report.json")
+        if run_.stages[name]["state"] != st.SUCCEEDED or not store.exists(json_uri):
+            continue
+        click.echo("")
+        click.echo(_results_table(store.read_json(json_uri)))
+        click.echo(f"report ({name}): {store.join(run_.stage_uri(name), 'report.html')}")
+
+
+def _results_table(report: dict) -> str:
+    """The evaluate report's headline numbers, one row per model, for the end of a run."""
+    models = report.get("models", {})
+    shots = sorted({k for m in models.values() for k in m.get("fewshot", {})}, key=int)
+    scalars = [k for k in ("retrieval_top5", "cluster_bcubed_precision", "linear_top1", "sdbw")
+               if any(k in m for m in models.values())]
+    header = ["MODEL"] + [f"{k}-SHOT TOP1" for k in shots] + [k.upper() for k in scalars]
+    rows = [header]
+    for name, m in models.items():
+        fewshot = [f"{m['fewshot'][k]['top1_mean']:.3f}" if k in m.get("fewshot", {}) else "-" for k in shots]
+        rows.append([name] + fewshot + [f"{m[k]:.3f}" if k in m else "-" for k in scalars])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
 
 
 @main.command()
