@@ -71,3 +71,67 @@ def test_manual_round_waits_and_resumes(digits, tmp_path, cli_env):
         assert again.returncode == (EXIT_WAITING_FOR_LABELS if round_index == 0 else 0), again.stderr
     rows = list(csv.DictReader(io.StringIO((out / "labels.csv").read_text())))
     assert {r["key"]: r["label"] for r in rows} == answers and len(rows) == 20
+
+
+def _run_until_killed(cli_env, args, should_kill, timeout=120.0):
+    """Start `unsupft label`, SIGKILL it once `should_kill(state)` holds; return whether it was killed."""
+    import os
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "unsupft", "label", *map(str, args)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=cli_env)
+    state_path = args[args.index("--out") + 1] / "state.json"
+    deadline = time.monotonic() + timeout
+    try:
+        while proc.poll() is None and time.monotonic() < deadline:
+            try:
+                state = json.loads(state_path.read_text())
+            except (OSError, ValueError):
+                state = None
+            if state is not None and should_kill(state):
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.wait()
+                return True
+            time.sleep(0.005)
+        return False
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _per_round_keys(out):
+    rows = list(csv.DictReader(io.StringIO((out / "labels.csv").read_text())))
+    keys = [r["key"] for r in rows]
+    assert len(keys) == len(set(keys)), "a key was requested twice"
+    per_round: dict[str, list[str]] = {}
+    for r in rows:
+        per_round.setdefault(r["round"], []).append(r["key"])
+    return {k: sorted(v) for k, v in per_round.items()}, (out / "labels.csv").read_text()
+
+
+def test_sigkill_between_and_inside_rounds_resumes_to_the_same_labels(digits, tmp_path, cli_env):
+    """A real process killed (SIGKILL) after a round is recorded and again mid-finetune ends like an uninterrupted run."""
+    common = ["--init", digits / "init", "--data", digits / "train", "--test", digits / "test",
+              "--budget", 2, "--epochs", 2, "--seed", 3]
+    ref = tmp_path / "ref"
+    result = label(cli_env, *common, "--out", ref)
+    assert result.returncode == 0, result.stderr
+
+    out = tmp_path / "killed"
+    args = [*common, "--out", out]
+    # 1: between rounds -- right after round 0 is recorded (state has moved on to round 1).
+    assert _run_until_killed(cli_env, args, lambda s: len(s["rounds"]) >= 1), "run finished before the first kill"
+    between = json.loads((out / "state.json").read_text())
+    assert between["phase"] != "done" and len(between["rounds"]) == 1
+    # 2: inside a round -- the same command again, killed while round >= 1 is finetuning (not yet recorded).
+    assert _run_until_killed(cli_env, args, lambda s: s["phase"] == "finetune" and s["round"] >= 1
+                             and len(s["rounds"]) == s["round"]), "run finished before the second kill"
+    inside = json.loads((out / "state.json").read_text())
+    assert inside["phase"] == "finetune"
+    final = label(cli_env, "--resume", "--out", out)
+    assert final.returncode == 0, final.stderr
+    assert json.loads((out / "state.json").read_text())["phase"] == "done"
+    assert _per_round_keys(out) == _per_round_keys(ref)
+    assert [r["labels"] for r in map(json.loads, (out / "rounds.jsonl").read_text().splitlines())] == [10, 20, 30]
