@@ -148,3 +148,19 @@ def test_bad_input_is_one_line_exit_2(digits, tmp_path, cli_env, ingest):
     assert foreign.returncode == 2 and "not in the train set" in foreign.stderr
     assert len(foreign.stderr.strip().splitlines()) == 1
     assert not any((tmp_path / o).exists() for o in ("o1", "o2", "o3"))  # nothing written
+
+
+def test_transfer_resumes_from_its_checkpoint(digits, tmp_path, one_thread):
+    # A run stopped after 3 epochs (its checkpoint.pt) is continued by a rerun asking for 6: the
+    # loop resumes at step 3, keeps the first run's metrics lines and appends the rest.
+    out = tmp_path / "resume"
+    args = ["--init", digits["init"], "--train", digits["train"], "--shots", 5, "--batch-size", 10, "--lr-head", 0.3, "--out", out]
+    invoke(transfer_command, *args, "--epochs", 3)
+    first = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in first] == [5, 10, 15] and (out / "checkpoint.pt").exists()
+    invoke(transfer_command, *args, "--epochs", 6)
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [5, 10, 15, 20, 25, 30]
+    assert lines[:3] == first  # resumed, not retrained from scratch (a fresh 6-epoch run has other lrs)
+    assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == 30
+    assert lines[-1]["loss"] < lines[0]["loss"], [line["loss"] for line in lines]

@@ -7,7 +7,9 @@ Public API (used by `unsupft transfer`, `unsupft evaluate` and the label stage):
 
 `images` are uint8 [N, C, H, W] as `unsupft.data.load_arrays` returns them, `labels` long [N].
 The returned `TransferModel` holds the finetuned `backbone` and a linear `fc`; the stage saves both
-with `unsupft.models.save_model`. Methods (DESIGN.md, "transfer"):
+with `unsupft.models.save_model`. Training runs in the one loop, `unsupft.train.loop.train`
+(checkpoint/resume, metrics, device, AMP), over `LoaderBatches` (seeded per-sample augmentation).
+Methods (DESIGN.md, "transfer"):
 - `ce`: a new linear classifier at lr 3.0 over the backbone at lr 1e-4, SGD with momentum 0.9, no
   weight decay (the few-shot protocol of the seeds), cosine decay over the run, random crop +
   horizontal flip;
@@ -25,18 +27,21 @@ layer and 1e-4 would leave them random within a few-shot run.
 
 from __future__ import annotations
 
+import contextlib
 import copy
-import json
 import math
+import tempfile
 from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from unsupft import losses, store
+from unsupft import losses
 from unsupft.errors import UserError
-from unsupft.eval.features import default_device, preprocess
+from unsupft.eval.features import preprocess
+from unsupft.train.batches import LoaderBatches
+from unsupft.train.loop import LoopConfig, TrainTask, seed_everything, train, unwrap
 
 METHODS = ("ce", "coin", "bituning", "linear")
 COIN_SUPCON_WEIGHT = 0.1
@@ -60,19 +65,17 @@ def projector(in_dim: int, out_dim: int = 128) -> nn.Module:
     return nn.Sequential(nn.Linear(in_dim, in_dim), nn.ReLU(inplace=True), nn.Linear(in_dim, out_dim))
 
 
-def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Random crop (pad by 1/8 of the size, reflect) + horizontal flip, per image, seeded."""
-    n, _, h, w = x.shape
+def augment(x: torch.Tensor) -> torch.Tensor:
+    """Random crop (pad by 1/8 of the size, reflect) + horizontal flip of one image [C, H, W].
+
+    Draws from the global torch RNG, which `LoaderBatches` seeds per sample (resumable, seeded).
+    """
+    _, h, w = x.shape
     pad = max(1, h // 8)
-    padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")
-    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
-    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
-    flip = torch.rand(n, generator=generator) < 0.5
-    out = torch.empty_like(x)
-    for i in range(n):
-        crop = padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w]
-        out[i] = crop.flip(-1) if flip[i] else crop
-    return out
+    padded = F.pad(x[None], (pad, pad, pad, pad), mode="reflect")[0]
+    dy, dx = torch.randint(0, 2 * pad + 1, (2,)).tolist()
+    crop = padded[:, dy:dy + h, dx:dx + w]
+    return crop.flip(-1) if bool(torch.rand(()) < 0.5) else crop
 
 
 class PerClassQueues:
@@ -98,14 +101,121 @@ def _bias_augmented(features: torch.Tensor) -> torch.Tensor:
     return F.normalize(torch.cat([features, ones], dim=1), dim=1)
 
 
-def _param_groups(model: TransferModel, heads: list[nn.Module], method: str, lr_head: float,
-                  lr_backbone: float, lr_projector: float) -> list[dict[str, Any]]:
-    groups = [{"params": list(model.fc.parameters()), "lr": lr_head}]
-    if method != "linear":
-        groups.append({"params": list(model.backbone.parameters()), "lr": lr_backbone})
-    for head in heads:
-        groups.append({"params": list(head.parameters()), "lr": lr_projector})
-    return groups
+class _Finetuned(nn.Module):
+    """What the loop trains and checkpoints: the model, its projector and Bi-tuning's key encoders.
+
+    `forward` returns backbone features. With a frozen backbone (`linear`), `train()` keeps its
+    BatchNorm in eval mode.
+    """
+
+    def __init__(self, model: TransferModel, heads: nn.ModuleDict, frozen_backbone: bool) -> None:
+        super().__init__()
+        self.model, self.heads, self.frozen_backbone = model, heads, frozen_backbone
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.backbone(x)
+
+    def train(self, mode: bool = True) -> "_Finetuned":
+        super().train(mode)
+        if self.frozen_backbone:
+            self.model.backbone.eval()
+        return self
+
+
+class _FinetuneTask(TrainTask):
+    def __init__(self, model: TransferModel, method: str, num_classes: int, steps_per_epoch: int,
+                 contrastive_epochs: int, lr_head: float, lr_backbone: float, lr_projector: float,
+                 queue_per_class: int, momentum: float, x_all: torch.Tensor, y_all: torch.Tensor) -> None:
+        heads = nn.ModuleDict()
+        if method in ("coin", "bituning"):
+            heads["proj"] = projector(model.backbone.out_dim)
+        if method == "linear":
+            model.backbone.requires_grad_(False)
+        self.method, self.steps_per_epoch, self.contrastive_epochs = method, steps_per_epoch, contrastive_epochs
+        self.lrs = (lr_head, lr_backbone, lr_projector)
+        self.momentum = momentum
+        self.queues: PerClassQueues | None = None
+        if method == "bituning":
+            heads["key_backbone"] = copy.deepcopy(model.backbone).requires_grad_(False)
+            heads["key_proj"] = copy.deepcopy(heads["proj"]).requires_grad_(False)
+            self.queues = PerClassQueues(num_classes, queue_per_class, {"h": model.backbone.out_dim + 1, "z": 128},
+                                         torch.device("cpu"))
+            with torch.no_grad():  # start each class's queue with its own training images' keys
+                key_backbone = heads["key_backbone"].eval()
+                h = key_backbone(x_all)
+                z = F.normalize(heads["key_proj"](h), dim=1)
+                for _ in range(math.ceil(queue_per_class / max(1, int(torch.bincount(y_all).min())))):
+                    self.queues.push(y_all, h=_bias_augmented(h), z=z)
+        self.model = _Finetuned(model, heads, frozen_backbone=method == "linear")
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        m = unwrap(self.model)
+        lr_head, lr_backbone, lr_projector = self.lrs
+        groups = [{"params": list(m.model.fc.parameters()), "lr": lr_head}]
+        if self.method != "linear":
+            groups.append({"params": list(m.model.backbone.parameters()), "lr": lr_backbone})
+        if "proj" in m.heads:
+            groups.append({"params": list(m.heads["proj"].parameters()), "lr": lr_projector})
+        return groups
+
+    def extra_state(self) -> dict[str, Any]:
+        if self.queues is None:
+            return {}
+        return {"queue_keys": {k: v.cpu() for k, v in self.queues.keys.items()}, "queue_pointer": self.queues.pointer}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        if self.queues is not None and state:
+            self.queues.keys = {k: v.clone() for k, v in state["queue_keys"].items()}
+            self.queues.pointer = state["queue_pointer"].clone()
+
+    @torch.no_grad()
+    def _momentum_update(self) -> None:
+        m = unwrap(self.model)
+        for online, key in ((m.model.backbone, m.heads["key_backbone"]), (m.heads["proj"], m.heads["key_proj"])):
+            for p, k in zip(online.parameters(), key.parameters()):
+                k.mul_(self.momentum).add_(p.detach(), alpha=1 - self.momentum)
+            for b, kb in zip(online.buffers(), key.buffers()):
+                kb.copy_(b)
+
+    def training_step(self, batch: Any, step: int) -> tuple[torch.Tensor, dict[str, Any]]:
+        m = unwrap(self.model)
+        parts: dict[str, torch.Tensor] = {}
+        if self.method == "coin":
+            view, other, y = batch
+            feats = self.model(torch.cat([view, other]))
+            z = F.normalize(m.heads["proj"](feats).float(), dim=1)
+            parts["supcon"] = losses.supcon_loss(z, torch.cat([y, y]), tau=0.3)
+            logits = m.model.fc(feats[: len(y)]).float()
+            if step // self.steps_per_epoch >= self.contrastive_epochs:
+                parts["ce"] = F.cross_entropy(logits, y)
+                parts["supcon"] = COIN_SUPCON_WEIGHT * parts["supcon"]
+        elif self.method == "bituning":
+            view, key_view, y = batch
+            assert self.queues is not None
+            for name, keys in self.queues.keys.items():
+                self.queues.keys[name] = keys.to(self.device)
+            feats = self.model(view).float()
+            logits = m.model.fc(feats).float()
+            z_q = F.normalize(m.heads["proj"](feats).float(), dim=1)
+            self._momentum_update()
+            with torch.no_grad():
+                h_k = m.heads["key_backbone"](key_view).float()
+                z_k = F.normalize(m.heads["key_proj"](h_k).float(), dim=1)
+            fc = m.model.fc
+            weights = F.normalize(torch.cat([fc.weight, fc.bias[:, None]], dim=1), dim=1)
+            parts["ce"] = F.cross_entropy(logits, y)
+            # clones: the queues change below, before the loop runs backward through these losses
+            parts["contrastive_ce"] = losses.bituning_contrastive_ce(
+                _bias_augmented(feats), weights.detach().float(), y, self.queues.keys["h"].clone(), tau=0.07)
+            parts["categorical"] = losses.bituning_categorical_contrastive(
+                z_q, z_k, y, self.queues.keys["z"].clone(), tau=0.07)
+            self.queues.push(y, h=_bias_augmented(h_k), z=z_k)
+        else:
+            view, y = batch
+            logits = m.model.fc(self.model(view)).float()
+            parts["ce"] = F.cross_entropy(logits, y)
+        loss = sum(parts.values())
+        return loss, {**parts, "train_top1": (logits.argmax(1) == y).float().mean()}
 
 
 def finetune(
@@ -126,133 +236,48 @@ def finetune(
     lr_projector: float = 0.1,
     queue_per_class: int = 16,
     momentum: float = 0.999,
-    device: torch.device | None = None,
 ) -> TransferModel:
     """Finetune `backbone` (modified in place, and returned inside the model) on labeled images.
 
     `meta` is the dict `load_backbone` returns (its `image_size` decides the input size; None keeps
     the images' size). `images` uint8 [N, C, H, W], `labels` long [N] in [0, num_classes).
-    `epochs` full passes over the images in shuffled batches of `batch_size`; everything random
-    (classifier init, order, augmentation) follows `seed`. When `out` is given, one JSON line per
-    epoch (epoch, step, loss and its parts, train accuracy) goes to `<out>/metrics.jsonl`.
+    `epochs` passes of `ceil(N / batch_size)` steps over the images in shuffled batches of
+    `min(batch_size, N)`; everything random (classifier init, order, augmentation) follows `seed`.
+    Training runs in the one loop (`unsupft.train.loop.train`) on its device. When `out` is given,
+    `<out>/checkpoint.pt` (every epoch; a rerun resumes from it) and `<out>/metrics.jsonl` (one line per epoch:
+    step, lr, loss and its parts and train accuracy of the epoch's last batch) are written there.
     Returns the `TransferModel` in eval mode on the CPU.
     """
     if method not in METHODS:
         raise UserError(f"unknown --method '{method}' (choose from {', '.join(METHODS)})")
     if len(images) == 0:
         raise UserError("no labeled images to finetune on")
-    device = device or default_device()
-    torch.manual_seed(seed)
-    generator = torch.Generator().manual_seed(seed)
-    model = TransferModel(backbone, num_classes, meta.get("image_size")).to(device)
+    seed_everything(seed)
+    model = TransferModel(backbone, num_classes, meta.get("image_size"))
     x_all = preprocess(images, model.image_size)
     y_all = labels.long()
-    out_dim = backbone.out_dim
+    batch = min(batch_size, len(x_all))
+    steps_per_epoch = math.ceil(len(x_all) / batch)
+    contrastive_epochs = int(round(coin_alpha * epochs)) if method == "coin" else 0
+    task = _FinetuneTask(model, method, num_classes, steps_per_epoch, contrastive_epochs, lr_head, lr_backbone,
+                         lr_projector, queue_per_class, momentum, x_all, y_all)
+    views = 2 if method in ("coin", "bituning") else 1
 
-    heads: list[nn.Module] = []
-    if method in ("coin", "bituning"):
-        proj = projector(out_dim).to(device)
-        heads.append(proj)
-    if method == "linear":
-        for p in model.backbone.parameters():
-            p.requires_grad_(False)
-    optimizer = torch.optim.SGD(
-        _param_groups(model, heads, method, lr_head, lr_backbone, lr_projector), momentum=0.9, weight_decay=0.0
-    )
+    def sample(i: int) -> tuple[torch.Tensor, ...]:
+        return (*(augment(x_all[i]) for _ in range(views)), y_all[i])
 
-    if method == "bituning":
-        key_backbone = copy.deepcopy(model.backbone).requires_grad_(False)
-        key_proj = copy.deepcopy(proj).requires_grad_(False)
-        queues = PerClassQueues(num_classes, queue_per_class, {"h": out_dim + 1, "z": 128}, device)
-        with torch.no_grad():  # start each class's queue with its own training images' keys
-            key_backbone.eval()
-            h = key_backbone(x_all.to(device))
-            z = F.normalize(key_proj(h), dim=1)
-            for _ in range(math.ceil(queue_per_class / max(1, int(torch.bincount(y_all).min())))):
-                queues.push(y_all, h=_bias_augmented(h), z=z)
-            key_backbone.train()
-
-    def momentum_update() -> None:
-        with torch.no_grad():
-            for online, key in ((model.backbone, key_backbone), (proj, key_proj)):
-                for p, k in zip(online.parameters(), key.parameters()):
-                    k.mul_(momentum).add_(p.detach(), alpha=1 - momentum)
-                for b, kb in zip(online.buffers(), key.buffers()):
-                    kb.copy_(b)
-
-    steps_per_epoch = math.ceil(len(x_all) / batch_size)
+    data = LoaderBatches(sample, len(x_all), batch_size=batch, seed=seed)
     # Cosine decay to 0 over the run: lr 3.0 on a fresh classifier overshoots at first, and the
     # decay lets a short few-shot run settle instead of ending on a large step.
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, epochs * steps_per_epoch) / (epochs * steps_per_epoch))))
-    contrastive_epochs = int(round(coin_alpha * epochs)) if method == "coin" else 0
-    history: list[dict[str, Any]] = []
-    step = 0
-    autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-    for epoch in range(epochs):
-        model.train()
-        for head in heads:
-            head.train()
-        if method == "linear":
-            model.backbone.eval()
-        order = torch.randperm(len(x_all), generator=generator)
-        sums: dict[str, float] = {}
-        correct = seen = 0
-        for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
-            y = y_all[idx].to(device)
-            view = augment(x_all[idx], generator).to(device)
-            parts: dict[str, torch.Tensor] = {}
-            with torch.autocast(**autocast):
-                if method == "coin":
-                    other = augment(x_all[idx], generator).to(device)
-                    feats = model.backbone(torch.cat([view, other]))
-                    z = F.normalize(proj(feats).float(), dim=1)
-                    parts["supcon"] = losses.supcon_loss(z, torch.cat([y, y]), tau=0.3)
-                    logits = model.fc(feats[: len(y)]).float()
-                    if epoch >= contrastive_epochs:
-                        parts["ce"] = F.cross_entropy(logits, y)
-                        parts["supcon"] = COIN_SUPCON_WEIGHT * parts["supcon"]
-                elif method == "bituning":
-                    key_view = augment(x_all[idx], generator).to(device)
-                    feats = model.backbone(view).float()
-                    logits = model.fc(feats).float()
-                    z_q = F.normalize(proj(feats).float(), dim=1)
-                    momentum_update()
-                    with torch.no_grad():
-                        h_k = key_backbone(key_view).float()
-                        z_k = F.normalize(key_proj(h_k).float(), dim=1)
-                    weights = F.normalize(torch.cat([model.fc.weight, model.fc.bias[:, None]], dim=1), dim=1)
-                    parts["ce"] = F.cross_entropy(logits, y)
-                    parts["contrastive_ce"] = losses.bituning_contrastive_ce(
-                        _bias_augmented(feats), weights.detach().float(), y, queues.keys["h"], tau=0.07)
-                    parts["categorical"] = losses.bituning_categorical_contrastive(
-                        z_q, z_k, y, queues.keys["z"], tau=0.07)
-                else:
-                    logits = model(view).float()
-                    parts["ce"] = F.cross_entropy(logits, y)
-            loss = sum(parts.values())
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            if method == "bituning":
-                queues.push(y, h=_bias_augmented(h_k), z=z_k)
-            step += 1
-            n = len(y)
-            for name, value in {"loss": loss, **parts}.items():
-                sums[name] = sums.get(name, 0.0) + float(value.detach()) * n
-            correct += int((logits.argmax(1) == y).sum())
-            seen += n
-        if not math.isfinite(sums["loss"]):
-            raise UserError(f"finetuning diverged at epoch {epoch} (loss {sums['loss']}); lower the learning rates")
-        history.append({"epoch": epoch, "step": step, "method": method,
-                        **{k: round(v / seen, 6) for k, v in sums.items()}, "train_top1": round(correct / seen, 6)})
-    if out is not None:
-        store.write_text(store.join(out, "metrics.jsonl"), "".join(json.dumps(h) + "\n" for h in history))
+    with contextlib.ExitStack() as stack:
+        target = out if out is not None else stack.enter_context(tempfile.TemporaryDirectory())
+        cfg = LoopConfig(out=target, steps=epochs * steps_per_epoch, lr=lr_head, schedule="cosine",
+                         momentum=0.9, weight_decay=0.0, log_every=steps_per_epoch, seed=seed,
+                         checkpoint_every=steps_per_epoch if out is not None else 0,
+                         progress=False if out is None else None)
+        train(task, data, cfg)
     if method == "linear":
-        for p in model.backbone.parameters():
-            p.requires_grad_(True)
+        model.backbone.requires_grad_(True)
     return model.cpu().eval()
 
 

@@ -2,8 +2,9 @@
 
 Inputs are read and checked before anything is written, so bad input (a missing `--init`, K
 larger than a class, an unknown key in `--labels`) ends with one line, exit 2 and an untouched
-`--out`. Outputs: `config.json`, `metrics.jsonl` (one line per epoch), `train_keys.txt` (the keys
-trained on, for reproducibility), `model.pt` (backbone + classifier + classes), `_DONE.json`.
+`--out`. Outputs: `config.json`, `metrics.jsonl` (one line per epoch), `checkpoint.pt` (the training
+loop's, every epoch: a rerun after a crash, or with more `--epochs`, resumes from it), `train_keys.txt`
+(the keys trained on, for reproducibility), `model.pt` (backbone + classifier + classes), `_DONE.json`.
 """
 
 from __future__ import annotations
