@@ -110,7 +110,7 @@ def test_frozen_parameters_and_no_weight_decay_on_bn_and_bias(tmp_path, digits):
     # a tiny lr with a huge decay and compare relative changes.
     train(task, digit_batches(digits), config(tmp_path, steps=3, warmup_steps=0, lr=1e-6, weight_decay=1e3, schedule="constant",
                                               momentum=0.0))
-    after = task.model.state_dict()
+    after = {k: v.cpu() for k, v in task.model.state_dict().items()}  # on CUDA the model stays there
     assert torch.equal(before["0.conv1.weight"], after["0.conv1.weight"])  # frozen
     shrink = lambda k: (after[k].norm() / before[k].norm()).item()  # noqa: E731
     assert shrink("0.layer1.0.conv1.weight") < 0.998  # decayed: (1 - 1e-3) per step
@@ -148,3 +148,17 @@ def test_batches_are_a_function_of_the_step():
     assert sorted(indices[:10]) == list(range(10)) and sorted(indices[10:20]) == list(range(10))
     ranks = [StepBatchSampler(Shuffled(10, seed=1), 2, 10, 1, rank=r, world_size=2).batch(0) for r in (0, 1)]
     assert ranks[0] + ranks[1] == all_steps[0]  # two ranks of 2 split one global batch of 4
+
+
+def test_more_local_processes_than_gpus_is_a_clear_error(monkeypatch):
+    """torchrun --nproc-per-node 2 on a one-GPU node: rank 1 must not die on a missing cuda:1."""
+    from unsupft.errors import UserError
+    from unsupft.train import distributed
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(UserError, match="local rank 1 has no GPU: 1 visible"):
+        distributed.setup()

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from unsupft.errors import UserError
+
 
 @dataclass(frozen=True)
 class Dist:
@@ -48,7 +50,11 @@ def env_dist() -> Dist:
 def setup() -> tuple[Dist, torch.device]:
     """Join the process group (NCCL on CUDA, Gloo on CPU) once; return ranks and this process's device."""
     d = env_dist()
-    device = torch.device(f"cuda:{d.local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if 0 < gpus <= d.local_rank:
+        raise UserError(f"local rank {d.local_rank} has no GPU: {gpus} visible on this node; start one process "
+                        "per GPU, or set CUDA_VISIBLE_DEVICES= to train on the CPU")
+    device = torch.device(f"cuda:{d.local_rank}") if gpus else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if d.enabled and not dist.is_initialized():
