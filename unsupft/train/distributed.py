@@ -9,6 +9,7 @@ stage runs as a single process.
 
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 
@@ -64,7 +65,15 @@ def setup() -> tuple[Dist, torch.device]:
             world_size=d.world_size,
             device_id=device if device.type == "cuda" else None,
         )
+        # A group still alive at interpreter exit can abort the process ("terminate called without
+        # an active exception", Gloo's threads) after the stage has finished: tear it down first.
+        atexit.register(_destroy_process_group)
     return d, device
+
+
+def _destroy_process_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def world_size() -> int:
