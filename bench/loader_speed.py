@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from unsupft.data.augment import moco_v2_augment, parse_augments, to_input
+from unsupft.data.augment import DEFAULT_AUGMENTS, moco_v2_augment, parse_augments, to_input
 from unsupft.train.batches import SeededDataset
 from unsupft.train.moco_stage import two_view_batches
 
@@ -66,7 +66,7 @@ def main() -> None:
     ap.add_argument("--batches", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--augment", default="crop,jitter,gray,blur,flip")
+    ap.add_argument("--augment", default=",".join(DEFAULT_AUGMENTS))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     augments = parse_augments(args.augment)
