@@ -13,7 +13,7 @@ import time
 import pytest
 
 from unsupft import store
-from unsupft.errors import UserError
+from unsupft.errors import InfraError, UserError
 
 
 def _one_line(exc: pytest.ExceptionInfo) -> str:
@@ -138,12 +138,13 @@ def test_unreachable_endpoint_one_line(s3_env, monkeypatch) -> None:
         port = sock.getsockname()[1]
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")
+    monkeypatch.setenv(store.RETRY_ENV, "1")
     store._s3_client.cache_clear()
     uri = "s3://bucket/key.json"
-    with pytest.raises(UserError) as exc:
+    with pytest.raises(InfraError) as exc:  # retried for the budget, then an infrastructure failure
         store.read_json(uri)
     message = _one_line(exc)
-    assert uri in message and "connect" in message.lower()
+    assert uri in message and "unreachable" in message and f"127.0.0.1:{port}" in message
 
 
 _SLOW_WRITER = textwrap.dedent(

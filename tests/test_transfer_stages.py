@@ -150,17 +150,23 @@ def test_bad_input_is_one_line_exit_2(digits, tmp_path, cli_env, ingest):
     assert not any((tmp_path / o).exists() for o in ("o1", "o2", "o3"))  # nothing written
 
 
-def test_transfer_resumes_from_its_checkpoint(digits, tmp_path, one_thread):
-    # A run stopped after 3 epochs (its checkpoint.pt) is continued by a rerun asking for 6: the
-    # loop resumes at step 3, keeps the first run's metrics lines and appends the rest.
+def test_transfer_rerun_with_another_config_is_refused_or_starts_clean(digits, tmp_path, one_thread):
+    # An output belongs to one config: a rerun asking for 6 epochs into a 3-epoch output is refused
+    # with one line naming the difference and leaves every file as it was (before this, it resumed
+    # the 3-epoch run and reported the mix as a 6-epoch model); --overwrite starts afresh.
     out = tmp_path / "resume"
     args = ["--init", digits["init"], "--train", digits["train"], "--shots", 5, "--batch-size", 10, "--lr-head", 0.3, "--out", out]
     invoke(transfer_command, *args, "--epochs", 3)
     first = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [line["step"] for line in first] == [5, 10, 15] and (out / "checkpoint.pt").exists()
-    invoke(transfer_command, *args, "--epochs", 6)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.name != "_LEASE.json"}
+    refused = CliRunner().invoke(transfer_command, [str(a) for a in (*args, "--epochs", 6)])
+    assert refused.exit_code == 2 and refused.output.count("error:") == 1, refused.output
+    assert "another config (epochs 3 -> 6)" in refused.output and "--overwrite" in refused.output
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.name != "_LEASE.json"} == before
+    invoke(transfer_command, *args, "--epochs", 6, "--overwrite")
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [line["step"] for line in lines] == [5, 10, 15, 20, 25, 30]
-    assert lines[:3] == first  # resumed, not retrained from scratch (a fresh 6-epoch run has other lrs)
+    assert lines[:3] != first  # trained from the start with the 6-epoch schedule, not resumed
     assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == 30
-    assert lines[-1]["loss"] < lines[0]["loss"], [line["loss"] for line in lines]
+    assert json.loads((out / "config.json").read_text())["epochs"] == 6

@@ -1,7 +1,11 @@
-"""The one way a stage reports a problem the user can fix.
+"""The ways a stage reports a problem that is not a bug, each with its own exit code.
 
-A `UserError` carries a single line naming what is wrong (a URI, a field, a file). The CLIs turn it
-into that line on stderr and exit code 2; every other exception is a bug and keeps its traceback.
+A `UserError` carries a single line naming what is wrong (a URI, a field, a file): exit code 2, and
+retrying will not help. An `InfraError` is a failure of the infrastructure that outlasted the
+retries (the store unreachable or failing, another writer holding the output): exit code 69
+(EX_UNAVAILABLE), and the same command may well succeed later, so a scheduler can retry it. The CLIs
+turn either into one `error: ...` line on stderr; every other exception is a bug and keeps its
+traceback.
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ from typing import Any, Callable, TypeVar
 import click
 
 EXIT_USER_ERROR = 2
+# Infrastructure failure after retries (sysexits.h EX_UNAVAILABLE): retrying later may succeed.
+EXIT_INFRA = 69
 # The label stage exits with this when it waits for a person to label a batch (the controller
 # recognises it and marks the stage waiting-for-labels instead of failed).
 EXIT_WAITING_FOR_LABELS = 75
@@ -20,8 +26,10 @@ EXIT_WAITING_FOR_LABELS = 75
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-class UserError(Exception):
-    """A problem with the input (bad URI, missing file, malformed config): one line, exit 2."""
+class ReportedError(Exception):
+    """An error reported as one `error: ...` line with the exit code of its class."""
+
+    exit_code = 1
 
     def __init__(self, message: str) -> None:
         message = str(message)
@@ -33,15 +41,27 @@ class UserError(Exception):
         super().__init__(" ".join(message.split()))
 
 
+class UserError(ReportedError):
+    """A problem with the input (bad URI, missing file, malformed config): one line, exit 2."""
+
+    exit_code = EXIT_USER_ERROR
+
+
+class InfraError(ReportedError):
+    """The store (or another shared resource) failed past the retry budget: one line, exit 69."""
+
+    exit_code = EXIT_INFRA
+
+
 def report_user_errors(fn: F) -> F:
-    """Decorate a Click command so that a `UserError` becomes one line on stderr and exit 2."""
+    """Decorate a Click command so that a `ReportedError` becomes one line on stderr and its exit code."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except UserError as exc:
+        except ReportedError as exc:
             click.echo(f"error: {exc}", err=True)
-            sys.exit(EXIT_USER_ERROR)
+            sys.exit(exc.exit_code)
 
     return wrapper  # type: ignore[return-value]

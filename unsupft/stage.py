@@ -3,6 +3,16 @@
 A stage writes into its output URI: `config.json` (its resolved config) first, its artifacts, and
 last `_DONE.json` (config hash, inputs, outputs, versions, timings). A stage whose `_DONE.json`
 exists with the same config hash is complete; the controller skips it on a re-run.
+
+Outputs are owned, here once for every stage:
+- By one config. `is_done` and `write_config` refuse an output that holds another config's files,
+  finished or partial (one line naming the keys that differ), or files no stage wrote; with
+  `--overwrite` (`overwrite_option`) the output is emptied and the stage starts clean. A rerun with
+  the same config resumes, and the training loop checks that a checkpoint it resumes from was
+  written under this config (`owner`).
+- By one writer. `write_config` takes the output's lease (`unsupft.lease`, `<out>/_LEASE.json`)
+  before its first write and `write_done` gives it up after its last, so a second process writing
+  the same output stops with one line (exit 69) instead of mixing its files into the first's.
 """
 
 from __future__ import annotations
@@ -11,13 +21,32 @@ import hashlib
 import json
 import platform
 import time
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
-from unsupft import __version__, store
+import click
+
+from unsupft import __version__, lease, store
+from unsupft.errors import UserError
 
 DONE = "_DONE.json"
 CONFIG = "config.json"
 METRICS = "metrics.jsonl"
+
+# This process's claims: output URI -> (its lease, the config hash it writes under).
+_claims: dict[str, tuple[lease.Lease, str]] = {}
+# Whether this invocation's --overwrite was given (set by the option's callback, per invocation).
+_overwrite = False
+
+
+def _set_overwrite(ctx: click.Context, param: click.Parameter, value: bool) -> bool:
+    global _overwrite
+    _overwrite = bool(value)
+    return value
+
+
+overwrite_option: Callable[[Any], Any] = click.option(
+    "--overwrite", is_flag=True, expose_value=False, callback=_set_overwrite,
+    help="Empty --out first when it holds another config's (or a partial foreign) output, instead of refusing it.")
 
 
 def config_hash(config: dict[str, Any]) -> str:
@@ -32,8 +61,77 @@ def versions() -> dict[str, str]:
     return {"unsupft": __version__, "torch": torch.__version__, "python": platform.python_version()}
 
 
+def differences(old: dict[str, Any], new: dict[str, Any]) -> str:
+    """`seed 0 -> 1, steps 100 -> 200` for the keys whose values differ (at most 6 named)."""
+    keys = sorted(k for k in set(old) | set(new) if old.get(k, "(absent)") != new.get(k, "(absent)"))
+
+    def short(value: Any) -> str:
+        text = json.dumps(value, default=str) if value != "(absent)" else value
+        return text if len(text) <= 40 else text[:37] + "..."
+
+    named = [f"{k} {short(old.get(k, '(absent)'))} -> {short(new.get(k, '(absent)'))}" for k in keys[:6]]
+    return ", ".join(named) + (f" and {len(keys) - 6} more" if len(keys) > 6 else "")
+
+
+def _foreign(out: str, config: dict[str, Any]) -> str | None:
+    """Why `out` is not this config's to write (None when it is: empty, or holding this config)."""
+    config_uri = store.join(out, CONFIG)
+    if store.exists(config_uri):
+        existing = store.read_json(config_uri)
+        if not isinstance(existing, dict):
+            return f"holds a {CONFIG} that is not a stage config"
+        if config_hash(existing) != config_hash(config):
+            return f"holds the output of another config ({differences(existing, config)})"
+        return None
+    others = [n for n in store.list_prefix(out) if n != lease.LEASE]
+    if others:
+        return f"is not empty and holds no {CONFIG} (e.g. {others[0]}): not a stage output of this config"
+    return None
+
+
+def _refuse_or_clean(out: str, config: dict[str, Any]) -> None:
+    why = _foreign(out, config)
+    if why is None:
+        return
+    if not _overwrite:
+        raise UserError(f"{out}: {why}; use another --out, or --overwrite to replace it")
+    for name in store.list_prefix(out):
+        if name != lease.LEASE:
+            store.delete(store.join(out, name))
+
+
 def write_config(out: str, config: dict[str, Any]) -> None:
+    """Claim `out` for `config` (its writer lease, then the ownership check) and write config.json:
+    every stage calls this before its first write to `out`."""
+    if out not in _claims:
+        held = lease.acquire(store.join(out, lease.LEASE), f"unsupft {config.get('stage', 'stage')}", out)
+        try:
+            _refuse_or_clean(out, config)
+        except BaseException:
+            held.release()
+            raise
+        _claims[out] = (held, config_hash(config))
+        ctx = click.get_current_context(silent=True)
+        if ctx is not None:  # give the output up when the command ends, however it ends
+            ctx.call_on_close(lambda: _release(out))
+    elif _claims[out][1] != config_hash(config):
+        raise UserError(f"{out}: claimed for another config by this process")
     store.write_json(store.join(out, CONFIG), config)
+
+
+def _release(out: str) -> None:
+    claim = _claims.pop(out, None)
+    if claim is not None:
+        claim[0].release()
+
+
+def owner(uri: str) -> str | None:
+    """The config hash this process writes `uri` (or the output holding it) under; None when it
+    holds no claim there (a library call outside a stage)."""
+    for out, (_, digest) in _claims.items():
+        if uri == out or uri.startswith(out.rstrip("/") + "/"):
+            return digest
+    return None
 
 
 def read_done(out: str) -> dict[str, Any] | None:
@@ -43,8 +141,15 @@ def read_done(out: str) -> dict[str, Any] | None:
 
 
 def is_done(out: str, config: dict[str, Any]) -> bool:
+    """Whether `out` is finished under `config`; an output of another config is refused here, before
+    the stage spends time reading its inputs (unless --overwrite, which `write_config` carries out)."""
     done = read_done(out)
-    return done is not None and done.get("config_hash") == config_hash(config)
+    if done is not None and done.get("config_hash") == config_hash(config):
+        return True
+    why = _foreign(out, config)
+    if why is not None and not _overwrite:
+        raise UserError(f"{out}: {why}; use another --out, or --overwrite to replace it")
+    return False
 
 
 def write_done(
@@ -56,7 +161,11 @@ def write_done(
     started: float,
     **extra: Any,
 ) -> dict[str, Any]:
-    """Write `_DONE.json` last: from here on the stage counts as complete."""
+    """Write `_DONE.json` last: from here on the stage counts as complete. The writer lease is
+    renewed first (a process that lost it must not mark another's output done) and given up after."""
+    claim = _claims.get(out)
+    if claim is not None:
+        claim[0].check()
     manifest = {
         "stage": stage,
         "config_hash": config_hash(config),
@@ -69,4 +178,5 @@ def write_done(
         **extra,
     }
     store.write_json(store.join(out, DONE), manifest)
+    _release(out)
     return manifest

@@ -7,30 +7,41 @@ Guarantees:
 - Writes are atomic. Locally a temp file in the same directory is renamed over the target; on S3 an
   object becomes visible only when its single PUT (or its multipart upload) completes. A reader
   never sees half a file, and a writer killed midway leaves nothing visible.
-- Errors a user can cause (bad URI, missing bucket or key, access denied, unreachable endpoint after
-  boto's own retries) surface as `UserError` with one line naming the URI.
+- Errors a user can cause (bad URI, missing bucket or key, access denied, bad credentials) surface
+  as `UserError` with one line naming the URI and the cause.
+- Transient failures (connection refused or reset, timeouts, 5xx, throttling) are retried with
+  exponential backoff for `UNSUPFT_STORE_RETRY_SECONDS` (default 60) in all; past that they surface
+  as `InfraError` (exit code 69), so a 2-second outage of the server does not end a stage, and one
+  that lasts does not pass for bad input.
 
 S3 configuration is boto3's: the usual credential chain, `AWS_ENDPOINT_URL` (or
-`AWS_ENDPOINT_URL_S3`) for S3-compatible servers, `AWS_RETRY_MODE`/`AWS_MAX_ATTEMPTS` for retries
-(default here: standard mode, 5 attempts).
+`AWS_ENDPOINT_URL_S3`) for S3-compatible servers, `AWS_RETRY_MODE`/`AWS_MAX_ATTEMPTS` for boto's own
+quick retries inside each attempt (default here: standard mode, 3 attempts).
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import functools
+import hashlib
 import io
 import json
 import os
+import random
 import shutil
 import tempfile
+import time
 from pathlib import Path
-from typing import IO, Any, Iterator
+from typing import IO, Any, Callable, Iterator, TypeVar
 from urllib.parse import urlparse
 
-from unsupft.errors import UserError
+from unsupft.errors import InfraError, UserError
 
 _MULTIPART_THRESHOLD = 64 * 1024 * 1024
+RETRY_ENV = "UNSUPFT_STORE_RETRY_SECONDS"
+DEFAULT_RETRY_SECONDS = 60.0
+T = TypeVar("T")
 
 
 def join(uri: str, *parts: str) -> str:
@@ -82,7 +93,7 @@ def _s3_client():
     if "AWS_RETRY_MODE" not in os.environ:
         retries["mode"] = "standard"
     if "AWS_MAX_ATTEMPTS" not in os.environ:
-        retries["max_attempts"] = 5
+        retries["max_attempts"] = 3
     config = Config(retries=retries or None, connect_timeout=10, read_timeout=120)
     return boto3.session.Session().client("s3", config=config)
 
@@ -96,11 +107,49 @@ def _split_s3(uri: str) -> tuple[str, str]:
     return parsed.netloc, parsed.path.lstrip("/")
 
 
+# Error codes and HTTP statuses of failures that go away by themselves (server restarting, overloaded).
+_TRANSIENT_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "RequestTimeTooSkewed",
+                    "InternalError", "ServiceUnavailable", "503", "500", "502", "504", "OperationAborted"}
+_REASONS = {
+    "NoSuchBucket": "no such bucket",
+    "NoSuchKey": "no such object",
+    "404": "not found",
+    "NotFound": "not found",
+    "AccessDenied": "access denied",
+    "403": "access denied",
+    "InvalidAccessKeyId": "the access key is not known to the server",
+    "SignatureDoesNotMatch": "the secret key does not match",
+    "PreconditionFailed": "it already exists",
+}
+
+
+class _Transient(Exception):
+    """A store failure worth retrying; `reason` says what happened, for the message after giving up."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def retry_seconds() -> float:
+    """The retry budget of one store operation (`UNSUPFT_STORE_RETRY_SECONDS`, default 60)."""
+    raw = os.environ.get(RETRY_ENV)
+    try:
+        value = float(raw) if raw else DEFAULT_RETRY_SECONDS
+    except ValueError:
+        raise UserError(f"{RETRY_ENV}={raw!r}: expected a number of seconds") from None
+    if not 0 <= value < 86400:
+        raise UserError(f"{RETRY_ENV}={raw!r}: expected seconds in [0, 86400)")
+    return value
+
+
 @contextlib.contextmanager
 def _s3_errors(uri: str) -> Iterator[None]:
-    """Turn the S3 failures a user can cause into one line naming the URI."""
+    """Classify S3 failures: a user's (`UserError`, one line naming the URI) or transient (`_Transient`)."""
     from boto3.exceptions import S3UploadFailedError
-    from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+    from botocore.exceptions import (BotoCoreError, ClientError, ConnectionError, HTTPClientError,
+                                     NoCredentialsError, ResponseStreamingError)
+    from urllib3.exceptions import HTTPError as Urllib3Error
 
     try:
         yield
@@ -109,27 +158,59 @@ def _s3_errors(uri: str) -> Iterator[None]:
         if isinstance(cause, (ClientError, BotoCoreError)):
             with _s3_errors(uri):
                 raise cause from None
-        raise UserError(f"{uri}: upload failed: {exc}") from exc
+        raise _Transient(f"upload failed: {exc}") from exc
     except ClientError as exc:
         error = exc.response.get("Error", {})
         code = str(error.get("Code", ""))
-        reasons = {
-            "NoSuchBucket": "no such bucket",
-            "NoSuchKey": "no such object",
-            "404": "not found",
-            "NotFound": "not found",
-            "AccessDenied": "access denied",
-            "403": "access denied",
-            "InvalidAccessKeyId": "the access key is not known to the server",
-            "SignatureDoesNotMatch": "the secret key does not match",
-            "PreconditionFailed": "it already exists",
-        }
-        reason = reasons.get(code, f"{code or 'error'}: {error.get('Message', exc)}")
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+        if code in _TRANSIENT_CODES or status >= 500:
+            raise _Transient(f"the server answered {code or status}: {error.get('Message', '')}".rstrip(": ")) from exc
+        reason = _REASONS.get(code, f"{code or 'error'}: {error.get('Message', exc)}")
         raise UserError(f"{uri}: {reason}") from exc
     except NoCredentialsError as exc:
         raise UserError(f"{uri}: no S3 credentials found (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or a profile)") from exc
+    except (ConnectionError, HTTPClientError, ResponseStreamingError, Urllib3Error, OSError) as exc:
+        endpoint = _s3_client().meta.endpoint_url
+        raise _Transient(f"the S3 endpoint {endpoint} is unreachable or dropped the connection ({exc})") from exc
     except BotoCoreError as exc:
         raise UserError(f"{uri}: {exc}") from exc
+
+
+def _retrying(uri: str, operation: Callable[[], T], rewind: Callable[[], None] | None = None) -> T:
+    """Run one S3 operation, retrying transient failures with backoff within `retry_seconds()`.
+
+    `rewind` resets an upload's source stream before a retry; without one a failed upload of a
+    stream that cannot be rewound is not retried.
+    """
+    budget = retry_seconds()
+    deadline = time.monotonic() + budget
+    delay = 0.25
+    while True:
+        try:
+            with _s3_errors(uri):
+                return operation()
+        except _Transient as exc:
+            if time.monotonic() + delay > deadline:
+                raise InfraError(f"{uri}: {exc.reason}; gave up after {budget:g}s of retries "
+                                 f"({RETRY_ENV} sets how long)") from exc
+            time.sleep(delay * (0.5 + random.random() / 2))
+            delay = min(delay * 2, 8.0)
+            if rewind is not None:
+                rewind()
+
+
+@functools.lru_cache(maxsize=256)
+def _bucket_exists(bucket: str) -> bool:
+    """Whether `bucket` exists (asked only after a 404, where HEAD cannot tell a missing bucket)."""
+    from botocore.exceptions import ClientError
+
+    try:
+        _retrying(f"s3://{bucket}", lambda: _s3_client().head_bucket(Bucket=bucket))
+        return True
+    except UserError as exc:
+        if isinstance(exc.__cause__, ClientError) and exc.__cause__.response.get("Error", {}).get("Code") in ("404", "NoSuchBucket", "NotFound"):
+            return False
+        raise
 
 
 # ---------------------------------------------------------------------------------- reading ---
@@ -139,8 +220,8 @@ def read_bytes(uri: str) -> bytes:
     """The whole object at `uri`."""
     if is_s3(uri):
         bucket, key = _split_s3(uri)
-        with _s3_errors(uri):
-            return _s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
+        return _missing_bucket_named(uri, lambda: _retrying(
+            uri, lambda: _s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()))
     path = _local(uri)
     try:
         return path.read_bytes()
@@ -167,8 +248,7 @@ def open_read(uri: str) -> Iterator[IO[bytes]]:
     """Stream the object at `uri` without holding it in memory."""
     if is_s3(uri):
         bucket, key = _split_s3(uri)
-        with _s3_errors(uri):
-            body = _s3_client().get_object(Bucket=bucket, Key=key)["Body"]
+        body = _retrying(uri, lambda: _s3_client().get_object(Bucket=bucket, Key=key)["Body"])
         try:
             yield body
         finally:
@@ -183,20 +263,36 @@ def open_read(uri: str) -> Iterator[IO[bytes]]:
         yield stream
 
 
-def exists(uri: str) -> bool:
-    """Whether an object (a file, not a prefix) exists at `uri`."""
-    if is_s3(uri):
-        from botocore.exceptions import ClientError
+def _not_found(exc: UserError) -> bool:
+    from botocore.exceptions import ClientError
 
+    cause = exc.__cause__
+    return isinstance(cause, ClientError) and cause.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound")
+
+
+def _missing_bucket_named(uri: str, operation: Callable[[], T]) -> T:
+    """Run `operation`; a "not found" whose bucket is missing says so (HEAD cannot tell them apart)."""
+    try:
+        return operation()
+    except UserError as exc:
+        if _not_found(exc) and not _bucket_exists(_split_s3(uri)[0]):
+            raise UserError(f"{uri}: no such bucket '{_split_s3(uri)[0]}'") from exc
+        raise
+
+
+def exists(uri: str) -> bool:
+    """Whether an object (a file, not a prefix) exists at `uri`; a missing bucket is an error."""
+    if is_s3(uri):
         bucket, key = _split_s3(uri)
         try:
-            with _s3_errors(uri):
-                _s3_client().head_object(Bucket=bucket, Key=key)
+            _retrying(uri, lambda: _s3_client().head_object(Bucket=bucket, Key=key))
             return True
         except UserError as exc:
-            if isinstance(exc.__cause__, ClientError) and exc.__cause__.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
-                return False
-            raise
+            if not _not_found(exc):
+                raise
+        if not _bucket_exists(bucket):
+            raise UserError(f"{uri}: no such bucket '{bucket}'")
+        return False
     return _local(uri).is_file()
 
 
@@ -205,11 +301,12 @@ def list_prefix(uri: str) -> list[str]:
     if is_s3(uri):
         bucket, key = _split_s3(uri)
         prefix = f"{key}/" if key else ""
-        names: list[str] = []
-        with _s3_errors(uri):
-            for page in _s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-                names.extend(obj["Key"][len(prefix):] for obj in page.get("Contents", []))
-        return sorted(names)
+
+        def listing() -> list[str]:
+            pages = _s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+            return [obj["Key"][len(prefix):] for page in pages for obj in page.get("Contents", [])]
+
+        return sorted(_retrying(uri, listing))
     root = _local(uri)
     if not root.is_dir():
         return []
@@ -225,8 +322,7 @@ def download_file(uri: str, path: str | os.PathLike) -> None:
     with _atomic_local_file(target) as tmp:
         if is_s3(uri):
             bucket, key = _split_s3(uri)
-            with _s3_errors(uri):
-                _s3_client().download_file(bucket, key, str(tmp))
+            _retrying(uri, lambda: _s3_client().download_file(bucket, key, str(tmp)))
         else:
             try:
                 shutil.copyfile(_local(uri), tmp)
@@ -286,8 +382,10 @@ def upload_stream(uri: str, stream: IO[bytes]) -> None:
         from boto3.s3.transfer import TransferConfig
 
         bucket, key = _split_s3(uri)
-        with _s3_errors(uri):
-            _s3_client().upload_fileobj(stream, bucket, key, Config=TransferConfig(multipart_threshold=_MULTIPART_THRESHOLD))
+        start = stream.tell() if stream.seekable() else None
+        _retrying(uri, lambda: _s3_client().upload_fileobj(
+            stream, bucket, key, Config=TransferConfig(multipart_threshold=_MULTIPART_THRESHOLD)),
+            rewind=None if start is None else lambda: stream.seek(start))
         return
     path = _local(uri)
     _local_parent_ok(uri, path)
@@ -301,21 +399,24 @@ def upload_file(path: str | os.PathLike, uri: str) -> None:
         upload_stream(uri, stream)
 
 
-def create_exclusive(uri: str, data: bytes) -> bool:
-    """Create `uri` only if nothing exists there; False if it did. Used as a lock for run ids.
+def _version(data: bytes) -> str:
+    """A local object's version: the hash of its content (S3 uses the ETag)."""
+    return hashlib.sha256(data).hexdigest()
 
-    S3: a conditional PUT (`If-None-Match: *`), atomic on the server. Locally: O_EXCL create of a
-    temp-written file via a hard link, so the content is complete when the name appears.
+
+def create_exclusive(uri: str, data: bytes) -> str | None:
+    """Create `uri` only if nothing exists there: its version (for `replace_if`), or None if it did.
+
+    S3: a conditional PUT (`If-None-Match: *`), atomic on the server. Locally: a temp-written file
+    hard-linked to the name (O_EXCL semantics), so the content is complete when the name appears.
     """
     if is_s3(uri):
         bucket, key = _split_s3(uri)
         try:
-            with _s3_errors(uri):
-                _s3_client().put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
-            return True
+            return _retrying(uri, lambda: _s3_client().put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*"))["ETag"]
         except UserError as exc:
             if "already exists" in str(exc) or "ConditionalRequestConflict" in str(exc):
-                return False
+                return None
             raise
     path = _local(uri)
     _local_parent_ok(uri, path)
@@ -325,19 +426,68 @@ def create_exclusive(uri: str, data: bytes) -> bool:
         with os.fdopen(fd, "wb") as out:
             out.write(data)
         os.link(tmp_name, path)
-        return True
+        return _version(data)
     except FileExistsError:
-        return False
+        return None
     finally:
         os.unlink(tmp_name)
+
+
+def read_versioned(uri: str) -> tuple[bytes, str] | None:
+    """The object at `uri` and its version, or None when there is none."""
+    if is_s3(uri):
+        bucket, key = _split_s3(uri)
+        try:
+            response = _retrying(uri, lambda: _s3_client().get_object(Bucket=bucket, Key=key))
+            return _retrying(uri, response["Body"].read), response["ETag"]
+        except UserError as exc:
+            if _not_found(exc):
+                return None
+            raise
+    try:
+        with open(_local(uri), "rb") as stream:
+            fcntl.flock(stream, fcntl.LOCK_SH)  # never half of a concurrent `replace_if`
+            data = stream.read()
+    except FileNotFoundError:
+        return None
+    return data, _version(data)
+
+
+def replace_if(uri: str, data: bytes, version: str) -> str | None:
+    """Replace the object at `uri` only if it is still at `version`: the new version, or None.
+
+    The compare-and-swap a lease needs. S3: a conditional PUT (`If-Match: <etag>`). Locally: the
+    file is rewritten in place under an exclusive `flock`, which `read_versioned` also takes.
+    """
+    if is_s3(uri):
+        bucket, key = _split_s3(uri)
+        try:
+            return _retrying(uri, lambda: _s3_client().put_object(Bucket=bucket, Key=key, Body=data, IfMatch=version))["ETag"]
+        except UserError as exc:
+            if "already exists" in str(exc) or _not_found(exc) or "ConditionalRequestConflict" in str(exc):
+                return None
+            raise
+    try:
+        stream = open(_local(uri), "r+b")
+    except FileNotFoundError:
+        return None
+    with stream:
+        fcntl.flock(stream, fcntl.LOCK_EX)
+        if _version(stream.read()) != version:
+            return None
+        stream.seek(0)
+        stream.truncate()
+        stream.write(data)
+        stream.flush()
+        os.fsync(stream.fileno())
+    return _version(data)
 
 
 def delete(uri: str) -> None:
     """Delete one object; deleting what is not there is not an error."""
     if is_s3(uri):
         bucket, key = _split_s3(uri)
-        with _s3_errors(uri):
-            _s3_client().delete_object(Bucket=bucket, Key=key)
+        _retrying(uri, lambda: _s3_client().delete_object(Bucket=bucket, Key=key))
         return
     _local(uri).unlink(missing_ok=True)
 
@@ -347,10 +497,9 @@ def delete_prefix(uri: str) -> None:
     if is_s3(uri):
         bucket, key = _split_s3(uri)
         names = list_prefix(uri)
-        with _s3_errors(uri):
-            for start in range(0, len(names), 1000):
-                batch = [{"Key": join(key, n) if key else n} for n in names[start : start + 1000]]
-                _s3_client().delete_objects(Bucket=bucket, Delete={"Objects": batch, "Quiet": True})
+        for start in range(0, len(names), 1000):
+            batch = [{"Key": join(key, n) if key else n} for n in names[start : start + 1000]]
+            _retrying(uri, lambda: _s3_client().delete_objects(Bucket=bucket, Delete={"Objects": batch, "Quiet": True}))
         return
     shutil.rmtree(_local(uri), ignore_errors=True)
 
@@ -363,8 +512,7 @@ def copy_prefix(src: str, dst: str) -> list[str]:
         if is_s3(src) and is_s3(dst):
             sb, sk = _split_s3(src_uri)
             db, dk = _split_s3(dst_uri)
-            with _s3_errors(src_uri):
-                _s3_client().copy({"Bucket": sb, "Key": sk}, db, dk)
+            _retrying(src_uri, lambda: _s3_client().copy({"Bucket": sb, "Key": sk}, db, dk))
         else:
             with open_read(src_uri) as stream:
                 upload_stream(dst_uri, stream)

@@ -131,6 +131,7 @@ def evaluate_model(backbone: torch.nn.Module, meta: dict[str, Any], train: Array
 @click.option("--arch", type=click.Choice(ARCHS), default=None, help="Architecture of plain torchvision checkpoints.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", required=True, help="Output URI for report.json, report.html and the pictures.")
+@stage.overwrite_option
 @report_user_errors
 def evaluate_command(model_specs: tuple[str, ...], train_uri: str, test_uri: str, shots: str, trials: int,
                      method: str, epochs: int, metrics_list: str, batch_size: int, arch: str | None, seed: int,

@@ -293,6 +293,7 @@ def make_annotator(cfg: LabelConfig, target: Target) -> Annotator:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", required=True, help="Output URI (state, requests, labels, models).")
 @click.option("--resume", is_flag=True, help="Continue the run in --out with its stored config (other options may be left out).")
+@stage.overwrite_option
 @report_user_errors
 def label_command(resume: bool, **options: Any) -> None:
     """Progressive few-label transfer: ACKMeans selection, annotation and finetuning, round by round."""

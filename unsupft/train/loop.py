@@ -59,8 +59,14 @@ API
   function of the step, so it needs no state of its own to resume.
 - Checkpoints: every `checkpoint_every` steps (0 = only at the end) and after the last step,
   `<out>/checkpoint.pt` is written atomically with the step, model, optimizer, the task's
-  extra state and the RNG states of every rank. When `train` starts and that file exists, it
-  resumes from it. Once `steps` are done, a further call returns at once.
+  extra state, the RNG states of every rank and the hash of the stage config that owns `out`
+  (`unsupft.stage.owner`). When `train` starts and that file exists, it resumes from it, after
+  checking it was written under the same stage config. Once `steps` are done, a further call
+  returns at once.
+- A loss that turns NaN or infinite stops the run with one line (`UserError`) naming the first such
+  step and the likely cause, before any checkpoint is written after it: the last checkpoint stays
+  a good one to resume from. The check costs no device sync per step (a flag kept on the device,
+  read at log and checkpoint steps).
 - Metrics: every `log_every` steps (and the last) the loss, lr, the task's metrics (averaged
   over ranks) and samples/s are appended to `<out>/metrics.jsonl` by rank 0 (lines past the resumed
   step are dropped on resume). On a terminal a one-line progress bar shows them; otherwise each
@@ -88,7 +94,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from unsupft import checkpoint, store
+from unsupft import checkpoint, stage, store
 from unsupft.errors import UserError
 from unsupft.stage import METRICS
 from unsupft.train import distributed
@@ -309,12 +315,15 @@ def _scalars(metrics: dict[str, Any]) -> dict[str, float]:
     return {k: float(v.detach().float().item() if isinstance(v, torch.Tensor) else v) for k, v in metrics.items()}
 
 
-def _load_checkpoint(uri: str, cfg: LoopConfig) -> dict[str, Any] | None:
+def _load_checkpoint(uri: str, cfg: LoopConfig, owner: str | None) -> dict[str, Any] | None:
     if not store.exists(uri):
         return None
     state = checkpoint.load(uri)
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise UserError(f"{uri}: not a training checkpoint of this tool; remove it or choose another --out")
+    if owner is not None and state.get("owner") != owner:
+        raise UserError(f"{uri}: written under another stage config than this run's (or by an older unsupft); "
+                        f"resuming from it would mix two configs: use --overwrite to start clean")
     if state["step"] > cfg.steps:
         raise UserError(f"{uri}: checkpoint is at step {state['step']}, past the {cfg.steps} steps asked for")
     return state
@@ -337,7 +346,8 @@ def train(task: TrainTask, data: Any, cfg: LoopConfig) -> TrainResult:
     task.model, task.device = model, device
     optimizer = _make_optimizer(_optimizer_groups(task, cfg), cfg)
 
-    state = _load_checkpoint(ckpt_uri, cfg)
+    owner = stage.owner(cfg.out)
+    state = _load_checkpoint(ckpt_uri, cfg, owner)
     start = 0
     if state is None:
         seed_everything(cfg.seed + d.rank)
@@ -349,6 +359,7 @@ def train(task: TrainTask, data: Any, cfg: LoopConfig) -> TrainResult:
         rngs = state["rng"]
         _set_rng_state(rngs[d.rank] if len(rngs) == d.world_size else rngs[0])
     resumed_from = None if state is None else start
+    saved_at = resumed_from
     del state
 
     metrics_log = _MetricsLog(cfg.out, resumed_from, d.is_main)
@@ -365,8 +376,22 @@ def train(task: TrainTask, data: Any, cfg: LoopConfig) -> TrainResult:
             checkpoint.save(ckpt_uri, {
                 "format": CHECKPOINT_FORMAT, "step": step, "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(), "extra": task.extra_state(), "rng": rng,
-                "world_size": d.world_size, "config": dataclasses.asdict(cfg)})
+                "world_size": d.world_size, "config": dataclasses.asdict(cfg), "owner": owner})
             metrics_log.flush()
+
+    first_bad = torch.full((), -1, dtype=torch.long, device=device)  # first step with a non-finite loss
+
+    def stop_if_diverged(done: int) -> None:
+        """One line naming the step and the likely cause, before a checkpoint could hold the damage."""
+        bad = int(first_bad.item())
+        if distributed.mean_across_ranks({"bad": float(bad >= 0)})["bad"] == 0:
+            return
+        where = f"at step {bad}" if bad >= 0 else f"by step {done} (on another process)"
+        kept = (f"{ckpt_uri} from step {saved_at} is kept (before it)" if saved_at is not None
+                else "no checkpoint had been written yet")
+        raise UserError(f"the loss became NaN or infinite {where}: likely the learning rate is too high for this "
+                        f"model and batch size (lower --lr, or --lr-head/--lr-backbone), or the data hold extreme "
+                        f"values; {kept}")
 
     last: dict[str, float] = {}
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
@@ -390,6 +415,7 @@ def train(task: TrainTask, data: Any, cfg: LoopConfig) -> TrainResult:
             batch = _to_device(batch, device, channels_last)
             with autocast:
                 loss, metrics = task.training_step(batch, step)
+            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), step, first_bad)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip is not None:
@@ -397,18 +423,20 @@ def train(task: TrainTask, data: Any, cfg: LoopConfig) -> TrainResult:
             optimizer.step()
 
             done = step + 1
+            checkpoint_now = done == cfg.steps or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0)
+            if checkpoint_now or done % cfg.log_every == 0:
+                stop_if_diverged(done)
             if done % cfg.log_every == 0 or done == cfg.steps:
                 values = distributed.mean_across_ranks(_scalars({"loss": loss, **metrics}))
-                if not math.isfinite(values["loss"]):
-                    raise RuntimeError(f"loss became {values['loss']} at step {step}; lower --lr or check the data")
                 now = time.perf_counter()
                 last = {"step": done, "lr": optimizer.param_groups[0]["lr"], **values,
                         "samples_per_s": samples * d.world_size / max(now - tick, 1e-9), "time": time.time()}
                 tick, samples = now, 0
                 metrics_log.append(last)
                 progress.show(last)
-            if done == cfg.steps or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0):
+            if checkpoint_now:
                 save(done)
+                saved_at = done
     finally:
         progress.close()
         task.model = model

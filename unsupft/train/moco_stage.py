@@ -139,6 +139,7 @@ def moco_options(default_lr_per_256: float, default_epochs: float):
     """The options `pretrain` and `adapt` share (click decorators)."""
     options = [
         click.option("--out", required=True, help="Output URI (directory or s3://bucket/prefix)."),
+        stage.overwrite_option,
         click.option("--arch", type=click.Choice(ARCHS), default=None,
                      help="Backbone (default: the --init's, else tiny)."),
         click.option("--steps", type=int, default=None, help="Training length in optimizer steps."),

@@ -3,7 +3,7 @@
 Inputs are read and checked before anything is written, so bad input (a missing `--init`, K
 larger than a class, an unknown key in `--labels`) ends with one line, exit 2 and an untouched
 `--out`. Outputs: `config.json`, `metrics.jsonl` (one line per epoch), `checkpoint.pt` (the training
-loop's, every epoch: a rerun after a crash, or with more `--epochs`, resumes from it), `train_keys.txt`
+loop's, every epoch: a rerun after a crash resumes from it; another config is refused, see unsupft.stage), `train_keys.txt`
 (the keys trained on, for reproducibility), `model.pt` (backbone + classifier + classes), `_DONE.json`.
 """
 
@@ -61,6 +61,7 @@ def select_training_set(
 @click.option("--lr-backbone", type=float, default=1e-4, show_default=True)
 @click.option("--arch", type=click.Choice(ARCHS), default=None, help="Architecture of a plain torchvision --init.")
 @click.option("--out", required=True, help="Output URI.")
+@stage.overwrite_option
 @report_user_errors
 def transfer_command(init: str, train_uri: str, shots: int | None, seed: int, labels_file: str | None, method: str,
                      epochs: int, coin_alpha: float, batch_size: int, lr_head: float, lr_backbone: float,
