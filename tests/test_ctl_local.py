@@ -152,8 +152,10 @@ def test_unreachable_store_and_missing_data_fail_before_any_stage(tmp_path):
     f.write_text(f.read_text().replace(f"file://{tmp_path}/store", "s3://nobucket/x"))
     res = subprocess.run([sys.executable, "-m", "unsupft.ctl", "run", str(f)], capture_output=True, text=True, cwd=ROOT,
                          env=_env(AWS_ENDPOINT_URL="http://127.0.0.1:9", AWS_ACCESS_KEY_ID="x", AWS_SECRET_ACCESS_KEY="y",
-                                  AWS_MAX_ATTEMPTS="1"), timeout=120)
-    assert res.returncode == 2 and res.stderr.startswith("error: ") and "s3://nobucket" in res.stderr
+                                  AWS_MAX_ATTEMPTS="1", UNSUPFT_STORE_RETRY_SECONDS="1"), timeout=120)
+    # An unreachable store is an infrastructure failure (exit 69, retry later), not bad input.
+    assert res.returncode == 69 and res.stderr.startswith("error: ") and "s3://nobucket" in res.stderr
+    assert "unreachable" in res.stderr and len(res.stderr.strip().splitlines()) == 1
     g = _pipeline(tmp_path)
     g.write_text(g.read_text().replace("stages:", f"datasets: {{d: file://{tmp_path}/nodata}}\nstages:"))
     res = _ctl("run", str(g))

@@ -90,7 +90,8 @@ def _stop(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
-def _launch(root: Path, access_key: str, secret_key: str) -> tuple[subprocess.Popen, str]:
+def _launch(root: Path, access_key: str, secret_key: str,
+            ports: dict[str, int] | None = None) -> tuple[subprocess.Popen, str, dict[str, int]]:
     identities = {"identities": [{
         "name": "unsupft",
         "credentials": [{"accessKey": access_key, "secretKey": secret_key}],
@@ -98,7 +99,7 @@ def _launch(root: Path, access_key: str, secret_key: str) -> tuple[subprocess.Po
     }]}
     config = root / "s3.json"
     config.write_text(json.dumps(identities))
-    ports = dict(zip(_PORT_FLAGS, _free_ports(len(_PORT_FLAGS))))
+    ports = ports or dict(zip(_PORT_FLAGS, _free_ports(len(_PORT_FLAGS))))
     (root / "data").mkdir(exist_ok=True)
     args = [
         weed_binary(), "mini", f"-dir={root / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
@@ -115,26 +116,48 @@ def _launch(root: Path, access_key: str, secret_key: str) -> tuple[subprocess.Po
     except BaseException:
         _stop(proc)
         raise
-    return proc, endpoint
+    return proc, endpoint, ports
+
+
+class Server:
+    """A running `weed mini` that can be stopped and started again on the same ports and data,
+    so that a client sees an outage and then the same server back (the store's retry tests)."""
+
+    def __init__(self, root: Path, access_key: str, secret_key: str) -> None:
+        self.root, self.access_key, self.secret_key = root, access_key, secret_key
+        for attempt in range(3):  # a port taken between choosing and binding: choose again
+            try:
+                self.proc, self.endpoint, self.ports = _launch(root, access_key, secret_key)
+                break
+            except RuntimeError:
+                if attempt == 2:
+                    raise
+
+    def stop(self) -> None:
+        _stop(self.proc)
+
+    def start(self) -> None:
+        """Start it again after `stop` (same ports, same data: the buckets and objects are back)."""
+        self.proc, self.endpoint, self.ports = _launch(self.root, self.access_key, self.secret_key, self.ports)
 
 
 @contextlib.contextmanager
 def serve(root: str | Path | None = None, *, bucket: str = "unsupft", access_key: str = "unsupft-key",
-          secret_key: str = "unsupft-secret") -> Iterator[S3Server]:
-    """Run a server with `bucket` created until the block ends (data under `root` or a temp dir)."""
+          secret_key: str = "unsupft-secret", control: list[Server] | None = None) -> Iterator[S3Server]:
+    """Run a server with `bucket` created until the block ends (data under `root` or a temp dir).
+
+    `control`, when given, receives the `Server` so that a test can stop and restart it.
+    """
     import boto3
 
     with contextlib.ExitStack() as stack:
         base = Path(root) if root is not None else Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="weed-")))
         base.mkdir(parents=True, exist_ok=True)
-        for attempt in range(3):  # a port taken between choosing and binding: choose again
-            try:
-                proc, endpoint = _launch(base, access_key, secret_key)
-                break
-            except RuntimeError:
-                if attempt == 2:
-                    raise
-        stack.callback(_stop, proc)
+        server = Server(base, access_key, secret_key)
+        stack.callback(lambda: _stop(server.proc))
+        if control is not None:
+            control.append(server)
+        endpoint = server.endpoint
         client = boto3.session.Session().client(
             "s3", endpoint_url=endpoint, aws_access_key_id=access_key, aws_secret_access_key=secret_key,
             region_name=REGION,

@@ -82,13 +82,12 @@ def run(ctx: click.Context, file: str, run_id: str | None, max_parallel: int | N
     run_id = _run_id(run_id, pipeline)
     _preflight(pipeline)
     run_ = st.create(pipeline, run_id, "local")
-    if run_ is None:
-        run_ = st.open_run(pipeline.store, run_id)
-        if st.controller_alive(run_):
-            raise UserError(f"run {run_id} is being run by process {run_.data['controller']['pid']}; "
-                            f"use `unsupft-ctl status {run_id}` or `cancel`")
-        if run_.data["backend"] != "local":
-            raise UserError(f"run {run_id} was submitted to {run_.data['backend']}; use a new --run-id")
+    created = run_ is not None
+    run_ = run_ or st.open_run(pipeline.store, run_id)
+    if run_.data["backend"] != "local":
+        raise UserError(f"run {run_id} was submitted to {run_.data['backend']}; use a new --run-id")
+    st.take(run_)  # one controller per run: a second `run` of the same id stops here with one line
+    if not created:
         store.delete(store.join(run_.uri, st.CANCEL_FILE))
         st.refresh(run_, pipeline)
         click.echo(f"continuing run {run_id} in {run_.uri}")
@@ -189,6 +188,7 @@ def submit(ctx, file, backend, namespace, run_id, image, secret, wait) -> None:
             raise UserError("a background local run needs a local store; use --wait or `unsupft-ctl run`")
     if wait:
         if backend == "local":
+            st.take(run_)
             sys.exit(0 if _drive_local(run_, pipeline, None) else 1)
         sys.exit(_wait(pipeline.store, run_id))
 
@@ -230,6 +230,7 @@ def drive(ctx: click.Context, run_id: str, create_from: str | None, namespace: s
             or st.open_run(pipeline.store, run_id)
         ctx.obj["store"] = pipeline.store
     run_ = st.open_run(_store(ctx), run_id)
+    st.take(run_)  # a restarted driver takes over once its predecessor's lease has expired
     pipeline = spec_mod.parse(yaml.safe_dump(run_.data["spec"]), f"{run_.uri}/run.json")
     if ctx.obj.get("store"):
         pipeline = spec_mod.Pipeline(pipeline.name, _store(ctx), pipeline.datasets, pipeline.stages, pipeline.source)

@@ -1,9 +1,12 @@
 """Run state in the store: `<store>/runs/<run-id>/run.json` plus each stage's output prefix.
 
 run.json holds the frozen pipeline, and per stage its state, attempts, timings, the command and
-the cache key. It is created with a conditional write (`store.create_exclusive`), so one run id is
-never started twice; afterwards only the run's one controller (the local `run` process or the
-in-cluster driver) rewrites it, atomically. `status` and `fetch` only read, from anywhere.
+the cache key. It is created complete in one conditional write (`store.create_exclusive`), so one
+run id is never created twice. Only the run's one controller (the local `run` process or the
+in-cluster driver) rewrites it, atomically: a controller first takes the run's lease
+(`<run>/_LEASE.json`, see `unsupft.lease`) in one conditional write, so of two `run` commands started
+together exactly one drives the run and the other stops with one line. `status` and `fetch` only read,
+from anywhere.
 
 A stage is *cached* when its recorded key equals the key of the current pipeline and its
 `_DONE.json` carries the config hash recorded when it finished: then a re-run skips it.
@@ -12,17 +15,20 @@ A stage is *cached* when its recorded key equals the key of the current pipeline
 from __future__ import annotations
 
 import json
-import os
 import socket
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import click
+
+from unsupft import lease
 from unsupft import stage as stage_contract
 from unsupft import store
 from unsupft.ctl.command import stage_args, stage_keys
 from unsupft.ctl.spec import Pipeline
 from unsupft.errors import UserError
+from unsupft.lease import process_alive, process_start  # noqa: F401 (the backends use them from here)
 
 PENDING, RUNNING, WAITING, SUCCEEDED, FAILED, CANCELLED = (
     "pending", "running", "waiting-for-labels", "succeeded", "failed", "cancelled",
@@ -153,31 +159,10 @@ def controller_alive(run: Run) -> bool:
     return ctl.get("host") == socket.gethostname() and process_alive(ctl.get("pid"), ctl.get("pid_start"))
 
 
-def process_start(pid: int) -> str | None:
-    """The kernel's start time of `pid` (tells a live process from a reused pid)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[19]
-    except OSError:
-        return None
-
-
-def process_alive(pid: int | None, start: str | None) -> bool:
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    now = process_start(pid)
-    if now is None:  # no /proc (macOS): trust kill(0)
-        return True
-    try:  # a zombie is dead for our purposes
-        with open(f"/proc/{pid}/stat") as f:
-            if f.read().rsplit(")", 1)[1].split()[0] == "Z":
-                return False
-    except OSError:
-        return False
-    return start is None or now == start
+def take(run: Run) -> lease.Lease:
+    """Become the run's one controller (its lease, held until the command ends), or `LeaseHeld`."""
+    held = lease.acquire(store.join(run.uri, lease.LEASE), "unsupft-ctl", f"run {run.run_id}")
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None:
+        ctx.call_on_close(held.release)
+    return held
