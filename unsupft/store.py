@@ -179,8 +179,7 @@ def _s3_errors(uri: str) -> Iterator[None]:
 def _retrying(uri: str, operation: Callable[[], T], rewind: Callable[[], None] | None = None) -> T:
     """Run one S3 operation, retrying transient failures with backoff within `retry_seconds()`.
 
-    `rewind` resets an upload's source stream before a retry; without one a failed upload of a
-    stream that cannot be rewound is not retried.
+    `rewind` resets an upload's source stream before a retry (or raises when it cannot).
     """
     budget = retry_seconds()
     deadline = time.monotonic() + budget
@@ -376,6 +375,26 @@ def write_json(uri: str, obj: Any) -> None:
     write_text(uri, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+def _rewind(uri: str, stream: IO[bytes], start: int | None) -> None:
+    if start is None:
+        raise InfraError(f"{uri}: the upload failed and its source stream cannot be read again")
+    stream.seek(start)
+
+
+class _KeepOpen:
+    """A stream whose `close` does nothing: boto closes what it uploaded, even after a failure,
+    and a retry reads the same stream again from where the first try started."""
+
+    def __init__(self, stream: IO[bytes]) -> None:
+        self._stream = stream
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+    def close(self) -> None:
+        pass
+
+
 def upload_stream(uri: str, stream: IO[bytes]) -> None:
     """Write a stream to `uri` atomically; large streams go up as one multipart upload on S3."""
     if is_s3(uri):
@@ -384,8 +403,8 @@ def upload_stream(uri: str, stream: IO[bytes]) -> None:
         bucket, key = _split_s3(uri)
         start = stream.tell() if stream.seekable() else None
         _retrying(uri, lambda: _s3_client().upload_fileobj(
-            stream, bucket, key, Config=TransferConfig(multipart_threshold=_MULTIPART_THRESHOLD)),
-            rewind=None if start is None else lambda: stream.seek(start))
+            _KeepOpen(stream), bucket, key, Config=TransferConfig(multipart_threshold=_MULTIPART_THRESHOLD)),
+            rewind=lambda: _rewind(uri, stream, start))
         return
     path = _local(uri)
     _local_parent_ok(uri, path)
