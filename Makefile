@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 # torch first and pinned: pip then takes the CPU build on disk instead of the CUDA one from PyPI.
 TORCH  := torch==2.13.0
 
-.PHONY: install system-deps test demo bench clean
+.PHONY: install system-deps test demo bench clean options-table
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,10 @@ demo: install
 	test -f $(DEMO_DATA)/digits-target/train/dataset.json || \
 	  $(BIN)/unsupft ingest sklearn:digits $(DEMO_DATA)/digits-target --limit 600 --seed 1 --split 0.5
 	$(BIN)/unsupft-ctl run jobs/demo.yaml
+
+# After changing a stage's options: the static table `unsupft-ctl validate` checks pipelines with.
+options-table: install
+	$(BIN)/python -m unsupft.options
 
 clean:
 	rm -rf $(VENV) runs data build *.egg-info

@@ -53,7 +53,7 @@ def test_good_pipeline_orders_stages_and_maps_parameters():
 def test_parameters_are_checked_against_the_stage_commands():
     with pytest.raises(UserError, match="stages.base.colour: 'pretrain' has no option --colour"):
         check_options(spec.parse(GOOD.replace("arch: tiny", "arch: tiny, colour: red"), "demo.yaml"), "demo.yaml")
-    with pytest.raises(UserError, match="stages.adapt.mix: 'blend' is not one of cutmix, mixup, none"):
+    with pytest.raises(UserError, match="stages.adapt.mix: 'blend' is not one of 'cutmix', 'mixup', 'none'"):
         check_options(spec.parse(GOOD.replace("mix: cutmix", "mix: blend"), "demo.yaml"), "demo.yaml")
     with pytest.raises(UserError, match="stages.lab.resume: expected true or false"):
         check_options(spec.parse(GOOD.replace("resume: true", "resume: 3"), "demo.yaml"), "demo.yaml")

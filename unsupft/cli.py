@@ -11,6 +11,7 @@ import importlib
 import click
 
 from unsupft import __version__
+from unsupft.errors import OneLineGroup
 
 # command name -> "module:attribute" of its click.Command
 STAGES: dict[str, str] = {
@@ -25,7 +26,7 @@ STAGES: dict[str, str] = {
 }
 
 
-class LazyGroup(click.Group):
+class LazyGroup(OneLineGroup):
     """A click group whose sub-commands are imported only when used."""
 
     def __init__(self, *args, lazy: dict[str, str], **kwargs) -> None:

@@ -65,3 +65,29 @@ def report_user_errors(fn: F) -> F:
             sys.exit(exc.exit_code)
 
     return wrapper  # type: ignore[return-value]
+
+
+class _UsageLine(click.ClickException):
+    """A Click usage error (bad option value, unknown option) shown as one `error:` line, exit 2."""
+
+    exit_code = EXIT_USER_ERROR
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"error: {' '.join(self.format_message().split())}", err=True)
+
+
+class OneLineGroup(click.Group):
+    """A Click group whose usage errors print one line (`error: Invalid value for '--lr': ...`)
+    instead of Click's usage, hint and message: the same shape as every other bad input."""
+
+    def make_context(self, *args: Any, **kwargs: Any) -> click.Context:
+        try:
+            return super().make_context(*args, **kwargs)
+        except click.UsageError as exc:
+            raise _UsageLine(exc.format_message()) from None
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except click.UsageError as exc:
+            raise _UsageLine(exc.format_message()) from None

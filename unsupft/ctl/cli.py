@@ -22,7 +22,7 @@ from unsupft import __version__, store
 from unsupft.ctl import spec as spec_mod
 from unsupft.ctl import state as st
 from unsupft.ctl.command import check_options
-from unsupft.errors import UserError, report_user_errors
+from unsupft.errors import OneLineGroup, UserError, report_user_errors
 
 DEFAULT_STORE = "file://./runs"
 
@@ -48,7 +48,7 @@ def _store(ctx: click.Context) -> str:
     return store.normalize(ctx.obj.get("store") or DEFAULT_STORE)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=OneLineGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="unsupft-ctl")
 @click.option("--store", envvar="UNSUPFT_STORE", default=None,
               help="Store URI holding runs (default: the pipeline's `store`, else file://./runs).")

@@ -2,59 +2,70 @@
 
 `replay_fraction: 0.1` -> `--replay-fraction 0.1`; `true` -> `--flag`, `false` -> `--no-flag`;
 a list -> the option repeated (or one comma-joined value where the option takes a single value);
-a mapping -> `--option KEY=VALUE` per entry (evaluate's `--model NAME=URI`). When the stage command
-is installed, its Click options are read so that parameter names and flags are checked before a run
-starts instead of failing minutes later inside a container.
+a mapping -> `--option KEY=VALUE` per entry (evaluate's `--model NAME=URI`). Parameter names, flags
+and every value are checked before a run starts, against the static table of the stage commands'
+options (`unsupft.options`): with the same Click types the stage itself converts them with, so a
+value `validate` accepts is one the stage accepts, and the controller does not import torch.
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import os
 from typing import Any
 
 import click
 
+from unsupft import options as option_table
 from unsupft.ctl.spec import Pipeline, Stage
 from unsupft.errors import UserError
 
 
-def _options(kind: str) -> dict[str, click.Option] | None:
-    """The stage command's options by parameter name, or None when they are not ours to know:
-    this install lacks the stage, or `UNSUPFT_STAGE_PROGRAM` runs stages through another program."""
-    from unsupft.cli import STAGES
+def _options(kind: str) -> dict[str, dict[str, Any]] | None:
+    """The stage command's options by parameter name (table entries), or None when they are not
+    ours to know: `UNSUPFT_STAGE_PROGRAM` runs stages through another program."""
+    if os.environ.get("UNSUPFT_STAGE_PROGRAM"):
+        return None
+    return option_table.load().get(kind)
 
-    if kind not in STAGES or os.environ.get("UNSUPFT_STAGE_PROGRAM"):
-        return None
-    module_name, attr = STAGES[kind].split(":")
-    try:
-        command = getattr(importlib.import_module(module_name), attr)
-    except ImportError:
-        return None
-    # Keyed by the long option as typed (`--replay-source` -> replay_source), not the Python name.
-    return {opt[2:].replace("-", "_"): p for p in command.params if isinstance(p, click.Option)
-            for opt in p.opts if opt.startswith("--")}
+
+def _check_value(where: str, option: dict[str, Any], value: Any) -> None:
+    if option["is_flag"]:
+        if not isinstance(value, bool):
+            raise UserError(f"{where}: expected true or false, got {value!r}")
+        return
+    param_type = option_table.param_type(option["type"])
+    if isinstance(value, dict):
+        values = [f"{k}={v}" for k, v in value.items()]
+    else:
+        values = value if isinstance(value, list) else [value]
+    if isinstance(value, list) and len(values) > 1 and not option["multiple"] and not isinstance(param_type, click.types.StringParamType):
+        raise UserError(f"{where}: takes one value, got a list of {len(values)}")
+    for v in values:
+        if isinstance(v, bool) and not isinstance(param_type, click.types.BoolParamType):
+            hint = " (quote it: YAML reads yes, no, on, off as booleans)" if isinstance(param_type, (click.Choice, click.types.StringParamType)) else ""
+            raise UserError(f"{where}: expected {param_type.name}, got {v!r}{hint}")
+        try:
+            param_type.convert(v if isinstance(param_type, (option_table.Number, option_table.Count)) else str(v), None, None)
+        except click.BadParameter as exc:
+            raise UserError(f"{where}: {exc.message}") from None
 
 
 def check_options(pipeline: Pipeline, file: str) -> None:
-    """Every parameter must be an option of its stage command (when the command is installed)."""
+    """Every parameter must be an option of its stage command, with a value the stage accepts."""
     for stage in pipeline.stages.values():
         options = _options(stage.kind)
         if options is None:
             continue
         for key, value in stage.params.items():
+            where = f"{file}: stages.{stage.name}.{key}"
             if key not in options:
-                known = ", ".join(sorted(k for k in options if k != "out"))
-                raise UserError(f"{file}: stages.{stage.name}.{key}: '{stage.kind}' has no option --{key.replace('_', '-')} (options: {known})")
-            option = options[key]
-            if option.is_flag and not isinstance(value, bool):
-                raise UserError(f"{file}: stages.{stage.name}.{key}: expected true or false, got {value!r}")
-            if isinstance(option.type, click.Choice):
-                for v in value if isinstance(value, list) else [value]:
-                    if str(v) not in option.type.choices:
-                        raise UserError(f"{file}: stages.{stage.name}.{key}: {v!r} is not one of {', '.join(option.type.choices)}")
+                known = ", ".join(sorted(k for k in options if k not in ("out", "overwrite")))
+                raise UserError(f"{where}: '{stage.kind}' has no option --{key.replace('_', '-')} (options: {known})")
+            if key == "overwrite":
+                raise UserError(f"{where}: the controller owns each stage's output; remove 'overwrite'")
+            _check_value(where, options[key], value)
 
 
 def _flag(name: str) -> str:
@@ -78,13 +89,13 @@ def stage_args(stage: Stage, run_uri: str) -> list[str]:
         if isinstance(value, bool):
             if value:
                 args.append(flag)
-            elif option is None or option.secondary_opts:
-                args.append(option.secondary_opts[0] if option else f"--no-{key.replace('_', '-')}")
+            elif option is None or option["secondary_opts"]:
+                args.append(option["secondary_opts"][0] if option else f"--no-{key.replace('_', '-')}")
         elif isinstance(value, dict):
             for k, v in value.items():
                 args += [flag, f"{k}={resolve(v)}"]
         elif isinstance(value, list):
-            if option is not None and not option.multiple:
+            if option is not None and not option["multiple"]:
                 args += [flag, ",".join(resolve(v) for v in value)]
             else:
                 for v in value:

@@ -22,7 +22,7 @@ import click
 import numpy as np
 import torch
 
-from unsupft import stage, store
+from unsupft import options, stage, store
 from unsupft.data import ArraySet, load_arrays
 from unsupft.errors import UserError, report_user_errors
 from unsupft.eval import metrics, report
@@ -121,15 +121,15 @@ def evaluate_model(backbone: torch.nn.Module, meta: dict[str, Any], train: Array
 @click.option("--train", "train_uri", required=True, help="Labeled train data set (few-shot draws, retrieval database).")
 @click.option("--test", "test_uri", required=True, help="Labeled test data set.")
 @click.option("--shots", default="1,2,4,8", show_default=True, help="Comma list of K labeled images per class.")
-@click.option("--trials", type=click.IntRange(min=1), default=3, show_default=True, help="Seeded draws per K.")
+@click.option("--trials", type=options.count(1, 1000), default=3, show_default=True, help="Seeded draws per K.")
 @click.option("--method", type=click.Choice(METHODS), default="ce", show_default=True, help="Few-shot finetuning method.")
-@click.option("--epochs", type=click.IntRange(min=1), default=100, show_default=True,
+@click.option("--epochs", type=options.EPOCHS, default=100, show_default=True,
               help="Few-shot finetuning epochs (one step each at small K: few-shot runs need many).")
 @click.option("--metrics", "metrics_list", default=",".join(METRICS), show_default=True,
               help="Comma list of metrics to compute.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--batch-size", type=options.BATCH, default=64, show_default=True)
 @click.option("--arch", type=click.Choice(ARCHS), default=None, help="Architecture of plain torchvision checkpoints.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=options.SEED, default=0, show_default=True)
 @click.option("--out", required=True, help="Output URI for report.json, report.html and the pictures.")
 @stage.overwrite_option
 @report_user_errors

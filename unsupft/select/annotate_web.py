@@ -196,7 +196,7 @@ def serve_round(out: str, round_index: int, port: int = 0) -> str:
 
 @click.command("annotate")
 @click.argument("run_or_uri")
-@click.option("--port", type=int, default=0, show_default=True, help="0 = any free port")
+@click.option("--port", type=click.IntRange(0, 65535), default=0, show_default=True, help="0 = any free port")
 @report_user_errors
 def annotate_command(run_or_uri: str, port: int) -> None:
     """Label the waiting round of a label stage (its --out URI, or a run prefix containing one)."""

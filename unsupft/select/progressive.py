@@ -34,7 +34,7 @@ from typing import Any, Protocol, Sequence
 import click
 import torch
 
-from unsupft import stage, store
+from unsupft import options, stage, store
 from unsupft.errors import EXIT_WAITING_FOR_LABELS, UserError, report_user_errors
 from unsupft.select.ackmeans import ackmeans
 from unsupft.select.annotators import Annotator, ManualAnnotator, OracleAnnotator, WaitingForLabels
@@ -279,9 +279,9 @@ def make_annotator(cfg: LabelConfig, target: Target) -> Annotator:
 @click.option("--init", help="Model to start from (model.pt, moco.pt or a stage output URI).")
 @click.option("--data", help="Target data set URI (shards; labels used only by --annotator oracle).")
 @click.option("--test", default=None, help="Labeled test set URI: per-round accuracy in rounds.jsonl.")
-@click.option("--budget", type=click.FloatRange(min=0), default=1.0, show_default=True,
+@click.option("--budget", type=options.number(0, 10_000), default=1.0, show_default=True,
               help="Extra labels per class on average (epsilon): epsilon*C labels beyond the initial set.")
-@click.option("--per-round", type=click.IntRange(min=1), default=1, show_default=True,
+@click.option("--per-round", type=options.count(1, 10_000), default=1, show_default=True,
               help="b: K = b*C new centers (labels) per round; the last round takes what is left.")
 @click.option("--initial", default="seeded", show_default=True,
               help="'seeded': one per class chosen by --seed (manual: the C ACKMeans eigen-samples), "
@@ -289,8 +289,8 @@ def make_annotator(cfg: LabelConfig, target: Target) -> Annotator:
 @click.option("--annotator", type=click.Choice(["oracle", "manual"]), default="oracle", show_default=True)
 @click.option("--selector", type=click.Choice(["ackmeans", "random"]), default="ackmeans", show_default=True)
 @click.option("--method", type=click.Choice(["ce", "coin", "bituning"]), default="ce", show_default=True)
-@click.option("--epochs", type=click.IntRange(min=1), default=30, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--epochs", type=options.EPOCHS, default=30, show_default=True)
+@click.option("--seed", type=options.SEED, default=0, show_default=True)
 @click.option("--out", required=True, help="Output URI (state, requests, labels, models).")
 @click.option("--resume", is_flag=True, help="Continue the run in --out with its stored config (other options may be left out).")
 @stage.overwrite_option

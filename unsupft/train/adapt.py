@@ -11,7 +11,7 @@ from __future__ import annotations
 import click
 import torch
 
-from unsupft import store
+from unsupft import options, store
 from unsupft.data.augment import parse_augments
 from unsupft.data.mixing import replay_subset, with_replay
 from unsupft.errors import UserError, report_user_errors
@@ -23,10 +23,10 @@ from unsupft.train.moco_stage import MIXES, MoCoTask, init_moco, load_images, mo
 @click.option("--init", required=True, help="Pretrained stage output URI or checkpoint file.")
 @click.option("--target", required=True, help="Unlabeled target data set URI.")
 @click.option("--replay-source", default=None, help="Source data set to replay a fixed subset of.")
-@click.option("--replay-fraction", type=float, default=0.1, show_default=True,
+@click.option("--replay-fraction", type=options.number(0, 1, max_open=True), default=0.1, show_default=True,
               help="Share of --replay-source replayed (0 = no replay).")
 @click.option("--mix", type=click.Choice(MIXES), default="cutmix", show_default=True)
-@click.option("--mix-alpha", type=float, default=1.0, show_default=True, help="lam ~ Beta(alpha, alpha).")
+@click.option("--mix-alpha", type=options.number(0, 100, min_open=True), default=1.0, show_default=True, help="lam ~ Beta(alpha, alpha).")
 @moco_options(default_lr_per_256=0.015, default_epochs=200)
 @report_user_errors
 def adapt_command(init, target, replay_source, replay_fraction, mix, mix_alpha, out, arch, steps, epochs, batch_size,

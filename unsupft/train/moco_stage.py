@@ -18,7 +18,7 @@ import click
 import torch
 import torch.nn.functional as F
 
-from unsupft import stage, store
+from unsupft import options, stage, store
 from unsupft.data import load_arrays
 from unsupft.data.augment import DEFAULT_AUGMENTS, moco_v2_augment, to_input
 from unsupft.data.mixing import cutmix, mixup
@@ -137,32 +137,33 @@ def default_workers() -> int:
 
 def moco_options(default_lr_per_256: float, default_epochs: float):
     """The options `pretrain` and `adapt` share (click decorators)."""
-    options = [
+    declared = [
         click.option("--out", required=True, help="Output URI (directory or s3://bucket/prefix)."),
         stage.overwrite_option,
         click.option("--arch", type=click.Choice(ARCHS), default=None,
                      help="Backbone (default: the --init's, else tiny)."),
-        click.option("--steps", type=int, default=None, help="Training length in optimizer steps."),
-        click.option("--epochs", type=float, default=None,
+        click.option("--steps", type=options.STEPS, default=None, help="Training length in optimizer steps."),
+        click.option("--epochs", type=options.number(0, 100_000, min_open=True), default=None,
                      help=f"Training length in epochs (default {default_epochs:g} when --steps is not given)."),
-        click.option("--batch-size", type=int, default=256, show_default=True, help="Global batch (all processes)."),
-        click.option("--lr", type=float, default=None,
+        click.option("--batch-size", type=options.BATCH, default=256, show_default=True, help="Global batch (all processes)."),
+        click.option("--lr", type=options.LEARNING_RATE, default=None,
                      help=f"Peak SGD learning rate (default {default_lr_per_256} * batch / 256)."),
-        click.option("--seed", type=int, default=0, show_default=True),
-        click.option("--queue-size", type=int, default=65536, show_default=True),
-        click.option("--temperature", type=float, default=0.2, show_default=True),
-        click.option("--key-momentum", type=float, default=0.999, show_default=True,
+        click.option("--seed", type=options.SEED, default=0, show_default=True),
+        click.option("--queue-size", type=options.count(1, 1 << 20), default=65536, show_default=True,
+                     help="Negative keys kept (at most 2^20: 128 floats each)."),
+        click.option("--temperature", type=options.number(0, 100, min_open=True), default=0.2, show_default=True),
+        click.option("--key-momentum", type=options.number(0, 1, max_open=True), default=0.999, show_default=True,
                      help="Key encoder momentum (short runs on small data learn faster with 0.99)."),
-        click.option("--image-size", type=int, default=None, help="Resize images to this square size."),
+        click.option("--image-size", type=options.count(8, 1024), default=None, help="Resize images to this square size."),
         click.option("--augment", default=",".join(DEFAULT_AUGMENTS), show_default=True,
                      help="Comma list of augmentations (or 'none')."),
-        click.option("--checkpoint-every", type=int, default=500, show_default=True),
+        click.option("--checkpoint-every", type=options.count(0, 100_000_000), default=500, show_default=True),
         click.option("--amp", type=click.Choice(["auto", "bf16", "off"]), default="auto", show_default=True),
-        click.option("--workers", type=int, default=None, help="DataLoader workers (default: half the cores)."),
+        click.option("--workers", type=options.count(0, 64), default=None, help="DataLoader workers (default: half the cores)."),
     ]
 
     def decorate(fn):
-        for option in reversed(options):
+        for option in reversed(declared):
             fn = option(fn)
         return fn
 

@@ -7,7 +7,7 @@ import time
 import click
 import torch
 
-from unsupft import stage, store
+from unsupft import options, stage, store
 from unsupft.data.augment import parse_augments, to_input
 from unsupft.data.mixing import rebalanced
 from unsupft.errors import UserError, report_user_errors
@@ -22,7 +22,7 @@ from unsupft.train.moco_stage import (MoCoTask, init_moco, load_all, load_images
 @click.option("--data", "data_uris", multiple=True, required=True,
               help="Data set URI (repeatable; several are concatenated: the source for TUP).")
 @click.option("--target", default=None, help="TUP: target data set, re-balanced against --data.")
-@click.option("--target-ratio", type=float, default=0.2, show_default=True,
+@click.option("--target-ratio", type=options.number(0, 1, min_open=True, max_open=True), default=0.2, show_default=True,
               help="TUP: target images per epoch as a share of the source size, in (0, 1).")
 @click.option("--init", default=None, help="Stage output URI or checkpoint file to start from (MoCo head kept if present).")
 @click.option("--freeze", type=click.Choice(["none", "bn-only"]), default="none", show_default=True,
@@ -60,8 +60,8 @@ def pretrain_command(data_uris, target, target_ratio, init, freeze, out, arch, s
 @click.option("--data", "data_uri", required=True, help="Data set whose BatchNorm statistics to adopt.")
 @click.option("--out", required=True)
 @click.option("--arch", type=click.Choice(ARCHS), default=None)
-@click.option("--batch-size", type=int, default=256, show_default=True)
-@click.option("--epochs", type=int, default=1, show_default=True)
+@click.option("--batch-size", type=options.BATCH, default=256, show_default=True)
+@click.option("--epochs", type=options.EPOCHS, default=1, show_default=True)
 @stage.overwrite_option
 @report_user_errors
 def bn_adapt_command(init, data_uri, out, arch, batch_size, epochs) -> None:

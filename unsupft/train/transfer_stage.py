@@ -16,7 +16,7 @@ import click
 import numpy as np
 import torch
 
-from unsupft import stage, store
+from unsupft import options, stage, store
 from unsupft.data import ArraySet, load_arrays
 from unsupft.errors import UserError, report_user_errors
 from unsupft.models import ARCHS, load_backbone, save_model
@@ -48,17 +48,17 @@ def select_training_set(
 @click.command("transfer")
 @click.option("--init", required=True, help="Stage output URI or checkpoint file (model.pt, moco.pt, torchvision state_dict).")
 @click.option("--train", "train_uri", required=True, help="Labeled training data set URI.")
-@click.option("--shots", type=click.IntRange(min=1), default=None, help="Draw exactly K labeled images per class.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the draw, init, order and augmentation.")
+@click.option("--shots", type=options.count(1, 100_000), default=None, help="Draw exactly K labeled images per class.")
+@click.option("--seed", type=options.SEED, default=0, show_default=True, help="Seed of the draw, init, order and augmentation.")
 @click.option("--labels", "labels_file", default=None,
               help="CSV/text list of keys to train on (optional header key,label; labels override the shards').")
 @click.option("--method", type=click.Choice(METHODS), default="ce", show_default=True)
-@click.option("--epochs", type=click.IntRange(min=1), default=100, show_default=True)
-@click.option("--coin-alpha", type=click.FloatRange(0.0, 1.0), default=0.7, show_default=True,
+@click.option("--epochs", type=options.EPOCHS, default=100, show_default=True)
+@click.option("--coin-alpha", type=options.number(0, 1), default=0.7, show_default=True,
               help="COIN: share of the epochs trained with SupCon alone.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
-@click.option("--lr-head", type=float, default=3.0, show_default=True, help="Learning rate of the new classifier.")
-@click.option("--lr-backbone", type=float, default=1e-4, show_default=True)
+@click.option("--batch-size", type=options.BATCH, default=64, show_default=True)
+@click.option("--lr-head", type=options.LEARNING_RATE, default=3.0, show_default=True, help="Learning rate of the new classifier.")
+@click.option("--lr-backbone", type=options.LEARNING_RATE, default=1e-4, show_default=True)
 @click.option("--arch", type=click.Choice(ARCHS), default=None, help="Architecture of a plain torchvision --init.")
 @click.option("--out", required=True, help="Output URI.")
 @stage.overwrite_option
