@@ -135,3 +135,39 @@ def test_sigkill_between_and_inside_rounds_resumes_to_the_same_labels(digits, tm
     assert json.loads((out / "state.json").read_text())["phase"] == "done"
     assert _per_round_keys(out) == _per_round_keys(ref)
     assert [r["labels"] for r in map(json.loads, (out / "rounds.jsonl").read_text().splitlines())] == [10, 20, 30]
+
+
+def test_bad_inputs_are_refused_before_any_write_and_the_fixed_rerun_runs(digits, tmp_path, cli_env):
+    # label used to write its state before reading its inputs, then refused the corrected rerun as
+    # "another config" (issue 16 item 8).
+    out = tmp_path / "label"
+    bad_keys = tmp_path / "initial.csv"
+    bad_keys.write_text("key\nno-such-key\n")
+    for bad in (["--init", tmp_path / "missing"], ["--initial", bad_keys]):
+        args = {"--init": digits / "init", "--data": digits / "train", "--budget": 0, "--epochs": 1, "--out": out}
+        args.update(dict(zip(bad[::2], bad[1::2])))
+        refused = label(cli_env, *[x for kv in args.items() for x in kv])
+        assert refused.returncode == 2 and refused.stderr.count("error:") == 1, refused.stderr
+        assert not out.exists()
+    fixed = label(cli_env, "--init", digits / "init", "--data", digits / "train", "--budget", 0, "--epochs", 1,
+                  "--out", out)
+    assert fixed.returncode == 0, fixed.stderr
+
+
+def test_resume_uses_the_out_it_is_given(digits, tmp_path, cli_env):
+    # `label --resume --out B` on a copy of A used to read and write A (the path in config.json).
+    import shutil
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    first = label(cli_env, "--init", digits / "init", "--data", digits / "train", "--annotator", "manual",
+                  "--budget", 0, "--epochs", 1, "--out", a)
+    assert first.returncode == EXIT_WAITING_FOR_LABELS, first.stderr
+    shutil.copytree(a, b)
+    keys = (b / "requests" / "round-0.csv").read_text().split()[1:]
+    (b / "labels").mkdir(exist_ok=True)
+    (b / "labels" / "round-0.csv").write_text("key,label\n" + "".join(f"{k},{int(k.split('-')[-1]) % 10}\n" for k in keys))
+    before_a = sorted(p.relative_to(a) for p in a.rglob("*"))
+    resumed = label(cli_env, "--resume", "--out", b)
+    assert resumed.returncode == 0, resumed.stderr
+    assert (b / "_DONE.json").exists() and not (a / "_DONE.json").exists()
+    assert sorted(p.relative_to(a) for p in a.rglob("*")) == before_a  # A untouched

@@ -101,29 +101,60 @@ class Pipeline:
         return store.join(self.run_uri(run_id), stage)
 
 
+# Bounds of a pipeline file: far above any real pipeline, far below what hurts.
+MAX_BYTES = 1 << 20
+MAX_DEPTH = 64
+MAX_NODES = 100_000  # after expanding aliases: run.json stores the document expanded
+
+
 class _Where:
-    """Line numbers of every field of a YAML document, for error messages."""
+    """Line numbers of every field of a YAML document, for error messages.
+
+    The walk also bounds the document before anything is built from it: nesting depth, and its size
+    with every alias expanded (a "billion laughs" file of a few hundred bytes expands to billions of
+    nodes). Each node is walked once, however many aliases point at it, and a recursive alias is an
+    error.
+    """
 
     def __init__(self, file: str, node: yaml.Node | None) -> None:
         self.file, self.lines = file, {}
+        self.sizes: dict[int, int] = {}  # id(node) -> node count with aliases expanded
         if node is not None:
-            self._walk(node, ())
+            self._walk(node, (), set())
 
-    def _walk(self, node: yaml.Node, path: tuple) -> None:
-        self.lines[path] = node.start_mark.line + 1
+    def _walk(self, node: yaml.Node, path: tuple, active: set[int]) -> int:
+        line = node.start_mark.line + 1
+        self.lines.setdefault(path, line)
+        if id(node) in self.sizes:  # an alias to a node walked before: its size, no second walk
+            return self.sizes[id(node)]
+        if id(node) in active:
+            raise UserError(f"{self.file}:{line}: {self.dotted(path) or '(document)'}: a recursive alias (refers to itself)")
+        if len(path) > MAX_DEPTH:
+            raise UserError(f"{self.file}:{line}: {self.dotted(path)}: nested deeper than {MAX_DEPTH} levels")
+        active.add(id(node))
+        size = 1
         if isinstance(node, yaml.MappingNode):
             seen = set()
             for key, value in node.value:
+                if not isinstance(key, yaml.ScalarNode):
+                    raise UserError(f"{self.file}:{key.start_mark.line + 1}: {self.dotted(path) or '(document)'}: "
+                                    "a key must be a plain name, not a list or mapping")
                 name = key.value
                 if name in seen:
                     raise UserError(f"{self.file}:{key.start_mark.line + 1}: {self.dotted(path + (name,))}: duplicate key")
                 seen.add(name)
                 self.lines[path + (name,)] = key.start_mark.line + 1
-                self._walk(value, path + (name,))
+                size += 1 + self._walk(value, path + (name,), active)
                 self.lines[path + (name,)] = key.start_mark.line + 1
         elif isinstance(node, yaml.SequenceNode):
             for i, item in enumerate(node.value):
-                self._walk(item, path + (i,))
+                size += self._walk(item, path + (i,), active)
+        active.discard(id(node))
+        if size > MAX_NODES:
+            raise UserError(f"{self.file}:{line}: {self.dotted(path) or '(document)'}: more than {MAX_NODES} values "
+                            "with its aliases expanded; a pipeline is far smaller")
+        self.sizes[id(node)] = size
+        return size
 
     @staticmethod
     def dotted(path: tuple) -> str:
@@ -142,9 +173,17 @@ def load(path: str | Path) -> Pipeline:
     """Read and validate a pipeline file; every problem is a `UserError` naming file, field, line."""
     path = Path(path)
     try:
-        text = path.read_text()
+        with path.open("rb") as stream:
+            data = stream.read(MAX_BYTES + 1)
     except OSError as exc:
         raise UserError(f"{path}: cannot read pipeline file ({exc.strerror})") from None
+    if len(data) > MAX_BYTES:
+        raise UserError(f"{path}: larger than {MAX_BYTES} bytes; a pipeline file is far smaller")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise UserError(f"{path}:{line}: not UTF-8 text (byte {exc.start})") from None
     return parse(text, str(path))
 
 
@@ -158,6 +197,8 @@ def parse(text: str, file: str = "<pipeline>") -> Pipeline:
         mark = getattr(exc, "problem_mark", None)
         line = f":{mark.line + 1}" if mark else ""
         raise UserError(f"{file}{line}: malformed YAML ({getattr(exc, 'problem', None) or exc})") from None
+    except RecursionError:  # the YAML composer recurses per nesting level
+        raise UserError(f"{file}: nested too deeply (more than {MAX_DEPTH} levels)") from None
     finally:
         loader.dispose()
     return _build(doc, where)

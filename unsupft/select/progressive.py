@@ -89,7 +89,9 @@ class LabelConfig:
     metric: str = "cosine"
 
     def as_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        """The stage config (config.json, its hash): where the run lives is not part of it, so a
+        copied output resumes in its new place (`--resume --out COPY` reads and writes COPY)."""
+        return {k: v for k, v in self.__dict__.items() if k != "out"}
 
 
 @dataclass
@@ -248,6 +250,10 @@ class TransferEngine:
         backbone, meta = self._load(model_uri)
         return self._extract(backbone, images, image_size=meta.get("image_size"))
 
+    def check_init(self, init: str, channels: int) -> None:
+        """Load `init` once before anything is written: a missing or foreign model is refused early."""
+        self._load(init, in_channels=channels)
+
     def finetune(self, init, images, labels, classes, out, *, method, epochs, seed, test):
         backbone, meta = self._load(init)
         model = self._finetune(backbone, meta, images, labels, len(classes), method=method, epochs=epochs,
@@ -303,7 +309,7 @@ def label_command(resume: bool, **options: Any) -> None:
     if resume:
         if not store.exists(stored):
             raise UserError(f"{out}: nothing to resume (no {stage.CONFIG})")
-        cfg = LabelConfig(**store.read_json(stored))
+        cfg = LabelConfig(**{**store.read_json(stored), "out": out})
     else:
         missing = [name for name in ("init", "data") if not options[name]]
         if missing:
@@ -314,7 +320,7 @@ def label_command(resume: bool, **options: Any) -> None:
     if stage.is_done(out, cfg.as_dict()):
         click.echo(f"{out}: already done")
         return
-    stage.write_config(out, cfg.as_dict())
+    # Every input is read and checked before the first write (a refused run leaves --out untouched).
     target = load_target(cfg.data)
     test = None
     if cfg.test:
@@ -322,8 +328,13 @@ def label_command(resume: bool, **options: Any) -> None:
 
         t = load_arrays(cfg.test)
         test = (t.images, t.labels)
+    engine = TransferEngine()
+    engine.check_init(cfg.init, int(target.images.shape[1]))
+    if cfg.initial != "seeded":
+        initial_keys(cfg, target, engine)  # the key file: readable, known keys and classes
+    stage.write_config(out, cfg.as_dict())
     try:
-        state = run_label(cfg, target, make_annotator(cfg, target), TransferEngine(), test,
+        state = run_label(cfg, target, make_annotator(cfg, target), engine, test,
                           log=lambda line: click.echo(line, err=True))
     except WaitingForLabels as waiting:
         click.echo(str(waiting))
