@@ -231,7 +231,11 @@ def read_bytes(uri: str) -> bytes:
 
 
 def read_text(uri: str) -> str:
-    return read_bytes(uri).decode("utf-8")
+    data = read_bytes(uri)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{uri}: not UTF-8 text (byte {exc.start})") from None
 
 
 def read_json(uri: str) -> Any:

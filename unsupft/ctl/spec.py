@@ -188,7 +188,10 @@ def load(path: str | Path) -> Pipeline:
 
 
 def parse(text: str, file: str = "<pipeline>") -> Pipeline:
-    loader = yaml.SafeLoader(text)
+    try:
+        loader = yaml.SafeLoader(text)
+    except yaml.YAMLError as exc:  # the reader refuses control characters up front
+        raise UserError(f"{file}: malformed YAML ({getattr(exc, 'reason', None) or exc})") from None
     try:
         node = loader.get_single_node()
         where = _Where(file, node)
