@@ -15,9 +15,9 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from unsupft import lease, store
+from tests.test_ctl_local import _pipeline
 from unsupft.errors import EXIT_INFRA, InfraError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -174,18 +174,6 @@ def test_a_holder_that_lost_its_lease_learns_it_at_the_next_renewal(store_uri, m
     assert json.loads(store.read_bytes(uri))["host"] == "elsewhere"
 
 
-def _ctl_pipeline(tmp_path: Path) -> Path:
-    f = tmp_path / "p.yaml"
-    f.write_text(f"""\
-name: t
-store: file://{tmp_path}/store
-stages:
-  a: {{kind: pretrain, arch: tiny, sleep: 0.5}}
-  b: {{kind: adapt, init: a, sleep: 0.2}}
-""")
-    return f
-
-
 def test_two_controllers_started_together_exactly_one_runs(tmp_path):
     # The issue saw both run the whole pipeline in 2 of 10 trials (run.json was created without its
     # controller, written later). The run's lease is taken in one conditional write.
@@ -194,13 +182,13 @@ def test_two_controllers_started_together_exactly_one_runs(tmp_path):
     for trial in range(10):
         root = tmp_path / f"trial{trial}"
         root.mkdir()
-        f = _ctl_pipeline(root)
+        f = _pipeline(root)
         procs = [subprocess.Popen([sys.executable, "-m", "unsupft.ctl", "run", str(f)], env=env, cwd=ROOT,
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
         results = [(p.wait(timeout=180), p.stderr.read()) for p in procs]
         assert sorted(code for code, _ in results) == [0, EXIT_INFRA], (trial, results)
         loser = next(err for code, err in results if code != 0)
         assert loser.count("error:") == 1 and "run t is in use by unsupft-ctl" in loser, loser
-        for stage_name in ("a", "b"):
+        for stage_name in ("a", "b", "c"):
             runs = (root / "store/runs/t" / stage_name / "runs.txt").read_text().splitlines()
             assert len(runs) == 1, (trial, stage_name, runs)

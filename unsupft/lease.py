@@ -32,7 +32,7 @@ import uuid
 from typing import Any
 
 from unsupft import store
-from unsupft.errors import EXIT_INFRA, InfraError, ReportedError, UserError
+from unsupft.errors import EXIT_INFRA, InfraError, ReportedError
 
 LEASE = "_LEASE.json"
 TTL_ENV = "UNSUPFT_LEASE_SECONDS"
@@ -44,14 +44,7 @@ class LeaseHeld(InfraError):
 
 
 def ttl_seconds() -> float:
-    raw = os.environ.get(TTL_ENV)
-    try:
-        value = float(raw) if raw else DEFAULT_TTL
-    except ValueError:
-        raise UserError(f"{TTL_ENV}={raw!r}: expected a number of seconds") from None
-    if not 1 <= value <= 86400:
-        raise UserError(f"{TTL_ENV}={raw!r}: expected seconds in [1, 86400]")
-    return value
+    return store.env_seconds(TTL_ENV, DEFAULT_TTL, 1, 86400)
 
 
 def process_start(pid: int) -> str | None:

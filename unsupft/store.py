@@ -131,16 +131,21 @@ class _Transient(Exception):
         self.reason = reason
 
 
+def env_seconds(name: str, default: float, low: float, high: float) -> float:
+    """A duration in seconds from the environment variable `name` (`default` when unset), in [low, high]."""
+    raw = os.environ.get(name)
+    try:
+        value = float(raw) if raw else default
+    except ValueError:
+        raise UserError(f"{name}={raw!r}: expected a number of seconds") from None
+    if not low <= value <= high:
+        raise UserError(f"{name}={raw!r}: expected seconds in [{low:g}, {high:g}]")
+    return value
+
+
 def retry_seconds() -> float:
     """The retry budget of one store operation (`UNSUPFT_STORE_RETRY_SECONDS`, default 60)."""
-    raw = os.environ.get(RETRY_ENV)
-    try:
-        value = float(raw) if raw else DEFAULT_RETRY_SECONDS
-    except ValueError:
-        raise UserError(f"{RETRY_ENV}={raw!r}: expected a number of seconds") from None
-    if not 0 <= value < 86400:
-        raise UserError(f"{RETRY_ENV}={raw!r}: expected seconds in [0, 86400)")
-    return value
+    return env_seconds(RETRY_ENV, DEFAULT_RETRY_SECONDS, 0, 86400)
 
 
 @contextlib.contextmanager
