@@ -11,13 +11,14 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from unsupft import lease, store
 from tests.test_ctl_local import _pipeline
+from unsupft import lease, store
 from unsupft.errors import EXIT_INFRA, InfraError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -150,8 +151,6 @@ def test_lease_of_another_host_is_taken_after_its_ttl_unless_renewed(store_uri):
     # A live holder elsewhere renews within its ttl: the newcomer stops with one line.
     other = store.join(store_uri, "other", lease.LEASE)
     version = store.create_exclusive(other, _record(host="elsewhere", renewed=time.time()))
-    import threading
-
     def renew() -> None:
         time.sleep(0.5)
         store.replace_if(other, _record(host="elsewhere", renewed=time.time()), version)

@@ -75,17 +75,16 @@ def differences(old: dict[str, Any], new: dict[str, Any]) -> str:
 
 def _foreign(out: str, config: dict[str, Any]) -> str | None:
     """Why `out` is not this config's to write (None when it is: empty, or holding this config)."""
-    config_uri = store.join(out, CONFIG)
-    if store.exists(config_uri):
-        existing = store.read_json(config_uri)
+    names = [n for n in store.list_prefix(out) if n != lease.LEASE]
+    if CONFIG in names:  # one listing, then the config: a writer starting meanwhile is seen whole
+        existing = store.read_json(store.join(out, CONFIG))
         if not isinstance(existing, dict):
             return f"holds a {CONFIG} that is not a stage config"
         if config_hash(existing) != config_hash(config):
             return f"holds the output of another config ({differences(existing, config)})"
         return None
-    others = [n for n in store.list_prefix(out) if n != lease.LEASE]
-    if others:
-        return f"is not empty and holds no {CONFIG} (e.g. {others[0]}): not a stage output of this config"
+    if names:
+        return f"is not empty and holds no {CONFIG} (e.g. {names[0]}): not a stage output of this config"
     return None
 
 
