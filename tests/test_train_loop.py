@@ -177,3 +177,34 @@ def test_sample_randomness_is_a_function_of_the_step_alone():
     again = list(source.batches(2, 4))
     assert all(torch.equal(a, b) for a, b in zip(first, again)) and len(first) == 2
     assert not torch.equal(first[0], first[1])  # different steps, different draws
+
+
+class DivergesAt(Classify):
+    """Classify whose loss turns NaN from step `bad` on (as a too-high learning rate does)."""
+
+    def __init__(self, bad: int) -> None:
+        super().__init__()
+        self.bad = bad
+
+    def training_step(self, batch, step):
+        loss, metrics = super().training_step(batch, step)
+        return (loss * float("nan") if step >= self.bad else loss), metrics
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_the_checkpoint_before_it(tmp_path, digits):
+    from unsupft import checkpoint
+    from unsupft.errors import UserError
+
+    cfg = config(tmp_path, checkpoint_every=4, log_every=10)
+    seed_everything(0)
+    with pytest.raises(UserError) as exc:
+        train(DivergesAt(bad=5), digit_batches(digits), cfg)
+    message = str(exc.value)
+    assert "\n" not in message and "NaN or infinite at step 5" in message and "learning rate" in message
+    assert "from step 4 is kept" in message
+    kept = checkpoint.load(str(tmp_path / "checkpoint.pt"))
+    assert kept["step"] == 4  # the checkpoint due at step 8 was not written over it with NaN weights
+    assert all(torch.isfinite(v).all() for v in kept["model"].values() if v.is_floating_point())
+    resumed = Classify()
+    result = train(resumed, digit_batches(digits), cfg)  # resumable: continues from step 4
+    assert result.resumed_from == 4 and resumed.seen[0] == 4
