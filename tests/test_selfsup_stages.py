@@ -78,7 +78,7 @@ def test_pretrain_writes_the_stage_outputs_and_chains(digits, tmp_path):
 @pytest.mark.parametrize("args,message", [
     (["--init", "{tmp}/missing.pt"], "no checkpoint there"),
     (["--init", "{tmp}/r18.pt", "--arch", "tiny"], "holds a resnet18 backbone, but tiny"),
-    (["--target", "{digits}/tgt", "--target-ratio", "1.5"], "--target-ratio must be strictly between 0 and 1"),
+    (["--target", "{digits}/tgt", "--target-ratio", "1.5"], "'--target-ratio': 1.5 is not in the range 0<x<1"),
     (["--data", "{tmp}/empty"], "the data set is empty"),
     (["--data", "{tmp}/nothing"], "incomplete data set"),
 ])
