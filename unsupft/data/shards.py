@@ -1,47 +1,46 @@
 """WebDataset tar shards: writing a data set, iterating a shard's samples, decoding one sample.
 
-Shards are plain tar files that `webdataset` (and `tar`) read; each sample is `<key>.png` plus
-`<key>.cls` (the label id as ASCII) when labeled. Everything here goes through `unsupft.store`, so
-the same code reads and writes local directories and S3 prefixes.
+Shards are plain tar files that `webdataset` (and `tar`) read; each sample is `<key>.<ext>` (ext
+`png`, `jpg` or `webp`) plus `<key>.cls` (the label id as ASCII) when labeled. Everything here goes
+through `unsupft.store`, so the same code reads and writes local directories and S3 prefixes.
 """
 
 from __future__ import annotations
 
+import csv
 import datetime
 import hashlib
 import io
+import re
+import secrets
 import tarfile
 import tempfile
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Iterable, Iterator
+from typing import IO, Any, Iterable, Iterator
 
 import numpy as np
 import torch
 from PIL import Image
 
 from unsupft import store
-from unsupft.data.info import FORMAT, INFO_NAME, DatasetInfo, ShardInfo, read_info
+from unsupft.data.info import FORMAT, INFO_NAME, DatasetInfo, ShardInfo
 from unsupft.errors import UserError
+
+# The names `write_dataset` owns directly below a data set's URI: its shards and its sources file,
+# with the generation token an overwrite adds ("shard-1f2e3d4c-000000.tar").
+_OWNED_NAME = re.compile(r"^(shard-([0-9a-f]{8}-)?\d{6}\.tar|sources(-[0-9a-f]{8})?\.tsv)$")
 
 
 @dataclass(frozen=True)
 class Sample:
-    """One image to write: `image` is uint8 HxW (grayscale) or HxWx3 (colour)."""
+    """One encoded image to write: `data` in the format `ext` names; `source` is its provenance
+    (a path relative to the source folder), None when the source has no files."""
 
     key: str
-    image: np.ndarray
+    data: bytes
+    ext: str
     label: int | None
-
-
-def shard_name(index: int) -> str:
-    return f"shard-{index:06d}.tar"
-
-
-def encode_png(image: np.ndarray) -> bytes:
-    out = io.BytesIO()
-    Image.fromarray(image, mode="L" if image.ndim == 2 else "RGB").save(out, format="PNG")
-    return out.getvalue()
+    source: str | None = None
 
 
 def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -51,6 +50,15 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(member, io.BytesIO(data))
 
 
+def _sha256(stream: IO[bytes]) -> str:
+    digest = hashlib.sha256()
+    stream.seek(0)
+    for chunk in iter(lambda: stream.read(1 << 20), b""):
+        digest.update(chunk)
+    stream.seek(0)
+    return digest.hexdigest()
+
+
 def write_dataset(
     out: str,
     samples: Iterable[Sample],
@@ -58,56 +66,85 @@ def write_dataset(
     classes: list[str],
     labeled: bool,
     channels: int,
-    image_size: tuple[int, int],
+    image_size: tuple[int, int] | None,
     source: str,
     shard_size: int,
-) -> DatasetInfo:
-    """Write `samples` as shards of `shard_size` under `out`, then `dataset.json` last.
+) -> dict[str, Any]:
+    """Write `samples` as shards of `shard_size` under `out`, then `dataset.json` last; returns it.
 
-    A previous manifest at `out` is removed first, so a reader never pairs it with half-rewritten
-    shards; each shard is built in a local temp file and uploaded whole (atomic in the store).
+    A data set already at `out` stays complete and readable until the new manifest replaces it in
+    one atomic write: the new files get names the old manifest does not use (a fresh generation
+    token), and only then are the old ones deleted. If writing fails, the files this call wrote
+    are deleted and the old data set is untouched. Shards are built in anonymous temp files (no
+    name in $TMPDIR, so a killed ingestion leaves nothing there) and uploaded whole (atomic in the
+    store). `image_size` None says the images differ in size. A `sources.tsv` (key, source path)
+    is written beside the manifest when samples carry a source. Files left below `out` by a killed
+    earlier ingestion (the owned shard/sources names no manifest lists) are removed at the end.
     """
     out = store.normalize(out)
-    store.delete(store.join(out, INFO_NAME))
+    token = f"-{secrets.token_hex(4)}" if store.exists(store.join(out, INFO_NAME)) else ""
+    sources_name = f"sources{token}.tsv"
     shards: list[ShardInfo] = []
-    with tempfile.TemporaryDirectory(prefix="unsupft-ingest-") as tmp:
-        batch: list[Sample] = []
+    written: list[str] = []
+    try:
+        with io.TextIOWrapper(tempfile.TemporaryFile(), encoding="utf-8", newline="") as sources_text:
+            sources_rows = csv.writer(sources_text, delimiter="\t", lineterminator="\n")
+            has_sources = False
+            batch: list[Sample] = []
 
-        def flush() -> None:
-            path = Path(tmp) / shard_name(len(shards))
-            with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
-                for sample in batch:
-                    _add_member(tar, f"{sample.key}.png", encode_png(sample.image))
-                    if labeled:
-                        _add_member(tar, f"{sample.key}.cls", str(sample.label).encode("ascii"))
-            digest = hashlib.sha256(path.read_bytes()).hexdigest()
-            store.upload_file(path, store.join(out, path.name))
-            path.unlink()
-            shards.append(ShardInfo(path.name, len(batch), digest))
-            batch.clear()
+            def flush() -> None:
+                name = f"shard{token}-{len(shards):06d}.tar"
+                with tempfile.TemporaryFile() as shard_file:
+                    with tarfile.open(fileobj=shard_file, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+                        for sample in batch:
+                            _add_member(tar, f"{sample.key}.{sample.ext}", sample.data)
+                            if labeled:
+                                _add_member(tar, f"{sample.key}.cls", str(sample.label).encode("ascii"))
+                    digest = _sha256(shard_file)
+                    written.append(name)
+                    store.upload_stream(store.join(out, name), shard_file)
+                shards.append(ShardInfo(name, len(batch), digest))
+                batch.clear()
 
-        for sample in samples:
-            batch.append(sample)
-            if len(batch) == shard_size:
+            for sample in samples:
+                batch.append(sample)
+                if sample.source is not None:
+                    sources_rows.writerow([sample.key, sample.source])
+                    has_sources = True
+                if len(batch) == shard_size:
+                    flush()
+            if batch:
                 flush()
-        if batch:
-            flush()
-    total = sum(s.samples for s in shards)
-    if total == 0:
-        raise UserError(f"{out}: no samples to write (check --classes/--limit/--split)")
-    manifest = {
-        "format": FORMAT,
-        "samples": total,
-        "classes": classes,
-        "labeled": labeled,
-        "image_size": list(image_size),
-        "channels": channels,
-        "shards": [{"name": s.name, "samples": s.samples, "sha256": s.sha256} for s in shards],
-        "source": source,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
-    store.write_json(store.join(out, INFO_NAME), manifest)
-    return read_info(out)
+            total = sum(s.samples for s in shards)
+            if total == 0:
+                raise UserError(f"{out}: no samples to write (check --classes/--limit/--split)")
+            if has_sources:
+                sources_text.flush()
+                sources_text.buffer.seek(0)
+                written.append(sources_name)
+                store.upload_stream(store.join(out, sources_name), sources_text.buffer)
+        manifest = {
+            "format": FORMAT,
+            "samples": total,
+            "classes": classes,
+            "labeled": labeled,
+            "image_size": list(image_size) if image_size is not None else None,
+            "channels": channels,
+            "shards": [{"name": s.name, "samples": s.samples, "sha256": s.sha256} for s in shards],
+            "source": source,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            **({"sources": sources_name} if has_sources else {}),
+        }
+        store.write_json(store.join(out, INFO_NAME), manifest)
+    except BaseException:
+        for name in written:
+            store.delete(store.join(out, name))
+        raise
+    keep = set(written)
+    for name in store.list_prefix(out):
+        if _OWNED_NAME.match(name) and name not in keep:
+            store.delete(store.join(out, name))
+    return manifest
 
 
 class CorruptShard(UserError):
