@@ -5,8 +5,11 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -454,3 +457,112 @@ def test_failed_overwrite_leaves_old_set_whole(tmp_path: Path, ingest) -> None:
     assert result.exit_code == 2 and result.stderr.count("\n") == 1
     assert "dog/c.jpg: unreadable image" in result.stderr
     assert _files(tmp_path / "out") == before
+
+
+# ------------------------------------------------------------------ bad photos, bad options ---
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--resize", "0"], "--resize: 0 is not a positive number"),
+    (["--resize", "-5"], "--resize: -5"),
+    (["--format", "gif"], "--format: 'gif' is not one of keep, jpg, png, webp"),
+    (["--quality", "0"], "--quality: 0 is not in 1..100"),
+    (["--quality", "101"], "--quality: 101"),
+])
+def test_bad_photo_options(tmp_path: Path, args: list[str], message: str) -> None:
+    make_photos(tmp_path / "photos")
+    assert message in _bad(tmp_path, tmp_path / "photos", *args)
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_corrupt_photo_named_nothing_written(tmp_path: Path) -> None:
+    make_photos(tmp_path / "photos")
+    broken = tmp_path / "photos" / "cat" / "a.jpg"
+    broken.write_bytes(broken.read_bytes()[:-300])  # a truncated download: the header still reads
+    assert "cat/a.jpg: unreadable image" in _bad(tmp_path, tmp_path / "photos")
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_bad_folder_without_images(tmp_path: Path) -> None:
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "readme.txt").write_text("no pictures here")
+    assert "readme.txt: not an image file" in _bad(tmp_path, tmp_path / "docs")
+    assert "no readable images (1 unreadable files skipped)" in _bad(tmp_path, tmp_path / "docs", "--skip-corrupt")
+
+
+def test_skip_corrupt_leaves_out_and_counts(tmp_path: Path) -> None:
+    upright = make_photos(tmp_path / "photos")
+    broken = tmp_path / "photos" / "cat" / "a.jpg"
+    broken.write_bytes(broken.read_bytes()[:-300])  # found when its pixels are read
+    (tmp_path / "photos" / "dog" / "notes.txt").write_text("x")  # found by the header scan
+    result = CliRunner().invoke(ingest_command, [str(tmp_path / "photos"), str(tmp_path / "out"), "--skip-corrupt"])
+    assert result.exit_code == 0, result.output
+    assert "skipped 2 unreadable image files" in result.stderr
+    manifest, members = stored_members(str(tmp_path / "out"))
+    sources = read_sources(str(tmp_path / "out"), manifest)
+    assert manifest["samples"] == len(members) == len(upright) - 1
+    assert sorted(sources.values()) == sorted(set(upright) - {"cat/a.jpg"})
+
+
+# ----------------------------------------------------------------------- kills and leftovers ---
+
+
+@pytest.fixture(scope="module")
+def many_photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """200 photos of 256 x 256: stored as PNG they take a few seconds, long enough to kill midway."""
+    root = tmp_path_factory.mktemp("many")
+    base = _photo(256, 256)
+    for i in range(200):
+        Image.fromarray(np.roll(base, i, axis=1)).save(root / f"{i:03d}.jpg", quality=90)
+    return root
+
+
+def _start_ingest(source: Path, out: Path, tmpdir: Path, cli_env, *args) -> subprocess.Popen:
+    tmpdir.mkdir(exist_ok=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "unsupft", "ingest", str(source), str(out), *args],
+        env={**cli_env, "TMPDIR": str(tmpdir), "OMP_NUM_THREADS": "1"}, stderr=subprocess.PIPE, text=True,
+    )
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None, f"ingestion ended before {path.name} appeared: {proc.stderr.read()}"
+        assert time.monotonic() < deadline, f"{path.name} did not appear"
+        time.sleep(0.05)
+
+
+def test_sigkill_leaves_nothing_the_next_run_keeps(many_photos: Path, tmp_path: Path, cli_env) -> None:
+    out, tmpdir = tmp_path / "out", tmp_path / "tmp"
+    proc = _start_ingest(many_photos, out, tmpdir, cli_env, "--format", "png", "--shard-size", "10")
+    try:
+        _wait_for(out / "shard-000003.tar", proc)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert not (out / "dataset.json").exists()
+    assert list(tmpdir.iterdir()) == []  # shards are built in anonymous temp files: nothing named
+    # what a kill between a temp file's creation and its rename leaves, and a concurrent writer's
+    (out / f".tmp-shard-000004.tar~{store._HOST}~{proc.pid}~0a1b").write_bytes(b"partial")
+    live = out / f".tmp-shard-000009.tar~{store._HOST}~{os.getpid()}~2c3d"
+    live.write_bytes(b"being written")
+
+    rerun = _start_ingest(many_photos, out, tmpdir, cli_env, "--limit", "15", "--shard-size", "10")
+    assert rerun.wait(timeout=300) == 0, rerun.stderr.read()
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["dataset.json", "sources.tsv", "shard-000000.tar", "shard-000001.tar", live.name])
+    assert list(tmpdir.iterdir()) == []
+    assert read_info(str(out)).samples == 15
+
+
+def test_sigterm_deletes_what_it_wrote(many_photos: Path, tmp_path: Path, cli_env) -> None:
+    out, tmpdir = tmp_path / "out", tmp_path / "tmp"
+    proc = _start_ingest(many_photos, out, tmpdir, cli_env, "--format", "png", "--shard-size", "10")
+    try:
+        _wait_for(out / "shard-000002.tar", proc)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    finally:
+        proc.kill()
+    assert list(out.iterdir()) == [] and list(tmpdir.iterdir()) == []

@@ -251,3 +251,27 @@ def test_stale_temp_files_swept_live_ones_kept(tmp_path, monkeypatch) -> None:
         os.utime(tmp_path / name, (old, old))
     store.write_bytes(str(tmp_path / "config.json"), b"{}")
     assert {p.name for p in tmp_path.iterdir()} == {"config.json", *(n for n, gone in leftovers.items() if not gone)}
+
+
+def test_ingest_and_stage_outputs_readable_by_the_group_under_umask_022(tmp_path, cli_env) -> None:
+    """The files a teammate reads on a shared disk: dataset.json, shards, sources.tsv, config.json..."""
+    from PIL import Image
+
+    (tmp_path / "photos").mkdir()
+    for i in range(4):
+        Image.new("RGB", (20 + i, 16), (40 * i, 90, 200)).save(tmp_path / "photos" / f"{i}.jpg")
+
+    def run(*args) -> None:
+        proc = subprocess.run([sys.executable, "-m", "unsupft", *map(str, args)], capture_output=True, text=True,
+                              env={**cli_env, "OMP_NUM_THREADS": "1"}, preexec_fn=lambda: os.umask(0o022))
+        assert proc.returncode == 0, proc.stderr
+
+    run("ingest", tmp_path / "photos", tmp_path / "photo-set")
+    run("ingest", "sklearn:digits", tmp_path / "digits", "--limit", "64", "--unlabeled")
+    run("pretrain", "--data", tmp_path / "digits", "--out", tmp_path / "base", "--steps", 2, "--checkpoint-every", 1,
+        "--batch-size", 16, "--queue-size", 32, "--workers", 0)
+    files = [p for root in ("photo-set", "digits", "base") for p in (tmp_path / root).rglob("*")]
+    names = {p.name for p in files}
+    assert {"dataset.json", "sources.tsv", "shard-000000.tar", "config.json", "model.pt", "_DONE.json"} <= names
+    for path in files:
+        assert path.stat().st_mode & 0o777 == (0o755 if path.is_dir() else 0o644), path
