@@ -16,7 +16,7 @@ import secrets
 import tarfile
 import tempfile
 from dataclasses import dataclass
-from typing import IO, Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -50,13 +50,30 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(member, io.BytesIO(data))
 
 
-def _sha256(stream: IO[bytes]) -> str:
-    digest = hashlib.sha256()
-    stream.seek(0)
-    for chunk in iter(lambda: stream.read(1 << 20), b""):
-        digest.update(chunk)
-    stream.seek(0)
-    return digest.hexdigest()
+class _ShardBuilder:
+    """One shard being built in an anonymous temp file, sample by sample (memory: one sample)."""
+
+    def __init__(self, name: str, labeled: bool) -> None:
+        self.name, self.labeled, self.samples = name, labeled, 0
+        self.file = tempfile.TemporaryFile()
+        self.tar = tarfile.open(fileobj=self.file, mode="w", format=tarfile.USTAR_FORMAT)
+
+    def add(self, sample: Sample) -> None:
+        _add_member(self.tar, f"{sample.key}.{sample.ext}", sample.data)
+        if self.labeled:
+            _add_member(self.tar, f"{sample.key}.cls", str(sample.label).encode("ascii"))
+        self.samples += 1
+
+    def upload(self, out: str) -> ShardInfo:
+        self.tar.close()
+        digest = hashlib.sha256()
+        self.file.seek(0)
+        for chunk in iter(lambda: self.file.read(1 << 20), b""):
+            digest.update(chunk)
+        self.file.seek(0)
+        store.upload_stream(store.join(out, self.name), self.file)
+        self.file.close()
+        return ShardInfo(self.name, self.samples, digest.hexdigest())
 
 
 def write_dataset(
@@ -90,31 +107,24 @@ def write_dataset(
         with io.TextIOWrapper(tempfile.TemporaryFile(), encoding="utf-8", newline="") as sources_text:
             sources_rows = csv.writer(sources_text, delimiter="\t", lineterminator="\n")
             has_sources = False
-            batch: list[Sample] = []
 
-            def flush() -> None:
-                name = f"shard{token}-{len(shards):06d}.tar"
-                with tempfile.TemporaryFile() as shard_file:
-                    with tarfile.open(fileobj=shard_file, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-                        for sample in batch:
-                            _add_member(tar, f"{sample.key}.{sample.ext}", sample.data)
-                            if labeled:
-                                _add_member(tar, f"{sample.key}.cls", str(sample.label).encode("ascii"))
-                    digest = _sha256(shard_file)
-                    written.append(name)
-                    store.upload_stream(store.join(out, name), shard_file)
-                shards.append(ShardInfo(name, len(batch), digest))
-                batch.clear()
+            def finish(shard: _ShardBuilder) -> None:
+                written.append(shard.name)
+                shards.append(shard.upload(out))
 
+            shard: _ShardBuilder | None = None
             for sample in samples:
-                batch.append(sample)
+                if shard is None:
+                    shard = _ShardBuilder(f"shard{token}-{len(shards):06d}.tar", labeled)
+                shard.add(sample)
                 if sample.source is not None:
                     sources_rows.writerow([sample.key, sample.source])
                     has_sources = True
-                if len(batch) == shard_size:
-                    flush()
-            if batch:
-                flush()
+                if shard.samples == shard_size:
+                    finish(shard)
+                    shard = None
+            if shard is not None:
+                finish(shard)
             total = sum(s.samples for s in shards)
             if total == 0:
                 raise UserError(f"{out}: no samples to write (check --classes/--limit/--split)")
