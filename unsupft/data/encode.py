@@ -13,6 +13,7 @@ at ingestion, rather than in the middle of a training run.
 from __future__ import annotations
 
 import io
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +33,9 @@ _TURNED = {2, 3, 4, 5, 6, 7, 8}
 # EXIF orientations 5..8 turn the image by 90 degrees: the upright image has width and height swapped
 _SIDEWAYS = {5, 6, 7, 8}
 DEFAULT_QUALITY = 90
+# What Pillow raises for a file that is not a readable image (malformed EXIF included) or a
+# pixel bomb; an unreadable file (permissions) is an OSError too
+_DECODE_ERRORS = (OSError, EOFError, ValueError, SyntaxError, struct.error, Image.DecompressionBombError)
 
 
 class UnreadableImage(UserError):
@@ -68,7 +72,9 @@ def upright_size(path: Path) -> tuple[tuple[int, int], bool]:
             sideways = img.getexif().get(ExifTags.Base.Orientation) in _SIDEWAYS
             size = (img.width, img.height) if sideways else (img.height, img.width)
             return size, img.mode in ("1", "L", "LA", "I", "I;16", "F")
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+    except PermissionError as exc:
+        raise UnreadableImage(f"{path}: permission denied") from exc
+    except _DECODE_ERRORS as exc:
         raise UnreadableImage(f"{path}: not an image file ({type(exc).__name__})") from exc
 
 
@@ -96,8 +102,8 @@ def encode_array(pixels: np.ndarray, encoding: Encoding) -> tuple[bytes, str]:
 
 def encode_file(path: Path, encoding: Encoding) -> tuple[bytes, str]:
     """(bytes, extension) to store for the image file at `path`: its own bytes when possible."""
-    data = path.read_bytes()
     try:
+        data = path.read_bytes()
         with Image.open(io.BytesIO(data)) as img:
             source_ext = _KEPT_FORMATS.get(img.format or "")
             ext = (source_ext or "png") if encoding.fmt == KEEP else encoding.fmt
@@ -115,5 +121,5 @@ def encode_file(path: Path, encoding: Encoding) -> tuple[bytes, str]:
             mode = "L" if encoding.channels == 1 else "RGB"
             upright = ImageOps.exif_transpose(img).convert(mode)
             return _encode(_resized(upright, height, width), ext, encoding), ext
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+    except _DECODE_ERRORS as exc:
         raise UnreadableImage(f"{path}: unreadable image ({type(exc).__name__}: {exc})") from exc
