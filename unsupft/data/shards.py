@@ -31,6 +31,10 @@ from unsupft.errors import UserError
 _OWNED_NAME = re.compile(r"^(shard-([0-9a-f]{8}-)?\d{6}\.tar|sources(-[0-9a-f]{8})?\.tsv)$")
 
 
+# the image members a sample may have, as `ingest` writes them (jpeg: other tools' spelling)
+_IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
+
+
 @dataclass(frozen=True)
 class Sample:
     """One encoded image to write: `data` in the format `ext` names; `source` is its provenance
@@ -195,18 +199,18 @@ def decode(raw: dict[str, bytes | str], info: DatasetInfo, shard: ShardInfo, lab
     """
     key = str(raw["__key__"])
     where = f"{info.shard_uri(shard)}: sample {key!r}"
-    png = raw.get("png")
-    if not isinstance(png, bytes):
-        raise CorruptShard(f"{where}: no png member")
+    encoded = next((raw[ext] for ext in _IMAGE_EXTENSIONS if isinstance(raw.get(ext), bytes)), None)
+    if encoded is None:
+        raise CorruptShard(f"{where}: no image member ({', '.join(_IMAGE_EXTENSIONS)})")
     try:
-        with Image.open(io.BytesIO(png)) as img:
+        with Image.open(io.BytesIO(encoded)) as img:
             img = img.convert("L" if info.channels == 1 else "RGB")
             height, width = info.image_size
             if img.size != (width, height):
                 img = img.resize((width, height), Image.BILINEAR)
             pixels = np.asarray(img, dtype=np.uint8)
     except (OSError, ValueError, SyntaxError) as exc:
-        raise CorruptShard(f"{where}: undecodable png ({exc})") from exc
+        raise CorruptShard(f"{where}: undecodable image ({exc})") from exc
     image = torch.from_numpy(pixels.copy())
     image = image.unsqueeze(0) if image.ndim == 2 else image.permute(2, 0, 1).contiguous()
     label = -1
