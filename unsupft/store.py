@@ -8,10 +8,11 @@ Guarantees:
   object becomes visible only when its single PUT (or its multipart upload) completes. A reader
   never sees half a file, and a writer killed midway leaves nothing visible.
 - Local files get the mode the umask gives (0644 under umask 022), like any file a tool creates.
-- No leftovers: a local temp file is named `.tmp-<target>~<host>~<pid>~<random>`; the first write
-  of a process into a directory removes the temp files there whose writer is gone (same host, pid
-  no longer running) or that nobody touched for `STALE_TEMP_SECONDS` (a writer on another host of
-  a shared disk). A concurrent live writer's temp file is left alone.
+- No leftovers: a local temp file is named `.tmp-<target>~<host>~<pid>~<random>` (host: host name
+  and pid namespace); the first write of a process into a directory removes the temp files there
+  whose writer is gone (same host, pid no longer running) or that nobody touched for
+  `STALE_TEMP_SECONDS` (a writer on another host of a shared disk). A concurrent live writer's
+  temp file is left alone.
 - Errors a user can cause (bad URI, missing bucket or key, access denied, unreachable endpoint after
   boto's own retries) surface as `UserError` with one line naming the URI.
 
@@ -250,7 +251,19 @@ def download_file(uri: str, path: str | os.PathLike) -> None:
 STALE_TEMP_SECONDS = 3600
 _TEMP_PREFIX = ".tmp-"
 _TEMP_OWNER = re.compile(r"~(?P<host>[^~]*)~(?P<pid>\d+)~[0-9a-f]+$")
-_HOST = socket.gethostname().replace("~", "-")
+
+
+def _pid_namespace() -> str:
+    """Who can see our pids: the host name plus, on Linux, the pid namespace (two containers with one
+    host name and one disk must not judge each other's pids)."""
+    try:
+        namespace = os.readlink("/proc/self/ns/pid").strip("pid:[]")
+    except OSError:
+        namespace = ""
+    return f"{socket.gethostname()}{'-' + namespace if namespace else ''}".replace("~", "-")
+
+
+_HOST = _pid_namespace()
 _swept_dirs: set[Path] = set()
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Iterator
 
@@ -89,7 +90,11 @@ def common_size(sizes: np.ndarray, short_side: int | None) -> tuple[int, int] | 
 @contextlib.contextmanager
 def _sigterm_exits() -> Iterator[None]:
     """SIGTERM (a scheduler stopping the pod, a kill) unwinds like an error, so half-written files are
-    deleted; SIGKILL leaves them to the next ingestion into the same place."""
+    deleted; SIGKILL leaves them to the next ingestion into the same place. Only the main thread
+    may set handlers: called from another thread, SIGTERM keeps its default."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
         yield
