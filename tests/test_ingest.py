@@ -579,3 +579,13 @@ def test_same_size_jpegs_read_back_pixel_exact(tmp_path: Path, ingest) -> None:
     for image, name in zip(arrays.images, ("a", "b")):
         expected = np.asarray(Image.open(tmp_path / "p" / name / "x.jpg").convert("RGB")).transpose(2, 0, 1)
         assert np.array_equal(image.numpy(), expected)
+
+
+def test_sources_tsv_keeps_odd_file_names(tmp_path: Path, ingest) -> None:
+    names = ["tab\there.jpg", "ünï cödé.jpg", 'quote".jpg']
+    (tmp_path / "p").mkdir()
+    for name in names:
+        Image.fromarray(_photo(10, 12)).save(tmp_path / "p" / name, format="JPEG")
+    ingest(tmp_path / "p", tmp_path / "out")
+    manifest = json.loads((tmp_path / "out/dataset.json").read_text())
+    assert sorted(read_sources(str(tmp_path / "out"), manifest).values()) == sorted(names)

@@ -65,7 +65,7 @@ def stored_size(height: int, width: int, short_side: int | None) -> tuple[int, i
     return max(1, round(height * scale)), max(1, round(width * scale))
 
 
-def upright_size(path: Path) -> tuple[tuple[int, int], bool]:
+def scan_header(path: Path) -> tuple[tuple[int, int], bool]:
     """((H, W) as seen upright after EXIF orientation, grayscale?) from the file's header only."""
     try:
         with Image.open(path) as img:

@@ -15,7 +15,7 @@ from typing import Callable
 
 import numpy as np
 
-from unsupft.data.encode import UnreadableImage, upright_size
+from unsupft.data.encode import UnreadableImage, scan_header
 from unsupft.errors import UserError
 
 FASHION_MNIST_CLASSES = [
@@ -199,7 +199,7 @@ def _folder(root: Path, skip_unreadable: bool) -> SourceData:
     readable, sizes, gray, unreadable = [], [], [], []
     for f, label in files:
         try:
-            size, is_gray = upright_size(f)
+            size, is_gray = scan_header(f)
         except UnreadableImage:
             if not skip_unreadable:
                 raise
