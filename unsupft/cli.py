@@ -2,6 +2,10 @@
 
 Stage modules import torch and friends, so sub-commands are loaded lazily: `unsupft --help` and a
 typo in a command name answer at once. To add a stage, add one line to `STAGES`.
+
+Every option can also come from the environment as `UNSUPFT_<STAGE>_<OPTION>` (Click's automatic
+environment variables: `UNSUPFT_TRANSFER_EPOCHS=5`, `UNSUPFT_BN_ADAPT_BATCH_SIZE=128`), which is
+how pod specs and CI usually set them; a flag given on the command line wins.
 """
 
 from __future__ import annotations
@@ -11,6 +15,8 @@ import importlib
 import click
 
 from unsupft import __version__
+
+ENV_PREFIX = "UNSUPFT"
 
 # command name -> "module:attribute" of its click.Command
 STAGES: dict[str, str] = {
@@ -42,7 +48,13 @@ class LazyGroup(click.Group):
         return super().get_command(ctx, name)
 
 
-@click.group(cls=LazyGroup, lazy=STAGES, context_settings={"help_option_names": ["-h", "--help"]})
+def option_env_prefixes() -> tuple[str, ...]:
+    """The environment-variable prefix of each stage's options (`UNSUPFT_BN_ADAPT_`, ...)."""
+    return tuple(f"{ENV_PREFIX}_{name.upper().replace('-', '_')}_" for name in STAGES)
+
+
+@click.group(cls=LazyGroup, lazy=STAGES,
+             context_settings={"help_option_names": ["-h", "--help"], "auto_envvar_prefix": ENV_PREFIX})
 @click.version_option(__version__, prog_name="unsupft")
 def main() -> None:
     """unsupft stages: each reads inputs from URIs and writes its outputs to --out."""

@@ -34,7 +34,7 @@ from typing import Any, Protocol, Sequence
 import click
 import torch
 
-from unsupft import stage, store
+from unsupft import checkpoint, stage, store
 from unsupft.errors import EXIT_WAITING_FOR_LABELS, UserError, report_user_errors
 from unsupft.select.ackmeans import ackmeans
 from unsupft.select.annotators import Annotator, ManualAnnotator, OracleAnnotator, WaitingForLabels
@@ -293,6 +293,7 @@ def make_annotator(cfg: LabelConfig, target: Target) -> Annotator:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", required=True, help="Output URI (state, requests, labels, models).")
 @click.option("--resume", is_flag=True, help="Continue the run in --out with its stored config (other options may be left out).")
+@checkpoint.trust_option
 @report_user_errors
 def label_command(resume: bool, **options: Any) -> None:
     """Progressive few-label transfer: ACKMeans selection, annotation and finetuning, round by round."""

@@ -7,7 +7,7 @@ import time
 import click
 import torch
 
-from unsupft import stage, store
+from unsupft import checkpoint, stage, store
 from unsupft.data.augment import parse_augments, to_input
 from unsupft.data.mixing import rebalanced
 from unsupft.errors import UserError, report_user_errors
@@ -62,6 +62,7 @@ def pretrain_command(data_uris, target, target_ratio, init, freeze, out, arch, s
 @click.option("--arch", type=click.Choice(ARCHS), default=None)
 @click.option("--batch-size", type=int, default=256, show_default=True)
 @click.option("--epochs", type=int, default=1, show_default=True)
+@checkpoint.trust_option
 @report_user_errors
 def bn_adapt_command(init, data_uri, out, arch, batch_size, epochs) -> None:
     """HPT's base transfer: re-estimate BatchNorm running statistics on --data; nothing else changes."""
