@@ -2,7 +2,8 @@
 
 Formats `load_backbone` accepts (file, or a stage output URI holding `model.pt`):
 - unsupft `model.pt`: `{"format": "unsupft-model/1", "arch", "in_channels", "image_size",
-  "backbone": state_dict, ["classifier": {"weight", "bias"}, "classes": [...]]}`
+  "backbone": state_dict, "preprocess": {"mean", "std", "image_size", "in_channels", "resize"},
+  ["classifier": {"weight", "bias"}, "classes": [...]]}`; `load` turns it into a ready model.
 - unsupft `moco.pt`: `{"format": "unsupft-moco/1", "arch", "in_channels", "image_size",
   "moco": MoCo state_dict, ...}` (see `unsupft.models.moco`)
 - facebookresearch/moco checkpoints: `{"state_dict": {"module.encoder_q.<torchvision name>"}}`
@@ -22,12 +23,15 @@ The architecture is read from the checkpoint (or guessed from the tensor shapes)
 from __future__ import annotations
 
 import re
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from unsupft import checkpoint
+from unsupft.data.augment import normalization
 from unsupft.errors import UserError
 from unsupft.models.backbones import ARCHS, build_backbone, guess_arch
 
@@ -38,6 +42,38 @@ MOCO_FORMAT = "unsupft-moco/1"
 def backbone_state(backbone: nn.Module) -> dict[str, torch.Tensor]:
     """The backbone's state_dict in torchvision names, without `fc`, on the CPU."""
     return {k: v.detach().cpu().clone() for k, v in backbone.state_dict().items() if not k.startswith("fc.")}
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How images become a model's input, as the stages did it: scale to [0, 1], normalise by
+    `mean`/`std`, resize (bilinear) to `image_size` when the images have another size."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    image_size: tuple[int, int] | None  # None: the model takes images at their own size
+    in_channels: int
+
+    @classmethod
+    def for_model(cls, in_channels: int, image_size: Sequence[int] | None) -> "Preprocess":
+        mean, std = normalization(in_channels)
+        return cls(mean, std, tuple(int(s) for s in image_size) if image_size else None, in_channels)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"mean": list(self.mean), "std": list(self.std), "in_channels": self.in_channels,
+                "image_size": list(self.image_size) if self.image_size else None, "resize": "bilinear"}
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 [C, H, W] or [N, C, H, W] (e.g. `torchvision.io.read_image`) -> float input."""
+        batch = images.unsqueeze(0) if images.ndim == 3 else images
+        if batch.shape[1] != self.in_channels:
+            raise ValueError(f"the model takes {self.in_channels}-channel images, got {batch.shape[1]}")
+        mean = torch.tensor(self.mean, device=batch.device).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, device=batch.device).view(1, -1, 1, 1)
+        x = (batch.float() / 255 - mean) / std
+        if self.image_size is not None and tuple(x.shape[-2:]) != self.image_size:
+            x = F.interpolate(x, size=self.image_size, mode="bilinear", align_corners=False)
+        return x if images.ndim == 4 else x[0]
 
 
 def save_model(
@@ -56,6 +92,7 @@ def save_model(
         "in_channels": int(in_channels),
         "image_size": [int(s) for s in image_size],
         "backbone": backbone_state(backbone),
+        "preprocess": Preprocess.for_model(in_channels, image_size).as_dict(),
     }
     if classifier is not None:
         params = classifier.state_dict() if isinstance(classifier, nn.Module) else classifier
@@ -201,15 +238,16 @@ def _adapt_stem(state: dict[str, torch.Tensor], in_channels: int) -> dict[str, t
 
 
 def load_backbone(
-    uri: str, *, arch: str | None = None, in_channels: int | None = None
+    uri: str, *, arch: str | None = None, in_channels: int | None = None, trust: bool | None = None
 ) -> tuple[nn.Module, dict[str, Any]]:
     """A backbone with the weights at `uri` (a checkpoint file or a stage output) and its metadata.
 
     `meta` holds `arch`, `in_channels`, `image_size`, `format`, and when the checkpoint has them
     `classifier` ({"weight", "bias"}), `classes` and `head` (MoCo projection head state).
+    `trust` as in `unsupft.checkpoint.load`.
     """
     file_uri = checkpoint.resolve(uri)
-    state, meta = _split_checkpoint(checkpoint.load(file_uri), file_uri)
+    state, meta = _split_checkpoint(checkpoint.load(file_uri, trust=trust), file_uri)
     found = meta["arch"] or guess_arch(state)
     if found is None and arch is None:
         raise UserError(f"{file_uri}: cannot tell the architecture of this state_dict; pass --arch")
@@ -231,3 +269,27 @@ def load_backbone(
         )
     meta.update(arch=arch, in_channels=in_channels)
     return model, meta
+
+
+def load(uri: str, *, trust: bool | None = None) -> tuple[nn.Module, Preprocess]:
+    """A ready torchvision ResNet (eval mode) from any checkpoint `load_backbone` reads, and how to
+    feed it. With a classifier (a `transfer`/`label` model) it returns logits over `model.classes`;
+    otherwise `fc` is the identity and it returns features. `trust` as in `unsupft.checkpoint.load`.
+
+        model, preprocess = unsupft.models.load("runs/coin")
+        logits = model(preprocess(torchvision.io.read_image("digit.png")))
+    """
+    backbone, meta = load_backbone(uri, trust=trust)
+    classifier = meta.get("classifier")
+    if classifier is not None:
+        backbone.fc = nn.Linear(classifier["weight"].shape[1], classifier["weight"].shape[0])
+        backbone.fc.load_state_dict(classifier)
+    backbone.classes = list(meta.get("classes") or [])
+    recorded = meta.get("preprocess")
+    if recorded:  # what the model was trained with, even if unsupft's defaults change later
+        preprocess = Preprocess(tuple(recorded["mean"]), tuple(recorded["std"]),
+                                tuple(recorded["image_size"]) if recorded.get("image_size") else None,
+                                int(recorded["in_channels"]))
+    else:
+        preprocess = Preprocess.for_model(meta["in_channels"], meta.get("image_size"))
+    return backbone.eval(), preprocess
