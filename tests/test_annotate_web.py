@@ -54,7 +54,7 @@ def test_label_a_round_in_the_browser(tmp_path):
             page = browser.new_page()
             page.goto(url)
             page.wait_for_selector("button.cls")
-            assert page.locator("button.cls").count() == len(CLASSES)
+            assert page.locator("button.cls").count() == len(CLASSES) + 1  # and "not sure"
             assert page.inner_text("#key") == "img-a"
             assert "0 / 4" in page.inner_text("#progress")
             # the image really loads and is drawn large with pixelated upscaling
@@ -81,6 +81,87 @@ def test_label_a_round_in_the_browser(tmp_path):
     ]
     if os.environ.get("UNSUPFT_KEEP_SCREENSHOT"):
         Path(os.environ["UNSUPFT_KEEP_SCREENSHOT"]).write_bytes((tmp_path / "annotate.png").read_bytes())
+
+
+def _annotate(run: Path) -> tuple[subprocess.Popen, str]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "unsupft", "annotate", str(run)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    line = proc.stdout.readline()
+    assert "open http://127.0.0.1:" in line, line + proc.stderr.read()
+    return proc, line.split("open ")[1].strip()
+
+
+def test_digit_keys_guesses_unsure_grid_and_saved_progress(tmp_path):
+    """Digits: `1` labels class "1"; Enter takes the model's guess; `?` is "not sure"; the grid
+    labels by click and key; closing the page and the server loses no answer."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    run = tmp_path / "run"
+    out = str(run / "label")
+    digits = [str(d) for d in range(10)]
+    keys = [f"d{i}" for i in range(6)]
+    guesses = {"d0": "7", "d1": "3", "d2": "3", "d3": "9", "d4": "0", "d5": "5"}
+    g = torch.Generator().manual_seed(0)
+    images = {k: torch.randint(0, 256, (1, 8, 8), generator=g, dtype=torch.uint8) for k in keys}
+    annotator = ManualAnnotator(out, digits, images.__getitem__, lambda rnd, ks: {k: guesses[k] for k in ks})
+    with pytest.raises(WaitingForLabels):
+        annotator.annotate(2, keys)
+    launch_args = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                   "--disable-component-update", "--disable-sync"]
+
+    proc, url = _annotate(run)
+    try:
+        with sync_api.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=launch_args)
+            page = browser.new_page(viewport={"width": 900, "height": 700})
+            page.goto(url)
+            page.wait_for_selector("button.cls")
+            assert page.inner_text("button.cls[data-cls='1'] kbd") == "1"  # keys are the names
+            assert page.get_attribute("button.cls.guess", "data-cls") == "7"  # d0's guess is marked
+            page.screenshot(path=str(tmp_path / "single.png"))
+            page.keyboard.press("Enter")  # d0 -> 7 (the guess)
+            page.keyboard.press("1")  # d1 -> 1
+            page.keyboard.press("?")  # d2 -> not sure
+            page.wait_for_function("document.getElementById('status').textContent.includes('3 answers')")
+            browser.close()  # the tab is closed mid-round ...
+        proc.terminate()  # ... and the server stopped
+        proc.wait(timeout=30)
+        assert not store.exists(labels_uri(out, 2))
+
+        proc, url = _annotate(run)  # a new server and page carry on where the person stopped
+        with sync_api.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=launch_args)
+            page = browser.new_page(viewport={"width": 900, "height": 700})
+            page.goto(url)
+            page.wait_for_selector(".cell", state="attached")
+            assert page.inner_text("#key") == "d3" and "3 / 6 answered (1 not sure)" in page.inner_text("#progress")
+            page.keyboard.press("Tab")  # the grid of the whole round
+            assert page.locator(".cell").count() == 6 and page.is_visible("#grid") and not page.is_visible("#img")
+            page.wait_for_function("[...document.querySelectorAll('.cell img')].every(i => i.naturalWidth === 8)")
+            assert page.inner_text(".cell[data-key='d0'] div") == "7"
+            assert page.inner_text(".cell[data-key='d2'] div") == "not sure"
+            assert page.inner_text(".cell[data-key='d4'] div") == "0?"  # a guess, not an answer yet
+            page.screenshot(path=str(tmp_path / "grid.png"))
+            page.click(".cell[data-key='d5']")
+            page.keyboard.press("Enter")  # d5 -> 5 (its guess); the next open cell is d3
+            assert "current" in page.get_attribute(".cell[data-key='d3']", "class")
+            page.keyboard.press("8")  # d3 -> 8
+            page.click(".cell[data-key='d4'] img")
+            page.keyboard.press("4")  # d4 -> 4: every image answered -> the labels file
+            page.wait_for_selector("#status:has-text('saved')")
+            browser.close()
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert store.read_text(labels_uri(out, 2)).splitlines() == [
+        "key,label", "d0,7", "d1,1", "d2,?", "d3,8", "d4,4", "d5,5"]
+    for name in ("single", "grid"):
+        if os.environ.get("UNSUPFT_KEEP_SCREENSHOT"):
+            Path(os.environ["UNSUPFT_KEEP_SCREENSHOT"]).with_suffix(f".{name}.png").write_bytes(
+                (tmp_path / f"{name}.png").read_bytes())
 
 
 def test_nothing_waiting_is_a_one_line_error(tmp_path):

@@ -63,7 +63,11 @@ def test_manual_round_waits_and_resumes(digits, tmp_path, cli_env):
     assert f"waiting for labels: put {out}/labels/round-0.csv" in first.stdout
     answers = {}
     for round_index in range(2):
-        keys = (out / "requests" / f"round-{round_index}.csv").read_text().split()[1:]
+        request = list(csv.DictReader(io.StringIO((out / "requests" / f"round-{round_index}.csv").read_text())))
+        keys = [row["key"] for row in request]
+        # round 1 comes with round 0's model's guesses (class names) for the page to pre-select
+        expected = [None] if round_index == 0 else [str(c) for c in range(10)]
+        assert all(row.get("guess") in expected for row in request)
         answers.update({k: str(int(k.split("-")[-1]) % 10) for k in keys})  # any valid class name
         store.write_text(str(out / "labels" / f"round-{round_index}.csv"),
                          "key,label\n" + "".join(f"{k},{answers[k]}\n" for k in keys))

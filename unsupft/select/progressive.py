@@ -206,8 +206,8 @@ def run_label(
             log(f"round {state.round}: requesting {len(keys)} labels")
         if state.phase == "annotate":
             if state.pending:
-                answers = annotator.annotate(state.round, state.pending)
-                state.labeled += [[k, int(answers[k]), state.round] for k in state.pending]
+                answers = annotator.annotate(state.round, state.pending)  # "unsure" keys are left out:
+                state.labeled += [[k, int(answers[k]), state.round] for k in state.pending if k in answers]
             state.pending, state.phase = [], "finetune"
             state.save(cfg.out, target.classes)
         if state.phase == "finetune":
@@ -248,6 +248,14 @@ class TransferEngine:
         backbone, meta = self._load(model_uri)
         return self._extract(backbone, images, image_size=meta.get("image_size"))
 
+    def guesses(self, model_uri: str, images: torch.Tensor) -> list[int]:
+        """The classes a finetuned `model.pt` predicts for a round's (few) images."""
+        from unsupft.models import load
+
+        model, preprocess = load(model_uri)
+        with torch.no_grad():
+            return model(preprocess(images)).argmax(1).tolist()
+
     def finetune(self, init, images, labels, classes, out, *, method, epochs, seed, test):
         backbone, meta = self._load(init)
         model = self._finetune(backbone, meta, images, labels, len(classes), method=method, epochs=epochs,
@@ -268,11 +276,19 @@ def load_target(uri: str) -> Target:
     return Target(list(arrays.keys), arrays.images, arrays.labels, list(arrays.info.classes))
 
 
-def make_annotator(cfg: LabelConfig, target: Target) -> Annotator:
+def make_annotator(cfg: LabelConfig, target: Target, engine: Engine | None = None) -> Annotator:
     if cfg.annotator == "oracle":
         return OracleAnnotator(target.keys, target.labels)
     index = {key: i for i, key in enumerate(target.keys)}
-    return ManualAnnotator(cfg.out, target.classes, lambda key: target.images[index[key]])
+
+    def guesses(round_index: int, keys: Sequence[str]) -> dict[str, str] | None:
+        """The previous round's model's classes for the keys (round 0 has no classifier yet)."""
+        if round_index == 0 or not hasattr(engine, "guesses"):
+            return None
+        ids = engine.guesses(model_uri(cfg.out, round_index - 1), target.images[[index[k] for k in keys]])
+        return {k: target.classes[i] for k, i in zip(keys, ids)}
+
+    return ManualAnnotator(cfg.out, target.classes, lambda key: target.images[index[key]], guesses)
 
 
 @click.command("label")
@@ -322,8 +338,9 @@ def label_command(resume: bool, **options: Any) -> None:
 
         t = load_arrays(cfg.test)
         test = (t.images, t.labels)
+    engine = TransferEngine()
     try:
-        state = run_label(cfg, target, make_annotator(cfg, target), TransferEngine(), test,
+        state = run_label(cfg, target, make_annotator(cfg, target, engine), engine, test,
                           log=lambda line: click.echo(line, err=True))
     except WaitingForLabels as waiting:
         click.echo(str(waiting))
