@@ -4,8 +4,8 @@
 # the matched pair torch 2.14.1 + torchvision 0.29.1 (CUDA builds, what `pip install torch
 # torchvision` gives any Linux user). Each pair goes into a fresh venv with pip's cache off; the
 # wheels come from this machine's local indexes, so the times are install times, not downloads.
-# Prints per pair: install seconds, venv size, wheel bytes pip read, `import torch, torchvision`
-# seconds and peak RSS (3 runs each), and whether torchvision's C++ ops (nms) work.
+# Prints per pair: install seconds, venv size, `import torch`
+# seconds and peak RSS (3 runs each), and whether a plain `import torchvision` works (its nms op).
 #   bash bench/torch_pair.sh [SCRATCH_DIR]
 set -euo pipefail
 scratch=${1:-/tmp/unsupft-torch-pair}
