@@ -45,6 +45,7 @@ def test_oracle_run_writes_the_stage_outputs(digits, tmp_path, cli_env):
     result = label(cli_env, "--init", digits / "init", "--data", digits / "train", "--test", digits / "test",
                    "--budget", 1, "--epochs", 2, "--out", out)
     assert result.returncode == 0, result.stderr
+    assert result.stderr.count("init: unsupft model, tiny\n") == 1  # said once, not per round
     rounds = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
     assert [r["labels"] for r in rounds] == [10, 20]
     assert all(r["test_top1"] is not None for r in rounds)

@@ -238,11 +238,13 @@ class TransferEngine:
         try:
             from unsupft.eval.features import extract_features
             from unsupft.models import load_backbone, save_model
+            from unsupft.models.io import describe
             from unsupft.train.transfer import finetune, predict
         except ImportError as exc:  # a partial build: say what is missing instead of a traceback
             raise UserError(f"the label stage needs finetuning and feature extraction: {exc}") from exc
         self._extract, self._load, self._save = extract_features, load_backbone, save_model
-        self._finetune, self._predict = finetune, predict
+        self._finetune, self._predict, self._describe = finetune, predict, describe
+        self._described: set[str] = set()  # the init line is printed once per process, not per round
 
     def features(self, model_uri: str, images: torch.Tensor) -> torch.Tensor:
         backbone, meta = self._load(model_uri)
@@ -258,6 +260,9 @@ class TransferEngine:
 
     def finetune(self, init, images, labels, classes, out, *, method, epochs, seed, test):
         backbone, meta = self._load(init)
+        if init not in self._described:
+            self._described.add(init)
+            click.echo(f"init: {self._describe(meta)}", err=True)
         model = self._finetune(backbone, meta, images, labels, len(classes), method=method, epochs=epochs,
                                seed=seed, out=out)
         self._save(store.join(out, "model.pt"), model.backbone, meta["arch"], meta["in_channels"],
