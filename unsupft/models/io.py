@@ -277,7 +277,7 @@ def load(uri: str, *, trust: bool | None = None) -> tuple[nn.Module, Preprocess]
     otherwise `fc` is the identity and it returns features. `trust` as in `unsupft.checkpoint.load`.
 
         model, preprocess = unsupft.models.load("runs/coin")
-        logits = model(preprocess(torchvision.io.read_image("digit.png")))
+        logits = model(preprocess(torchvision.io.read_image("digit.png")).unsqueeze(0))
     """
     backbone, meta = load_backbone(uri, trust=trust)
     classifier = meta.get("classifier")

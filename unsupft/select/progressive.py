@@ -206,7 +206,8 @@ def run_label(
             log(f"round {state.round}: requesting {len(keys)} labels")
         if state.phase == "annotate":
             if state.pending:
-                answers = annotator.annotate(state.round, state.pending)  # "unsure" keys are left out:
+                # keys answered "not sure" are missing from answers: back to the pool, no budget spent
+                answers = annotator.annotate(state.round, state.pending)
                 state.labeled += [[k, int(answers[k]), state.round] for k in state.pending if k in answers]
             state.pending, state.phase = [], "finetune"
             state.save(cfg.out, target.classes)
