@@ -127,7 +127,7 @@ def test_every_stage_loader_gives_the_same_backbone(family, resnet18, tmp_path, 
     assert line == f"init: {source}, resnet18{expect_head}"
 
 
-def test_momentum_copy_is_ignored_only_as_a_copy(resnet18, tmp_path):
+def test_two_backbones_or_none_are_one_line_errors(resnet18, tmp_path):
     """Two trained backbones (not a momentum copy) are ambiguous: say which prefixes, load none."""
     state = {**_prefixed("student.", resnet18.state_dict()), **_prefixed("backbone.", resnet18.state_dict())}
     torch.save(state, tmp_path / "two.pth")
