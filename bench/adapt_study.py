@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from unsupft.data import load_arrays
+from unsupft.data.encode import Encoding, encode_array
 from unsupft.data.shards import Sample, write_dataset
 from unsupft.data.augment import to_input
 from unsupft.models import load_backbone
@@ -58,7 +59,7 @@ def write_subset(src: Path, out: Path, count: int) -> None:
     """A seeded random `count` images of the data set at `src` (the test split stays whole)."""
     full = load_arrays(str(src))
     keep = torch.randperm(len(full.keys), generator=torch.Generator().manual_seed(0))[:count].tolist()
-    samples = (Sample(full.keys[i], full.images[i, 0].numpy(), None) for i in keep)
+    samples = (Sample(full.keys[i], *encode_array(full.images[i, 0].numpy(), Encoding()), None) for i in keep)
     write_dataset(str(out), samples, classes=[], labeled=False, channels=1, image_size=tuple(full.info.image_size),
                   source=f"{src} subset {count}", shard_size=10000)
 

@@ -15,6 +15,7 @@ from unsupft.select.annotators import (
     OracleAnnotator,
     WaitingForLabels,
     labels_uri,
+    parse_labels,
     read_requested_keys,
 )
 
@@ -70,3 +71,12 @@ def test_bad_answers_are_rejected_naming_the_line(tmp_path, text, message):
     with pytest.raises(UserError, match=message) as err:
         manual.annotate(0, ["k1", "k2"])
     assert "\n" not in str(err.value) and labels_uri(out, 0) in str(err.value)
+
+
+def test_not_sure_answers_count_as_answered_but_carry_no_label():
+    text = "key,label\nk1,b\nk2,?\n"
+    assert parse_labels(text, "f.csv", ["k1", "k2"], ["a", "b"]) == {"k1": 1}
+    with pytest.raises(UserError, match="line 3: duplicate key 'k1'"):
+        parse_labels("key,label\nk1,?\nk1,a\n", "f.csv", ["k1"], ["a", "b"])
+    with pytest.raises(UserError, match="missing keys k2"):
+        parse_labels("key,label\nk1,?\n", "f.csv", ["k1", "k2"], ["a", "b"])

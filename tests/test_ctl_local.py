@@ -186,3 +186,25 @@ def test_results_table_lists_each_model_with_its_headline_numbers():
     assert lines[0].split() == ["MODEL", "1-SHOT", "TOP1", "4-SHOT", "TOP1", "RETRIEVAL_TOP5", "LINEAR_TOP1"]
     assert lines[1].split() == ["adapt", "0.500", "0.750", "0.600", "-"]
     assert lines[2].split() == ["naive", "-", "0.700", "0.550", "0.900"]
+
+
+def test_stages_see_only_what_the_pipeline_says(monkeypatch):
+    """Option variables and the checkpoint trust in the controller's shell would change stages
+    behind their cache keys: they stay out; the trust comes from the stage's parameters only."""
+    from unsupft.ctl import spec
+    from unsupft.ctl.command import check_options, stage_args
+    from unsupft.ctl.local import stage_env
+
+    monkeypatch.setenv("UNSUPFT_TRANSFER_EPOCHS", "99")
+    monkeypatch.setenv("UNSUPFT_BN_ADAPT_BATCH_SIZE", "7")
+    monkeypatch.setenv("UNSUPFT_TRUST_CHECKPOINTS", "1")
+    monkeypatch.setenv("UNSUPFT_STAGE_PROGRAM_NOTE", "kept")
+    env = stage_env(1)
+    assert not {"UNSUPFT_TRANSFER_EPOCHS", "UNSUPFT_BN_ADAPT_BATCH_SIZE", "UNSUPFT_TRUST_CHECKPOINTS"} & set(env)
+    assert env["UNSUPFT_STAGE_PROGRAM_NOTE"] == "kept"
+
+    text = ("name: t\nstore: file:///s\ndatasets: {d: file:///d}\n"
+            "stages:\n  ft: {kind: transfer, init: /ckpt/solo.ckpt, train: d, trust_checkpoint: true}\n")
+    pipeline = spec.parse(text, "p.yaml")
+    check_options(pipeline, "p.yaml")
+    assert "--trust-checkpoint" in stage_args(pipeline.stages["ft"], "/s/runs/t")

@@ -7,7 +7,8 @@ import torch
 
 from unsupft import checkpoint
 from unsupft.errors import UserError
-from unsupft.models import build_backbone, load_backbone, save_model
+from unsupft.eval.features import extract_features
+from unsupft.models import ARCHS, Preprocess, build_backbone, load, load_backbone, save_model
 from unsupft._torchvision import torchvision
 
 
@@ -82,3 +83,33 @@ def test_missing_and_foreign_files(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(UserError, match="not a loadable checkpoint"):
         load_backbone(str(tmp_path / "junk.pt"))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_models_load_gives_a_ready_model_and_its_preprocessing(arch, tmp_path):
+    """`unsupft.models.load`: the classifier's logits, and features equal to the stages' own."""
+    torch.manual_seed(0)
+    backbone = build_backbone(arch, 1)
+    for m in backbone.modules():  # eval-mode statistics that are not the identity
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+    fc = torch.nn.Linear(backbone.out_dim, 3)
+    save_model(str(tmp_path / "clf" / "model.pt"), backbone, arch, 1, (24, 24), classifier=fc, classes=["x", "y", "z"])
+    save_model(str(tmp_path / "feat" / "model.pt"), backbone, arch, 1, (24, 24))
+    images = torch.randint(0, 256, (4, 1, 16, 16), dtype=torch.uint8)  # not the trained size: resized
+    stage_features = extract_features(backbone, images, image_size=[24, 24])
+
+    model, preprocess = load(str(tmp_path / "clf"))
+    assert isinstance(model, torchvision.models.ResNet) and not model.training
+    assert preprocess == Preprocess((0.449,), (0.226,), (24, 24), 1)
+    assert model.classes == ["x", "y", "z"]
+    with torch.no_grad():
+        logits = model(preprocess(images))
+        assert torch.allclose(logits, fc(stage_features), atol=1e-5)
+        assert torch.allclose(model(preprocess(images[0]).unsqueeze(0)), logits[:1], atol=1e-5)  # one image
+    features_model, _ = load(str(tmp_path / "feat" / "model.pt"))
+    with torch.no_grad():
+        assert torch.allclose(features_model(preprocess(images)), stage_features, atol=1e-5)
+    raw = checkpoint.load(str(tmp_path / "clf" / "model.pt"))  # recorded for code outside unsupft
+    assert raw["preprocess"] == {"mean": [0.449], "std": [0.226], "in_channels": 1, "image_size": [24, 24],
+                                 "resize": "bilinear"}

@@ -20,9 +20,10 @@ from unsupft.select.annotators import (
     OracleAnnotator,
     WaitingForLabels,
     labels_uri,
+    read_request,
     read_requested_keys,
 )
-from unsupft.select.progressive import LabelConfig, State, Target, run_label
+from unsupft.select.progressive import LabelConfig, State, Target, make_annotator, run_label
 
 
 def digits_target(n=400) -> Target:
@@ -163,3 +164,40 @@ def test_manual_rounds_end_to_end(tmp_path):
     assert state.phase == "done" and len(requested) == len(set(requested)) == 30
     final = {r["key"]: r["label"] for r in read_labels_csv(cfg.out)}
     assert final == supplied, "final labels must be exactly the union of the returned files"
+
+
+class GuessingStandIn(StandIn):
+    """StandIn whose round models also guess (nearest centroid), as TransferEngine does."""
+
+    def guesses(self, model_uri, images):
+        centroids = checkpoint.load(model_uri)["centroids"]
+        return torch.cdist(images.flatten(1).float(), centroids).argmin(1).tolist()
+
+
+def test_unsure_answers_cost_no_budget_and_rounds_carry_guesses(tmp_path):
+    target = digits_target(300)
+    cfg = config(tmp_path, annotator="manual", budget=1, per_round=1)
+    engine = GuessingStandIn()
+    manual = make_annotator(cfg, target, engine)
+    truth = {k: target.classes[int(y)] for k, y in zip(target.keys, target.labels)}
+    sizes, unsure = [], []
+    for round_index in range(3):
+        with pytest.raises(WaitingForLabels):
+            run_label(cfg, target, manual, engine, log=lambda _: None)
+        keys, guesses = read_request(cfg.out, round_index)
+        sizes.append(len(keys))
+        if round_index == 0:
+            assert guesses == {}  # no classifier yet
+        else:  # the previous round's model's guess for every key
+            assert set(guesses) == set(keys) and set(guesses.values()) <= set(target.classes)
+            assert sum(guesses[k] == truth[k] for k in keys) >= 3  # chance: 1 in 10
+        skipped = keys[:3] if round_index == 1 else []  # "not sure" about three images in round 1
+        unsure += skipped
+        store.write_text(labels_uri(cfg.out, round_index),
+                         "key,label\n" + "".join(f"{k},{'?' if k in skipped else truth[k]}\n" for k in keys))
+    state = run_label(cfg, target, manual, engine, log=lambda _: None)
+    assert sizes == [10, 10, 3]  # the three unsure answers did not spend budget: asked for again
+    assert state.phase == "done" and len(state.labeled) == 20
+    assert [r["labels"] for r in state.rounds] == [10, 17, 20]
+    answered_unsure = {k for k, _, r in state.labeled if k in unsure and r == 1}
+    assert not answered_unsure  # an unsure image never carries a label from the round it was skipped in

@@ -150,17 +150,6 @@ def test_truncated_shard_names_shard(tmp_path: Path, ingest) -> None:
     assert arrays.skipped == 1 and len(arrays.keys) >= 15  # the intact shard and what preceded the cut
 
 
-def test_mixed_size_folder_resized_to_manifest_size(tmp_path: Path, ingest) -> None:
-    from PIL import Image
-
-    for name, size in (("a", (10, 6)), ("b", (10, 6)), ("c", (5, 3))):
-        (tmp_path / "src" / name).mkdir(parents=True)
-        Image.fromarray(np.full(size[::-1], 200, np.uint8)).save(tmp_path / "src" / name / "x.png")
-    ingest(tmp_path / "src", tmp_path / "out")
-    arrays = load_arrays(str(tmp_path / "out"))
-    assert arrays.info.image_size == (6, 10) and arrays.images.shape == (3, 1, 6, 10)
-
-
 def test_corrupt_member_in_worker_is_still_one_line(corrupt) -> None:
     uri, shard, key = corrupt
     with pytest.raises(UserError) as exc:

@@ -204,3 +204,75 @@ def test_uri_forms_normalize_to_one_place(tmp_path, monkeypatch):
     assert store.read_text(str(tmp_path / "runs" / "x.txt")) == "hi"
     with pytest.raises(UserError, match="unsupported URI scheme 'gs'"):
         store.normalize("gs://bucket/x")
+
+
+# ------------------------------------------------------------------------ modes and leftovers ---
+
+
+@pytest.fixture
+def umask_022():
+    before = os.umask(0o022)
+    yield
+    os.umask(before)
+
+
+def test_local_writes_honour_the_umask(tmp_path, umask_022) -> None:
+    """Every local write path gives 0644 under umask 022 (mkstemp's 0600 used to survive the rename)."""
+    store.write_bytes(str(tmp_path / "a/w.bin"), b"x")
+    store.write_json(str(tmp_path / "a/j.json"), {})
+    store.upload_stream(str(tmp_path / "a/u.bin"), io.BytesIO(b"y"))
+    store.download_file(str(tmp_path / "a/u.bin"), tmp_path / "b/d.bin")
+    assert store.create_exclusive(str(tmp_path / "a/lock"), b"z")
+    for name in ("a/w.bin", "a/j.json", "a/u.bin", "b/d.bin", "a/lock"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o644, name
+    os.umask(0o077)
+    store.write_bytes(str(tmp_path / "a/private.bin"), b"x")
+    assert (tmp_path / "a/private.bin").stat().st_mode & 0o777 == 0o600
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_stale_temp_files_swept_live_ones_kept(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(store, "_swept_dirs", set())
+    host, old = store._HOST, time.time() - store.STALE_TEMP_SECONDS - 60
+    leftovers = {  # name -> whether the first write into the directory must remove it
+        f".tmp-model.pt~{host}~{_dead_pid()}~00ab": True,      # its writer on this host is gone
+        f".tmp-model.pt~{host}~{os.getpid()}~00cd": False,      # a live writer (a concurrent process)
+        ".tmp-config.json~other-node~1~00ef": False,          # another host, recently touched
+        ".tmp-shard.tar~other-node~1~0123": True,             # another host, untouched for too long
+        ".tmp-metrics.jsonl.k2j3h4": True,                    # an older version's mkstemp name, old
+    }
+    for name in leftovers:
+        (tmp_path / name).write_bytes(b"partial")
+    for name in (".tmp-shard.tar~other-node~1~0123", ".tmp-metrics.jsonl.k2j3h4"):
+        os.utime(tmp_path / name, (old, old))
+    store.write_bytes(str(tmp_path / "config.json"), b"{}")
+    assert {p.name for p in tmp_path.iterdir()} == {"config.json", *(n for n, gone in leftovers.items() if not gone)}
+
+
+def test_ingest_and_stage_outputs_readable_by_the_group_under_umask_022(tmp_path, cli_env) -> None:
+    """The files a teammate reads on a shared disk: dataset.json, shards, sources.tsv, config.json..."""
+    from PIL import Image
+
+    (tmp_path / "photos").mkdir()
+    for i in range(4):
+        Image.new("RGB", (20 + i, 16), (40 * i, 90, 200)).save(tmp_path / "photos" / f"{i}.jpg")
+
+    def run(*args) -> None:
+        proc = subprocess.run([sys.executable, "-m", "unsupft", *map(str, args)], capture_output=True, text=True,
+                              env={**cli_env, "OMP_NUM_THREADS": "1"}, preexec_fn=lambda: os.umask(0o022))
+        assert proc.returncode == 0, proc.stderr
+
+    run("ingest", tmp_path / "photos", tmp_path / "photo-set")
+    run("ingest", "sklearn:digits", tmp_path / "digits", "--limit", "64", "--unlabeled")
+    run("pretrain", "--data", tmp_path / "digits", "--out", tmp_path / "base", "--steps", 2, "--checkpoint-every", 1,
+        "--batch-size", 16, "--queue-size", 32, "--workers", 0)
+    files = [p for root in ("photo-set", "digits", "base") for p in (tmp_path / root).rglob("*")]
+    names = {p.name for p in files}
+    assert {"dataset.json", "sources.tsv", "shard-000000.tar", "config.json", "model.pt", "_DONE.json"} <= names
+    for path in files:
+        assert path.stat().st_mode & 0o777 == (0o755 if path.is_dir() else 0o644), path

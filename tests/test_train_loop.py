@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -177,6 +178,23 @@ def test_sample_randomness_is_a_function_of_the_step_alone():
     again = list(source.batches(2, 4))
     assert all(torch.equal(a, b) for a, b in zip(first, again)) and len(first) == 2
     assert not torch.equal(first[0], first[1])  # different steps, different draws
+
+
+def test_terminal_bar_shows_elapsed_eta_and_epoch(tmp_path, digits, capsys):
+    """On a terminal: tqdm's bar with elapsed/remaining time, the epoch and the loss, not JSON."""
+    seed_everything(0)
+    train(Classify(), digit_batches(digits, batch_size=32), config(tmp_path, steps=10, log_every=5, progress=True))
+    captured = capsys.readouterr()
+    assert captured.out == ""  # no JSON lines on a terminal
+    final = captured.err.replace("\r", "\n").strip().splitlines()[-1]
+    n = len(digits[0])
+    # e.g. "100%|██████████| 10/10 [00:01<00:00,  7.1step/s, epoch=0.53/0.53, lr=0.01, loss=2.1, acc=0.3]"
+    assert re.search(r"10/10 \[\d\d:\d\d<\d\d:\d\d, +[\d.]+(step/s|s/step), epoch=", final), final
+    assert f"epoch={10 * 32 / n:.2f}/{10 * 32 / n:.2f}" in final and "loss=" in final
+    config_json = config(tmp_path / "json", steps=10, log_every=5, progress=None)
+    train(Classify(), digit_batches(digits, batch_size=32), config_json)  # stderr is no terminal here
+    lines = capsys.readouterr().out.splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [5, 10]
 
 
 class DivergesAt(Classify):

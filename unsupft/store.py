@@ -7,6 +7,12 @@ Guarantees:
 - Writes are atomic. Locally a temp file in the same directory is renamed over the target; on S3 an
   object becomes visible only when its single PUT (or its multipart upload) completes. A reader
   never sees half a file, and a writer killed midway leaves nothing visible.
+- Local files get the mode the umask gives (0644 under umask 022), like any file a tool creates.
+- No leftovers: a local temp file is named `.tmp-<target>~<host>~<pid>~<random>` (host: host name
+  and pid namespace); the first write of a process into a directory removes the temp files there
+  whose writer is gone (same host, pid no longer running) or that nobody touched for
+  `STALE_TEMP_SECONDS` (a writer on another host of a shared disk). A concurrent live writer's
+  temp file is left alone.
 - Errors a user can cause (bad URI, missing bucket or key, access denied, bad credentials) surface
   as `UserError` with one line naming the URI and the cause.
 - Transient failures (connection refused or reset, timeouts, 5xx, throttling) are retried with
@@ -29,8 +35,10 @@ import io
 import json
 import os
 import random
+import re
+import secrets
 import shutil
-import tempfile
+import socket
 import time
 from pathlib import Path
 from typing import IO, Any, Callable, Iterator, TypeVar
@@ -319,7 +327,7 @@ def list_prefix(uri: str) -> list[str]:
     if not root.is_dir():
         return []
     return sorted(
-        str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and not p.name.startswith(".tmp-")
+        str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and not p.name.startswith(_TEMP_PREFIX)
     )
 
 
@@ -341,12 +349,82 @@ def download_file(uri: str, path: str | os.PathLike) -> None:
 # ---------------------------------------------------------------------------------- writing ---
 
 
+# A temp file older than this whose writer cannot be checked (another host) is a leftover: writes
+# touch their temp file continuously and rename it within seconds to minutes.
+STALE_TEMP_SECONDS = 3600
+_TEMP_PREFIX = ".tmp-"
+_TEMP_OWNER = re.compile(r"~(?P<host>[^~]*)~(?P<pid>\d+)~[0-9a-f]+$")
+
+
+def _pid_namespace() -> str:
+    """Who can see our pids: the host name plus, on Linux, the pid namespace (two containers with one
+    host name and one disk must not judge each other's pids)."""
+    try:
+        namespace = os.readlink("/proc/self/ns/pid").strip("pid:[]")
+    except OSError:
+        namespace = ""
+    return f"{socket.gethostname()}{'-' + namespace if namespace else ''}".replace("~", "-")
+
+
+_HOST = _pid_namespace()
+_swept_dirs: set[Path] = set()
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def _sweep_stale_temps(directory: Path) -> None:
+    """Remove the temp files a killed writer left in `directory` (once per process and directory)."""
+    if directory in _swept_dirs:
+        return
+    _swept_dirs.add(directory)
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return
+    now = time.time()
+    for entry in entries:
+        if not entry.name.startswith(_TEMP_PREFIX):
+            continue
+        owner = _TEMP_OWNER.search(entry.name)
+        try:
+            if owner and owner["host"] == _HOST:
+                stale = not _process_alive(int(owner["pid"]))
+            else:
+                stale = now - entry.stat(follow_symlinks=False).st_mtime > STALE_TEMP_SECONDS
+            if stale and entry.is_file(follow_symlinks=False):
+                os.unlink(entry.path)
+        except OSError:  # renamed by its writer or removed by another sweeper meanwhile
+            continue
+
+
+def _create_temp(target: Path) -> tuple[int, Path]:
+    """An open, new, empty temp file beside `target`, named after its owner process.
+
+    Created with mode 0666 so the umask decides the final mode (mkstemp's 0600 would survive the
+    rename and lock teammates out of a shared data set).
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _sweep_stale_temps(target.parent)
+    while True:
+        tmp = target.parent / f"{_TEMP_PREFIX}{target.name[:100]}~{_HOST}~{os.getpid()}~{secrets.token_hex(4)}"
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666), tmp
+        except FileExistsError:
+            continue
+
+
 @contextlib.contextmanager
 def _atomic_local_file(target: Path) -> Iterator[Path]:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".tmp-{target.name}.", dir=target.parent)
+    fd, tmp = _create_temp(target)
     os.close(fd)
-    tmp = Path(tmp_name)
     try:
         yield tmp
         os.replace(tmp, target)
@@ -448,8 +526,7 @@ def create_exclusive(uri: str, data: bytes) -> str | None:
             raise
     path = _local(uri)
     _local_parent_ok(uri, path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".tmp-{path.name}.", dir=path.parent)
+    fd, tmp_name = _create_temp(path)
     try:
         with os.fdopen(fd, "wb") as out:
             out.write(data)

@@ -23,9 +23,11 @@ from pathlib import Path
 from typing import IO, Callable
 
 from unsupft import store
+from unsupft.cli import option_env_prefixes
 from unsupft.ctl import state as st
 from unsupft.ctl.spec import Pipeline
 from unsupft.errors import EXIT_WAITING_FOR_LABELS
+from unsupft.trust import TRUST_ENV
 
 POLL_S = 0.2
 LOG_UPLOAD_S = 10.0
@@ -94,8 +96,15 @@ def default_parallel() -> int:
 
 
 def stage_env(max_parallel: int) -> dict[str, str]:
-    """A child stage's environment: its share of the cores as OpenMP threads, unless the user chose."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    """A child stage's environment: its share of the cores as OpenMP threads, unless the user chose.
+
+    The pipeline file alone says what a stage does: stage options from the controller's own
+    environment (`UNSUPFT_<STAGE>_<OPTION>`) would change stages behind their cache keys, and
+    the checkpoint trust must be asked for per stage (`trust_checkpoint: true`), so neither is
+    passed on."""
+    dropped = option_env_prefixes()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(dropped) and k != TRUST_ENV}
+    env["PYTHONUNBUFFERED"] = "1"
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max_parallel)))
     return env
 

@@ -24,6 +24,11 @@ _MEAN = {3: (0.485, 0.456, 0.406), 1: (0.449,)}
 _STD = {3: (0.229, 0.224, 0.225), 1: (0.226,)}
 
 
+def normalization(channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) per channel of the backbones' input: ImageNet's, averaged for 1 channel."""
+    return _MEAN[channels], _STD[channels]
+
+
 def to_input(images: torch.Tensor) -> torch.Tensor:
     """uint8 images [..., C, H, W] -> normalised float input of the backbones (ImageNet statistics)."""
     c = images.shape[-3]

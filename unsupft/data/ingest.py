@@ -3,17 +3,25 @@
 Selection happens on indices before any pixel is written: keep `--classes` (labels renumbered
 0..k-1 in the source's class order), shuffle with `--seed`, cut to `--limit`, then optionally split
 per class into `OUT_URI/train` and `OUT_URI/test`. Shards hold the samples in that shuffled order,
-so even a small shuffle buffer sees all classes.
+so even a small shuffle buffer sees all classes. How each image is stored (kept as it is, turned
+upright, shrunk, re-encoded) is `unsupft.data.encode`'s business.
 """
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import sys
+import threading
+from pathlib import Path
+from typing import Iterator
 
 import click
 import numpy as np
 
 from unsupft import store
+from unsupft.data.encode import DEFAULT_QUALITY, FORMATS, KEEP, Encoding, UnreadableImage, encode_array, encode_file, stored_size
+from unsupft.data.info import INFO_NAME
 from unsupft.data.shards import Sample, write_dataset
 from unsupft.data.sources import SourceData, open_source
 from unsupft.errors import UserError, report_user_errors
@@ -53,10 +61,57 @@ def split(indices: np.ndarray, labels: np.ndarray | None, test_fraction: float, 
     return indices[~is_test], indices[is_test]
 
 
-def _samples(source: SourceData, indices: np.ndarray, label_map: dict[int, int] | None):
+def _samples(source: SourceData, indices: np.ndarray, label_map: dict[int, int] | None, encoding: Encoding,
+             skipped: list[Path] | None) -> Iterator[Sample]:
+    """The samples at `indices`, encoded; unreadable files go to `skipped` if given, else raise."""
     for i in indices:
         label = None if label_map is None else label_map[int(source.labels[i])]
-        yield Sample(key=source.keys[i], image=source.image(int(i)), label=label)
+        image = source.image(int(i))
+        if isinstance(image, Path):
+            try:
+                data, ext = encode_file(image, encoding)
+            except UnreadableImage:
+                if skipped is None:
+                    raise
+                skipped.append(image)
+                continue
+            origin = image.relative_to(source.root).as_posix()
+        else:
+            (data, ext), origin = encode_array(image, encoding), None
+        yield Sample(key=source.keys[i], data=data, ext=ext, label=label, source=origin)
+
+
+def common_size(sizes: np.ndarray, short_side: int | None) -> tuple[int, int] | None:
+    """The stored (H, W) all these images share, or None when they differ (photos usually do)."""
+    stored = {stored_size(int(h), int(w), short_side) for h, w in np.unique(sizes, axis=0)}
+    return stored.pop() if len(stored) == 1 else None
+
+
+@contextlib.contextmanager
+def _sigterm_exits() -> Iterator[None]:
+    """SIGTERM (a scheduler stopping the pod, a kill) unwinds like an error, so half-written files are
+    deleted; SIGKILL leaves them to the next ingestion into the same place. Only the main thread
+    may set handlers: called from another thread, SIGTERM keeps its default."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def check_options(resize: int | None, fmt: str, quality: int, test_fraction: float | None) -> None:
+    """Refuse bad option values with one line, before anything is read or written."""
+    if test_fraction is not None and not 0.0 < test_fraction < 1.0:
+        raise UserError(f"--split: {test_fraction} is not a fraction strictly between 0 and 1")
+    if resize is not None and resize < 1:
+        raise UserError(f"--resize: {resize} is not a positive number of pixels (the short side after resizing)")
+    if fmt not in (KEEP, *FORMATS):
+        raise UserError(f"--format: {fmt!r} is not one of {', '.join((KEEP, *FORMATS))}")
+    if not 1 <= quality <= 100:
+        raise UserError(f"--quality: {quality} is not in 1..100")
 
 
 @click.command("ingest")
@@ -70,19 +125,34 @@ def _samples(source: SourceData, indices: np.ndarray, label_map: dict[int, int] 
 @click.option("--shard-size", type=click.IntRange(min=1), default=10000, show_default=True, help="Samples per shard.")
 @click.option("--unlabeled", is_flag=True, help="Drop the labels (an unlabeled data set).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the subset, order and split.")
+@click.option("--resize", type=int, metavar="SHORT_SIDE",
+              help="Shrink images whose short side is longer to SHORT_SIDE pixels, keeping the aspect ratio.")
+@click.option("--format", "fmt", default=KEEP, show_default=True, metavar="[keep|jpg|png|webp]",
+              help="Stored image format; keep: a JPEG/PNG/WebP file stays in its format (its very bytes when "
+                   "it needs no change), arrays and other formats become PNG.")
+@click.option("--quality", type=int, default=DEFAULT_QUALITY, show_default=True,
+              help="JPEG/WebP quality of re-encoded images (1..100).")
+@click.option("--skip-corrupt", is_flag=True,
+              help="Leave out unreadable image files (counted and named) instead of stopping at the first.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace a complete data set at OUT_URI (it stays readable until the new one is complete).")
 @report_user_errors
 def ingest_command(source: str, out_uri: str, labels_file: str | None, test_fraction: float | None,
-                   classes: str | None, limit: int | None, shard_size: int, unlabeled: bool, seed: int) -> None:
+                   classes: str | None, limit: int | None, shard_size: int, unlabeled: bool, seed: int,
+                   resize: int | None, fmt: str, quality: int, skip_corrupt: bool, overwrite: bool) -> None:
     """Write SOURCE as WebDataset shards plus dataset.json under OUT_URI.
 
     SOURCE is a folder of class sub-folders of images (or a flat folder of images: unlabeled), an
     IDX image file (with --labels), an .npz (arrays images/x, labels/y, optional class_names) or
-    sklearn:digits (8x8, kept at native size).
+    sklearn:digits (8x8, kept at native size). A folder's file paths are kept in sources.tsv.
     """
-    if test_fraction is not None and not 0.0 < test_fraction < 1.0:
-        raise UserError(f"--split: {test_fraction} is not a fraction strictly between 0 and 1")
+    check_options(resize, fmt, quality, test_fraction)
     out_uri = store.normalize(out_uri)
-    data = open_source(source, labels_file)
+    part_uris = [out_uri] if test_fraction is None else [store.join(out_uri, "train"), store.join(out_uri, "test")]
+    for uri in part_uris:
+        if not overwrite and store.exists(store.join(uri, INFO_NAME)):
+            raise UserError(f"{uri}: holds a complete data set already (add --overwrite to replace it)")
+    data = open_source(source, labels_file, skip_unreadable=skip_corrupt)
     labeled = data.labels is not None
     if classes is not None and not labeled:
         raise UserError(f"--classes: {source} has no labels to select classes by")
@@ -91,21 +161,22 @@ def ingest_command(source: str, out_uri: str, labels_file: str | None, test_frac
     kept = class_ids if class_ids is not None else list(range(len(data.classes)))
     label_map = {old: new for new, old in enumerate(kept)} if labeled and not unlabeled else None
     names = [data.classes[c] for c in kept] if label_map is not None else []
-    if test_fraction is None:
-        parts = {out_uri: indices}
-    else:
-        train, test = split(indices, data.labels, test_fraction, seed)
-        parts = {store.join(out_uri, "train"): train, store.join(out_uri, "test"): test}
+    parts = dict(zip(part_uris, [indices] if test_fraction is None else split(indices, data.labels, test_fraction, seed)))
     for uri, part in parts.items():
         if len(part) == 0:
             raise UserError(f"{uri}: would be empty (check --classes/--limit/--split)")
     options = " ".join(f"{flag} {value}" for flag, value in (
         ("--labels", labels_file), ("--classes", classes), ("--limit", limit), ("--split", test_fraction),
-        ("--seed", seed)) if value is not None)
-    for uri, part in parts.items():
-        info = write_dataset(
-            uri, _samples(data, part, label_map), classes=names, labeled=label_map is not None,
-            channels=data.channels, image_size=data.image_size,
-            source=f"{source} {options}{' --unlabeled' if unlabeled else ''}".strip(), shard_size=shard_size,
-        )
-        click.echo(f"{uri}: {info.samples} samples in {len(info.shards)} shards", file=sys.stderr)
+        ("--seed", seed), ("--resize", resize), ("--format", fmt if fmt != KEEP else None)) if value is not None)
+    encoding = Encoding(fmt=fmt, short_side=resize, quality=quality, channels=data.channels)
+    skipped = list(data.unreadable) if skip_corrupt else None
+    with _sigterm_exits():
+        for uri, part in parts.items():
+            manifest = write_dataset(
+                uri, _samples(data, part, label_map, encoding, skipped), classes=names,
+                labeled=label_map is not None, channels=data.channels, image_size=common_size(data.sizes[part], resize),
+                source=f"{source} {options}{' --unlabeled' if unlabeled else ''}".strip(), shard_size=shard_size,
+            )
+            click.echo(f"{uri}: {manifest['samples']} samples in {len(manifest['shards'])} shards", file=sys.stderr)
+    if skipped:
+        click.echo(f"skipped {len(skipped)} unreadable image files (first: {skipped[0]})", file=sys.stderr)

@@ -1,44 +1,50 @@
 """What `unsupft ingest` can read: image folders, IDX files, `.npz` arrays, `sklearn:digits`.
 
-Every source becomes a `SourceData`: keys, labels, class names and a way to get image i as a uint8
-array (HxW grayscale or HxWx3 colour). Sources are checked completely before anything is written,
-so bad input fails with one line and leaves the output untouched.
+Every source becomes a `SourceData`: keys, labels, class names, every image's size, and a way to get
+image i: a uint8 array (HxW grayscale or HxWx3 colour) for array sources, the file itself for
+folders (so a JPEG can be stored as it is). Sources are checked before anything is written (image
+files by their headers; their pixels when they are stored), so bad input fails with one line.
 """
 
 from __future__ import annotations
 
-import collections
 import gzip
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 
+from unsupft.data.encode import UnreadableImage, scan_header
 from unsupft.errors import UserError
 
 FASHION_MNIST_CLASSES = [
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 ]
-_GRAYSCALE_MODES = {"1", "L", "LA", "I", "I;16", "F"}
 _IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 
 @dataclass
 class SourceData:
-    """A source's samples in their original order; `labels` is None for unlabeled sources."""
+    """A source's samples in their original order; `labels` is None for unlabeled sources.
+
+    `sizes` holds each image's upright (H, W) (EXIF orientation applied); `image(i)` is the pixels
+    of an array source or the file of a folder source, whose path relative to `root` is its
+    provenance; `unreadable` lists the files `skip_unreadable` left out.
+    """
 
     description: str
     keys: list[str]
     labels: np.ndarray | None
     classes: list[str]
     channels: int
-    image_size: tuple[int, int]
-    image: Callable[[int], np.ndarray]
+    sizes: np.ndarray
+    image: Callable[[int], np.ndarray | Path]
+    root: Path | None = None
+    unreadable: list[Path] = field(default_factory=list)
 
 
-def open_source(spec: str, labels_file: str | None = None) -> SourceData:
+def open_source(spec: str, labels_file: str | None = None, skip_unreadable: bool = False) -> SourceData:
     """Recognise the kind of `spec` (folder, IDX, .npz, sklearn:digits) and read it."""
     if spec.startswith("sklearn:"):
         if spec != "sklearn:digits":
@@ -50,7 +56,7 @@ def open_source(spec: str, labels_file: str | None = None) -> SourceData:
     if labels_file is not None and not _is_idx(path):
         raise UserError(f"{spec}: --labels is for IDX image files only")
     if path.is_dir():
-        return _folder(path)
+        return _folder(path, skip_unreadable)
     if path.suffix == ".npz":
         return _npz(path)
     if _is_idx(path):
@@ -87,7 +93,7 @@ def _arrays(description: str, images: np.ndarray, labels: np.ndarray | None, cla
         labels=labels,
         classes=classes if labels is not None else [],
         channels=1 if images.ndim == 3 else 3,
-        image_size=(int(images.shape[1]), int(images.shape[2])),
+        sizes=np.broadcast_to(np.array(images.shape[1:3], dtype=np.int32), (len(images), 2)),
         image=lambda i: images[i],
     )
 
@@ -170,16 +176,7 @@ def _idx(path: Path, labels_file: str | None) -> SourceData:
     return _arrays(str(path), images, labels, names)
 
 
-def _scan_image(path: Path) -> tuple[tuple[int, int], bool]:
-    """(H, W) and whether it is grayscale, from the header only (fast; the pixels come later)."""
-    try:
-        with Image.open(path) as img:
-            return (img.height, img.width), img.mode in _GRAYSCALE_MODES
-    except (UnidentifiedImageError, OSError) as exc:
-        raise UserError(f"{path}: not an image file ({type(exc).__name__})") from exc
-
-
-def _folder(root: Path) -> SourceData:
+def _folder(root: Path, skip_unreadable: bool) -> SourceData:
     """Class sub-folders of images (labeled), or a flat folder of images (unlabeled)."""
     visible = sorted(p for p in root.iterdir() if not p.name.startswith("."))
     class_dirs = [p for p in visible if p.is_dir()]
@@ -199,24 +196,28 @@ def _folder(root: Path) -> SourceData:
         files = [(f, -1) for f in visible]
     if not files:
         raise UserError(f"{root}: empty folder (expected class sub-folders of images, or images)")
-    scans = [_scan_image(f) for f, _ in files]
-    channels = 1 if all(gray for _, gray in scans) else 3
-    image_size = collections.Counter(size for size, _ in scans).most_common(1)[0][0]
-
-    def image(i: int) -> np.ndarray:
-        path = files[i][0]
+    readable, sizes, gray, unreadable = [], [], [], []
+    for f, label in files:
         try:
-            with Image.open(path) as img:
-                return np.asarray(img.convert("L" if channels == 1 else "RGB"), dtype=np.uint8)
-        except OSError as exc:
-            raise UserError(f"{path}: unreadable image ({exc})") from exc
-
+            size, is_gray = scan_header(f)
+        except UnreadableImage:
+            if not skip_unreadable:
+                raise
+            unreadable.append(f)
+            continue
+        readable.append((f, label))
+        sizes.append(size)
+        gray.append(is_gray)
+    if not readable:
+        raise UserError(f"{root}: no readable images ({len(unreadable)} unreadable files skipped)")
     return SourceData(
         description=str(root),
-        keys=[f"{i:08d}" for i in range(len(files))],
-        labels=np.array([label for _, label in files], dtype=np.int64) if class_dirs else None,
+        keys=[f"{i:08d}" for i in range(len(readable))],
+        labels=np.array([label for _, label in readable], dtype=np.int64) if class_dirs else None,
         classes=[d.name for d in class_dirs],
-        channels=channels,
-        image_size=image_size,
-        image=image,
+        channels=1 if all(gray) else 3,
+        sizes=np.array(sizes, dtype=np.int32),
+        image=lambda i: readable[i][0],
+        root=root,
+        unreadable=unreadable,
     )

@@ -22,12 +22,13 @@ import click
 import numpy as np
 import torch
 
-from unsupft import options, stage, store
+from unsupft import checkpoint, options, stage, store
 from unsupft.data import ArraySet, load_arrays
 from unsupft.errors import UserError, report_user_errors
 from unsupft.eval import metrics, report
 from unsupft.eval.features import extract_features
 from unsupft.models import ARCHS, load_backbone
+from unsupft.models.io import describe
 from unsupft.train.fewshot import draw_shots
 from unsupft.train.transfer import METHODS, finetune, predict
 
@@ -131,6 +132,7 @@ def evaluate_model(backbone: torch.nn.Module, meta: dict[str, Any], train: Array
 @click.option("--arch", type=click.Choice(ARCHS), default=None, help="Architecture of plain torchvision checkpoints.")
 @click.option("--seed", type=options.SEED, default=0, show_default=True)
 @click.option("--out", required=True, help="Output URI for report.json, report.html and the pictures.")
+@checkpoint.trust_option
 @stage.overwrite_option
 @report_user_errors
 def evaluate_command(model_specs: tuple[str, ...], train_uri: str, test_uri: str, shots: str, trials: int,
@@ -158,6 +160,7 @@ def evaluate_command(model_specs: tuple[str, ...], train_uri: str, test_uri: str
     loaded = {}
     for name, uri in models.items():
         backbone, meta = load_backbone(uri, arch=arch, in_channels=train.info.channels)
+        click.echo(f"model {name}: {describe(meta)}", err=True)
         if meta.get("image_size") is None:
             meta["image_size"] = list(train.images.shape[-2:])
         loaded[name] = (backbone, meta)

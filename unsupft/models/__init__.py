@@ -1,6 +1,6 @@
 """unsupft.models: backbones (torchvision ResNets), their checkpoint formats, and MoCo."""
 
 from unsupft.models.backbones import ARCHS, build_backbone
-from unsupft.models.io import load_backbone, save_model
+from unsupft.models.io import Preprocess, load, load_backbone, save_model
 
-__all__ = ["ARCHS", "build_backbone", "load_backbone", "save_model"]
+__all__ = ["ARCHS", "Preprocess", "build_backbone", "load", "load_backbone", "save_model"]

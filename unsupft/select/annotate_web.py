@@ -3,10 +3,16 @@
 It finds the round whose `requests/round-N.csv` has no `labels/round-N.csv` yet (under the label
 stage's output, or anywhere below a run's prefix), serves one page on 127.0.0.1 at a free port and
 prints its URL. The page shows each image large (pixelated upscaling, so 28 px digits stay
-readable), the class names as buttons with keyboard shortcuts (1-9, 0, then letters), Backspace to
-go back, and a progress count. When every image has a label it posts them; the server validates
-them with the same parser the stage uses, writes the labels file through the store and exits.
-Only the standard library's http.server: nothing to install for the person labeling.
+readable) or the whole round as a grid (Tab switches; click an image to select it), the class
+names as buttons with keyboard shortcuts (the names themselves when they are single characters,
+as for digits; otherwise 1-9, 0, then letters), `?` for "not sure" (the image goes back to the
+pool and costs no budget), Backspace to go back and a progress count. When the label stage sent
+its model's guesses (rounds after the first), the guess is marked and Enter accepts it, the way
+labeling tools pre-annotate for active learning. Every answer is saved to the store at once
+(`labels/round-N.progress.json`), so closing the tab or stopping the server loses nothing; when
+every image has an answer the server validates them with the parser the stage uses, writes the
+labels file through the store and exits. Only the standard library's http.server: nothing to
+install for the person labeling.
 """
 
 from __future__ import annotations
@@ -23,16 +29,30 @@ import click
 from unsupft import store
 from unsupft.errors import UserError, report_user_errors
 from unsupft.select.annotators import (
+    UNSURE,
     classes_uri,
     format_labels,
     image_uri,
     labels_uri,
     parse_labels,
-    read_requested_keys,
+    read_request,
 )
 
 _REQUEST = re.compile(r"^(?:(.*)/)?requests/round-(\d+)\.csv$")
 SHORTCUTS = "1234567890abcdefghijklmnopqrstuvwxyz"
+
+
+def shortcuts(classes: list[str]) -> list[str]:
+    """The key that picks each class: its own name when every name is one distinct character
+    (digits: `1` is class "1"), else by position. `?` is kept for "not sure"."""
+    names = [c.lower() for c in classes]
+    if all(len(n) == 1 for n in names) and len(set(names)) == len(names) and UNSURE not in names:
+        return names
+    return [SHORTCUTS[i] if i < len(SHORTCUTS) else "" for i in range(len(classes))]
+
+
+def progress_uri(out: str, round_index: int) -> str:
+    return store.join(out, "labels", f"round-{round_index}.progress.json")
 
 
 def find_waiting_round(uri: str) -> tuple[str, int]:
@@ -61,74 +81,145 @@ PAGE = """<!doctype html>
  body { font-family: system-ui, sans-serif; margin: 2em; background: #fafafa; }
  #img { width: 320px; height: 320px; image-rendering: pixelated; object-fit: contain;
         background: #222; border: 1px solid #999; display: block; margin: 1em 0; }
- button.cls { font-size: 1.1em; margin: .2em; padding: .4em .8em; cursor: pointer; }
+ button { font-size: 1.1em; margin: .2em; padding: .4em .8em; cursor: pointer; }
  button.cls.current { outline: 3px solid #e80; }
+ button.cls.guess { border: 2px dashed #06c; }
+ button.cls.guess::after { content: " (model's guess, Enter)"; color: #06c; font-size: .8em; }
  kbd { background: #eee; border: 1px solid #bbb; border-radius: 3px; padding: 0 .3em; font-size: .9em; }
  #progress { font-size: 1.2em; }
+ #grid { display: none; grid-template-columns: repeat(auto-fill, 112px); gap: 8px; margin: 1em 0; }
+ body.grid #grid { display: grid; }
+ body.grid #img { display: none; }
+ .cell { border: 3px solid transparent; background: #fff; text-align: center; cursor: pointer; padding: 2px; }
+ .cell img { width: 100px; height: 100px; image-rendering: pixelated; object-fit: contain; background: #222; }
+ .cell.current { border-color: #e80; }
+ .cell .ans { font-weight: bold; } .cell .guessed { color: #06c; font-style: italic; }
+ .cell .unsure { color: #a00; }
 </style></head>
 <body>
 <h2>Label round <span id="round"></span></h2>
 <div id="progress"></div>
 <div id="key"></div>
 <img id="img" alt="image to label">
+<div id="grid"></div>
 <div id="buttons"></div>
-<p><kbd>Backspace</kbd> back &middot; labels are saved when every image has one</p>
+<p><kbd>Enter</kbd> accept the model's guess &middot; <kbd>?</kbd> not sure &middot;
+   <kbd>Backspace</kbd> back &middot; <kbd>Tab</kbd> <button id="view">grid view</button> &middot;
+   every answer is saved as you go</p>
 <div id="status"></div>
 <script>
-const SHORTCUTS = "__SHORTCUTS__";
-let task = null, pos = 0, labels = {};
-function show() {
-  const key = task.keys[pos];
+const UNSURE = "?";
+let task = null, pos = 0, labels = {}, finished = false;
+const shown = v => v === UNSURE ? "not sure" : v;
+function render() {
+  const key = task.keys[pos], guess = task.guesses[key];
+  const unsure = Object.values(labels).filter(v => v === UNSURE).length;
   document.getElementById("progress").textContent =
-    `${Object.keys(labels).length} / ${task.keys.length} labeled — image ${pos + 1}`;
+    `${Object.keys(labels).length} / ${task.keys.length} answered` + (unsure ? ` (${unsure} not sure)` : "") +
+    ` — image ${pos + 1}`;
   document.getElementById("key").textContent = key;
   document.getElementById("img").src = "img/" + encodeURIComponent(key);
-  document.querySelectorAll("button.cls").forEach(b =>
-    b.classList.toggle("current", labels[key] === b.dataset.cls));
+  document.querySelectorAll("button.cls").forEach(b => {
+    b.classList.toggle("current", labels[key] === b.dataset.cls);
+    b.classList.toggle("guess", guess === b.dataset.cls);
+  });
+  document.querySelectorAll(".cell").forEach((c, i) => {
+    const k = task.keys[i], a = labels[k];
+    c.classList.toggle("current", i === pos);
+    const cap = c.querySelector("div");
+    cap.className = a === undefined ? "guessed" : a === UNSURE ? "unsure" : "ans";
+    cap.textContent = a !== undefined ? shown(a) : task.guesses[k] !== undefined ? task.guesses[k] + "?" : "\u00a0";
+  });
+  const cur = document.querySelectorAll(".cell")[pos];
+  if (document.body.classList.contains("grid") && cur) cur.scrollIntoView({block: "nearest"});
 }
-async function save() {
+async function post(path, body) {
+  const r = await fetch(path, {method: "POST", headers: {"Content-Type": "application/json"},
+                               body: JSON.stringify(body)});
+  return [r.ok, await r.json()];
+}
+async function persist() {
+  const [ok, body] = await post("progress", labels);
+  if (!finished) document.getElementById("status").textContent =
+    ok ? `progress saved (${Object.keys(labels).length} answers)` : "error: " + body.error;
+}
+async function finish() {
+  finished = true;
   document.getElementById("status").textContent = "saving…";
-  const r = await fetch("labels", {method: "POST", headers: {"Content-Type": "application/json"},
-                                   body: JSON.stringify(labels)});
-  const body = await r.json();
-  document.getElementById("status").textContent = r.ok ? "saved " + body.uri + " — you can close this page"
-                                                       : "error: " + body.error;
+  const [ok, body] = await post("labels", labels);
+  document.getElementById("status").textContent = ok ? "saved " + body.uri + " — you can close this page"
+                                                     : "error: " + body.error;
 }
 function pick(name) {
   labels[task.keys[pos]] = name;
-  const next = task.keys.findIndex(k => !(k in labels));
-  if (next < 0) { show(); save(); return; }
-  pos = next; show();
+  persist();
+  const n = task.keys.length;
+  for (let step = 1; step <= n; step++) {
+    const i = (pos + step) % n;
+    if (!(task.keys[i] in labels)) { pos = i; render(); return; }
+  }
+  render(); finish();
+}
+function toggleView() {
+  document.body.classList.toggle("grid");
+  document.getElementById("view").textContent = document.body.classList.contains("grid") ? "one image" : "grid view";
+  render();
 }
 document.addEventListener("keydown", e => {
-  if (!task) return;
-  if (e.key === "Backspace") { pos = Math.max(0, pos - 1); show(); e.preventDefault(); return; }
-  const i = SHORTCUTS.indexOf(e.key.toLowerCase());
-  if (i >= 0 && i < task.classes.length) pick(task.classes[i]);
+  if (!task || e.ctrlKey || e.metaKey || e.altKey) return;
+  const grid = document.body.classList.contains("grid"), cols = Math.max(1, Math.floor(
+    document.getElementById("grid").clientWidth / 120));
+  const move = {ArrowLeft: -1, ArrowRight: 1, ArrowUp: grid ? -cols : -1, ArrowDown: grid ? cols : 1}[e.key];
+  if (e.key === "Tab") { toggleView(); e.preventDefault(); return; }
+  if (e.key === "Backspace") { pos = Math.max(0, pos - 1); render(); e.preventDefault(); return; }
+  if (move !== undefined) { pos = Math.min(task.keys.length - 1, Math.max(0, pos + move)); render(); e.preventDefault(); return; }
+  if (e.key === "Enter") { const g = task.guesses[task.keys[pos]]; if (g !== undefined) pick(g); e.preventDefault(); return; }
+  if (e.key === UNSURE) { pick(UNSURE); return; }
+  const i = task.shortcuts.indexOf(e.key.toLowerCase());
+  if (i >= 0 && e.key.length === 1) pick(task.classes[i]);
 });
 fetch("task").then(r => r.json()).then(t => {
-  task = t;
+  task = t; labels = t.saved;
   document.getElementById("round").textContent = t.round;
   const box = document.getElementById("buttons");
-  t.classes.forEach((name, i) => {
+  const add = (name, key, text) => {
     const b = document.createElement("button");
     b.className = "cls"; b.dataset.cls = name;
-    b.innerHTML = (i < SHORTCUTS.length ? `<kbd>${SHORTCUTS[i]}</kbd> ` : "") + name;
+    b.innerHTML = (key ? `<kbd>${key}</kbd> ` : "") + text;
     b.onclick = () => pick(name);
     box.appendChild(b);
+  };
+  t.classes.forEach((name, i) => add(name, t.shortcuts[i], name));
+  add(UNSURE, UNSURE, "not sure");
+  const grid = document.getElementById("grid");
+  t.keys.forEach((k, i) => {
+    const c = document.createElement("div");
+    c.className = "cell"; c.dataset.key = k;
+    c.innerHTML = `<img loading="lazy" alt="" src="img/${encodeURIComponent(k)}"><div></div>`;
+    c.onclick = () => { pos = i; render(); };
+    grid.appendChild(c);
   });
-  show();
+  document.getElementById("view").onclick = e => { toggleView(); e.target.blur(); };
+  const first = t.keys.findIndex(k => !(k in labels));
+  pos = first < 0 ? 0 : first;
+  render();
+  if (first < 0) finish();  // every answer was saved before: write the labels file
 });
 </script></body></html>
-""".replace("__SHORTCUTS__", SHORTCUTS)
+"""
 
 
 def make_server(out: str, round_index: int, port: int = 0) -> ThreadingHTTPServer:
     """A server for one round; `server.labels_written` is set once the labels file is stored."""
-    keys = read_requested_keys(out, round_index)
+    keys, guesses = read_request(out, round_index)
     classes = json.loads(store.read_text(classes_uri(out)))
-    task = json.dumps({"round": round_index, "keys": keys, "classes": classes}).encode()
-    answer = labels_uri(out, round_index)
+    answer, progress = labels_uri(out, round_index), progress_uri(out, round_index)
+    allowed = set(classes) | {UNSURE}
+    saved = store.read_json(progress) if store.exists(progress) else {}
+    saved = {k: v for k, v in saved.items() if k in keys and v in allowed}
+    task_fields = {"round": round_index, "keys": keys, "classes": classes, "shortcuts": shortcuts(classes),
+                   "guesses": {k: g for k, g in guesses.items() if g in classes}}
+    lock = threading.Lock()  # one answer file write at a time; the page posts after every answer
     done = threading.Event()
 
     class Handler(BaseHTTPRequestHandler):
@@ -147,7 +238,9 @@ def make_server(out: str, round_index: int, port: int = 0) -> ThreadingHTTPServe
             if self.path == "/":
                 self._send(HTTPStatus.OK, PAGE.encode(), "text/html; charset=utf-8")
             elif self.path == "/task":
-                self._send(HTTPStatus.OK, task, "application/json")
+                with lock:
+                    current = store.read_json(progress) if store.exists(progress) else saved
+                self._json(HTTPStatus.OK, {**task_fields, "saved": current})
             elif self.path.startswith("/img/") and unquote(self.path[5:]) in keys:
                 data = store.read_bytes(image_uri(out, round_index, unquote(self.path[5:])))
                 self._send(HTTPStatus.OK, data, "image/png")
@@ -155,17 +248,27 @@ def make_server(out: str, round_index: int, port: int = 0) -> ThreadingHTTPServe
                 self._json(HTTPStatus.NOT_FOUND, {"error": "not found"})
 
         def do_POST(self) -> None:  # noqa: N802
-            if self.path != "/labels":
+            if self.path not in ("/labels", "/progress"):
                 self._json(HTTPStatus.NOT_FOUND, {"error": "not found"})
                 return
             try:
                 chosen = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
-                text = format_labels({k: chosen[k] for k in keys if k in chosen})
-                parse_labels(text, "labels from the page", keys, classes)
-            except (UserError, ValueError, AttributeError) as exc:
+                answers = {k: chosen[k] for k in keys if k in chosen}
+                wrong = sorted({v for v in answers.values() if v not in allowed})
+                if wrong:
+                    raise UserError(f"unknown class {wrong[0]!r}")
+                text = format_labels(answers)
+                if self.path == "/labels":
+                    parse_labels(text, "labels from the page", keys, classes)
+            except (UserError, ValueError, AttributeError, TypeError) as exc:
                 self._json(HTTPStatus.BAD_REQUEST, {"error": str(exc)})
                 return
-            store.write_text(answer, text)
+            with lock:
+                if self.path == "/progress":
+                    store.write_json(progress, answers)
+                    self._json(HTTPStatus.OK, {"uri": progress})
+                    return
+                store.write_text(answer, text)
             self._json(HTTPStatus.OK, {"uri": answer})
             done.set()
 

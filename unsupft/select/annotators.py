@@ -3,11 +3,13 @@
 A manual round is an exchange through the store, so that it works the same on a laptop and in a
 cluster where the stage runs as a batch Job with nobody attached:
 
-  <out>/requests/round-N.csv       column `key`: the samples to label, in order
+  <out>/requests/round-N.csv       columns `key` (the samples to label, in order) and, from round 1
+                                   on, `guess` (the previous round's model's class for it)
   <out>/requests/round-N/<key>.png the images, viewable in any file browser or S3 console
   <out>/requests/classes.json      the class names to choose from
   <out>/labels/round-N.csv         written by the person (or `unsupft annotate <out>`): key,label
-                                   where label is a class name
+                                   where label is a class name, or `?` for "not sure": that image
+                                   goes back to the pool and costs no budget
 
 While the labels file is missing the stage stops with exit code 75 (`EXIT_WAITING_FOR_LABELS`); the
 next attempt (`unsupft label --resume`, or the controller's retry) finds the file and goes on.
@@ -24,6 +26,9 @@ import torch
 
 from unsupft import store
 from unsupft.errors import UserError
+
+
+UNSURE = "?"
 
 
 class WaitingForLabels(Exception):
@@ -80,15 +85,21 @@ def png_bytes(image: torch.Tensor) -> bytes:
     return buf.getvalue()
 
 
-def read_requested_keys(out: str, round_index: int) -> list[str]:
+def read_request(out: str, round_index: int) -> tuple[list[str], dict[str, str]]:
+    """The round's keys in order, and the model's guesses for those that have one."""
     rows = list(csv.DictReader(io.StringIO(store.read_text(request_uri(out, round_index)))))
-    return [row["key"] for row in rows]
+    return [row["key"] for row in rows], {row["key"]: row["guess"] for row in rows if row.get("guess")}
+
+
+def read_requested_keys(out: str, round_index: int) -> list[str]:
+    return read_request(out, round_index)[0]
 
 
 def parse_labels(
     text: str, source: str, requested: Sequence[str], classes: Sequence[str]
 ) -> dict[str, int]:
-    """Validate a returned `key,label` file against the request; one-line errors naming the line."""
+    """Validate a returned `key,label` file against the request; one-line errors naming the line.
+    Keys answered `?` (unsure) count as answered and are left out of the result."""
     class_id = {name: i for i, name in enumerate(classes)}
     wanted = set(requested)
     reader = csv.reader(io.StringIO(text))
@@ -96,6 +107,7 @@ def parse_labels(
     if header[:2] != ["key", "label"]:
         raise UserError(f"{source}: line 1: header must be 'key,label', got {','.join(header)!r}")
     labels: dict[str, int] = {}
+    unsure: set[str] = set()
     for row in reader:
         line = reader.line_num
         if not row or not "".join(row).strip():
@@ -105,14 +117,17 @@ def parse_labels(
         key, name = row[0].strip(), row[1].strip()
         if key not in wanted:
             raise UserError(f"{source}: line {line}: unknown key {key!r} (not requested this round)")
-        if key in labels:
+        if key in labels or key in unsure:
             raise UserError(f"{source}: line {line}: duplicate key {key!r}")
+        if name == UNSURE and name not in class_id:
+            unsure.add(key)
+            continue
         if name not in class_id:
             raise UserError(
                 f"{source}: line {line}: unknown class {name!r} (classes: {', '.join(classes)})"
             )
         labels[key] = class_id[name]
-    missing = [k for k in requested if k not in labels]
+    missing = [k for k in requested if k not in labels and k not in unsure]
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
         raise UserError(f"{source}: missing keys {', '.join(missing[:3])}{more}")
@@ -129,14 +144,18 @@ def format_labels(labels: dict[str, str]) -> str:
 
 
 class ManualAnnotator:
-    """Writes the round's request to the store and reads the person's answer from it."""
+    """Writes the round's request to the store and reads the person's answer from it.
+
+    `guesses(round, keys)`, when given, returns the current model's class name per key (or None
+    when there is no model with a classifier yet); the page pre-selects them."""
 
     def __init__(
-        self, out: str, classes: Sequence[str], image_of: Callable[[str], torch.Tensor]
+        self, out: str, classes: Sequence[str], image_of: Callable[[str], torch.Tensor],
+        guesses: Callable[[int, Sequence[str]], dict[str, str] | None] | None = None,
     ) -> None:
         if not classes:
             raise UserError("--annotator manual needs class names (dataset.json has no classes)")
-        self.out, self.classes, self.image_of = out, list(classes), image_of
+        self.out, self.classes, self.image_of, self.guesses = out, list(classes), image_of, guesses
 
     def annotate(self, round_index: int, keys: Sequence[str]) -> dict[str, int]:
         answer = labels_uri(self.out, round_index)
@@ -150,4 +169,9 @@ class ManualAnnotator:
         for key in keys:
             store.write_bytes(image_uri(self.out, round_index, key), png_bytes(self.image_of(key)))
         store.write_text(classes_uri(self.out), json.dumps(self.classes))
-        store.write_text(request_uri(self.out, round_index), "key\n" + "".join(f"{k}\n" for k in keys))
+        guesses = self.guesses(round_index, keys) if self.guesses else None
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        writer.writerow(["key", "guess"] if guesses else ["key"])
+        writer.writerows([k, guesses[k]] if guesses else [k] for k in keys)
+        store.write_text(request_uri(self.out, round_index), buf.getvalue())

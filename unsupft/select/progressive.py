@@ -34,7 +34,7 @@ from typing import Any, Protocol, Sequence
 import click
 import torch
 
-from unsupft import options, stage, store
+from unsupft import checkpoint, options, stage, store
 from unsupft.errors import EXIT_WAITING_FOR_LABELS, UserError, report_user_errors
 from unsupft.select.ackmeans import ackmeans
 from unsupft.select.annotators import Annotator, ManualAnnotator, OracleAnnotator, WaitingForLabels
@@ -208,8 +208,9 @@ def run_label(
             log(f"round {state.round}: requesting {len(keys)} labels")
         if state.phase == "annotate":
             if state.pending:
+                # keys answered "not sure" are missing from answers: back to the pool, no budget spent
                 answers = annotator.annotate(state.round, state.pending)
-                state.labeled += [[k, int(answers[k]), state.round] for k in state.pending]
+                state.labeled += [[k, int(answers[k]), state.round] for k in state.pending if k in answers]
             state.pending, state.phase = [], "finetune"
             state.save(cfg.out, target.classes)
         if state.phase == "finetune":
@@ -240,11 +241,13 @@ class TransferEngine:
         try:
             from unsupft.eval.features import extract_features
             from unsupft.models import load_backbone, save_model
+            from unsupft.models.io import describe
             from unsupft.train.transfer import finetune, predict
         except ImportError as exc:  # a partial build: say what is missing instead of a traceback
             raise UserError(f"the label stage needs finetuning and feature extraction: {exc}") from exc
         self._extract, self._load, self._save = extract_features, load_backbone, save_model
-        self._finetune, self._predict = finetune, predict
+        self._finetune, self._predict, self._describe = finetune, predict, describe
+        self._described: set[str] = set()  # the init line is printed once per process, not per round
 
     def features(self, model_uri: str, images: torch.Tensor) -> torch.Tensor:
         backbone, meta = self._load(model_uri)
@@ -254,8 +257,19 @@ class TransferEngine:
         """Load `init` once before anything is written: a missing or foreign model is refused early."""
         self._load(init, in_channels=channels)
 
+    def guesses(self, model_uri: str, images: torch.Tensor) -> list[int]:
+        """The classes a finetuned `model.pt` predicts for a round's (few) images."""
+        from unsupft.models import load
+
+        model, preprocess = load(model_uri)
+        with torch.no_grad():
+            return model(preprocess(images)).argmax(1).tolist()
+
     def finetune(self, init, images, labels, classes, out, *, method, epochs, seed, test):
         backbone, meta = self._load(init)
+        if init not in self._described:
+            self._described.add(init)
+            click.echo(f"init: {self._describe(meta)}", err=True)
         model = self._finetune(backbone, meta, images, labels, len(classes), method=method, epochs=epochs,
                                seed=seed, out=out)
         self._save(store.join(out, "model.pt"), model.backbone, meta["arch"], meta["in_channels"],
@@ -274,11 +288,19 @@ def load_target(uri: str) -> Target:
     return Target(list(arrays.keys), arrays.images, arrays.labels, list(arrays.info.classes))
 
 
-def make_annotator(cfg: LabelConfig, target: Target) -> Annotator:
+def make_annotator(cfg: LabelConfig, target: Target, engine: Engine | None = None) -> Annotator:
     if cfg.annotator == "oracle":
         return OracleAnnotator(target.keys, target.labels)
     index = {key: i for i, key in enumerate(target.keys)}
-    return ManualAnnotator(cfg.out, target.classes, lambda key: target.images[index[key]])
+
+    def guesses(round_index: int, keys: Sequence[str]) -> dict[str, str] | None:
+        """The previous round's model's classes for the keys (round 0 has no classifier yet)."""
+        if round_index == 0 or not hasattr(engine, "guesses"):
+            return None
+        ids = engine.guesses(model_uri(cfg.out, round_index - 1), target.images[[index[k] for k in keys]])
+        return {k: target.classes[i] for k, i in zip(keys, ids)}
+
+    return ManualAnnotator(cfg.out, target.classes, lambda key: target.images[index[key]], guesses)
 
 
 @click.command("label")
@@ -299,6 +321,7 @@ def make_annotator(cfg: LabelConfig, target: Target) -> Annotator:
 @click.option("--seed", type=options.SEED, default=0, show_default=True)
 @click.option("--out", required=True, help="Output URI (state, requests, labels, models).")
 @click.option("--resume", is_flag=True, help="Continue the run in --out with its stored config (other options may be left out).")
+@checkpoint.trust_option
 @stage.overwrite_option
 @report_user_errors
 def label_command(resume: bool, **options: Any) -> None:
@@ -334,7 +357,7 @@ def label_command(resume: bool, **options: Any) -> None:
         initial_keys(cfg, target, engine)  # the key file: readable, known keys and classes
     stage.write_config(out, cfg.as_dict())
     try:
-        state = run_label(cfg, target, make_annotator(cfg, target), engine, test,
+        state = run_label(cfg, target, make_annotator(cfg, target, engine), engine, test,
                           log=lambda line: click.echo(line, err=True))
     except WaitingForLabels as waiting:
         click.echo(str(waiting))

@@ -69,8 +69,9 @@ API
   read at log and checkpoint steps).
 - Metrics: every `log_every` steps (and the last) the loss, lr, the task's metrics (averaged
   over ranks) and samples/s are appended to `<out>/metrics.jsonl` by rank 0 (lines past the resumed
-  step are dropped on resume). On a terminal a one-line progress bar shows them; otherwise each
-  record is also printed as a JSON line on stdout (the job's log).
+  step are dropped on resume). On a terminal a tqdm bar shows them with the elapsed time, ETA and
+  epoch (from a BatchSource's `samples_per_epoch` and `batch_size`); otherwise each record is also
+  printed as a JSON line on stdout (the job's log).
 - AMP: `amp="auto"` uses bf16 autocast on CUDA, and on CPUs whose oneDNN has native bf16
   (AVX512-BF16/AMX); `"bf16"` forces it, `"off"` disables it. On this machine's AVX2 CPU bf16
   autocast made the tiny ResNet over 10x slower, so auto leaves it off there (BENCHMARKS.md).
@@ -93,6 +94,7 @@ from typing import Any, Iterator, Literal
 import numpy as np
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from unsupft import checkpoint, stage, store
 from unsupft.errors import UserError
@@ -288,11 +290,16 @@ class _MetricsLog:
 
 
 class _Progress:
-    """A one-line progress bar on a terminal; JSON lines on stdout otherwise."""
+    """On a terminal a tqdm bar on stderr (steps, elapsed, ETA, rate, epoch, the last metrics); JSON
+    lines on stdout otherwise (a job's log, which people and tools read line by line)."""
 
-    def __init__(self, total: int, enabled: bool, tty: bool | None) -> None:
-        self.total, self.enabled = total, enabled
+    def __init__(self, total: int, enabled: bool, tty: bool | None, start: int = 0,
+                 steps_per_epoch: float | None = None) -> None:
+        self.enabled, self.steps_per_epoch = enabled, steps_per_epoch
         self.tty = sys.stderr.isatty() if tty is None else tty
+        # `initial` makes the rate and ETA of a resumed run count only the steps it runs itself
+        self.bar = tqdm(total=total, initial=start, unit="step", file=sys.stderr, dynamic_ncols=True,
+                        disable=not (enabled and self.tty))
 
     def show(self, record: dict[str, Any]) -> None:
         if not self.enabled:
@@ -300,15 +307,17 @@ class _Progress:
         if not self.tty:
             print(json.dumps(record), flush=True)
             return
-        done = record["step"] / max(1, self.total)
-        bar = "#" * int(30 * done)
-        shown = " ".join(f"{k} {v:.4g}" for k, v in record.items() if k not in ("step", "time") and isinstance(v, float))
-        sys.stderr.write(f"\r[{bar:<30}] {record['step']}/{self.total} {shown}\x1b[K")
-        sys.stderr.flush()
+        shown: dict[str, str] = {}
+        if self.steps_per_epoch:
+            total_epochs = self.bar.total / self.steps_per_epoch
+            shown["epoch"] = f"{record['step'] / self.steps_per_epoch:.2f}/{total_epochs:.2f}"
+        shown.update((k, f"{v:.4g}") for k, v in record.items()
+                     if k not in ("step", "time", "samples_per_s") and isinstance(v, float))
+        self.bar.set_postfix(shown, refresh=False)
+        self.bar.update(record["step"] - self.bar.n)
 
     def close(self) -> None:
-        if self.enabled and self.tty:
-            sys.stderr.write("\n")
+        self.bar.close()
 
 
 def _scalars(metrics: dict[str, Any]) -> dict[str, float]:
@@ -363,7 +372,9 @@ def train(task: TrainTask, data: Any, cfg: LoopConfig) -> TrainResult:
     del state
 
     metrics_log = _MetricsLog(cfg.out, resumed_from, d.is_main)
-    progress = _Progress(cfg.steps, d.is_main and cfg.progress is not False, cfg.progress)
+    epoch_size, per_rank = getattr(data, "samples_per_epoch", None), getattr(data, "batch_size", None)
+    progress = _Progress(cfg.steps, d.is_main and cfg.progress is not False, cfg.progress, start,
+                         epoch_size / (per_rank * d.world_size) if epoch_size and per_rank else None)
     if d.enabled:
         task.model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None,

@@ -18,12 +18,13 @@ import click
 import torch
 import torch.nn.functional as F
 
-from unsupft import options, stage, store
+from unsupft import checkpoint, options, stage, store
 from unsupft.data import load_arrays
 from unsupft.data.augment import DEFAULT_AUGMENTS, moco_v2_augment, to_input
 from unsupft.data.mixing import cutmix, mixup
 from unsupft.errors import UserError
 from unsupft.models import ARCHS, build_backbone, load_backbone, save_model
+from unsupft.models.io import describe
 from unsupft.models.moco import MoCo, save_moco
 from unsupft.train import distributed
 from unsupft.train.batches import EpochOrder, LoaderBatches
@@ -69,7 +70,7 @@ def init_moco(init: str | None, arch: str | None, in_channels: int, *, dim: int,
         backbone = build_backbone(arch or "tiny", in_channels)
     else:
         moco_file = store.join(init, "moco.pt")
-        source = moco_file if not init.endswith((".pt", ".pth", ".tar", ".ckpt")) and store.exists(moco_file) else init
+        source = moco_file if not init.endswith(checkpoint.SUFFIXES) and store.exists(moco_file) else init
         backbone, meta = load_backbone(source, arch=arch, in_channels=in_channels)
         notes["init_format"] = meta.get("format")
     moco = MoCo(backbone, dim=dim, queue_size=queue_size, momentum=momentum, temperature=temperature)
@@ -80,6 +81,8 @@ def init_moco(init: str | None, arch: str | None, in_channels: int, *, dim: int,
         except RuntimeError:  # a head of another size: keep the fresh one
             notes["head"] = "new (init head has another shape)"
         moco.reset_key_encoder()
+    if init is not None:
+        click.echo(f"init: {describe(meta, notes['head'])}", err=True)
     return moco, backbone.arch, notes
 
 
@@ -165,7 +168,7 @@ def moco_options(default_lr_per_256: float, default_epochs: float):
     def decorate(fn):
         for option in reversed(declared):
             fn = option(fn)
-        return fn
+        return checkpoint.trust_option(fn)
 
     return decorate
 

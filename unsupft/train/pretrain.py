@@ -7,7 +7,7 @@ import time
 import click
 import torch
 
-from unsupft import options, stage, store
+from unsupft import checkpoint, options, stage, store
 from unsupft.data.augment import parse_augments, to_input
 from unsupft.data.mixing import rebalanced
 from unsupft.errors import UserError, report_user_errors
@@ -56,12 +56,16 @@ def pretrain_command(data_uris, target, target_ratio, init, freeze, out, arch, s
 
 
 @click.command("bn-adapt")
-@click.option("--init", required=True, help="Stage output URI or checkpoint file.")
+@click.option("--init", required=True, help="Stage output URI or checkpoint file whose backbone to adapt.")
 @click.option("--data", "data_uri", required=True, help="Data set whose BatchNorm statistics to adopt.")
-@click.option("--out", required=True)
-@click.option("--arch", type=click.Choice(ARCHS), default=None)
-@click.option("--batch-size", type=options.BATCH, default=256, show_default=True)
-@click.option("--epochs", type=options.EPOCHS, default=1, show_default=True)
+@click.option("--out", required=True, help="Output URI (directory or s3://bucket/prefix).")
+@click.option("--arch", type=click.Choice(ARCHS), default=None,
+              help="Architecture of a plain state_dict --init (default: read from the checkpoint).")
+@click.option("--batch-size", type=options.BATCH, default=256, show_default=True,
+              help="Images per forward pass; BatchNorm statistics are averaged over these batches.")
+@click.option("--epochs", type=options.EPOCHS, default=1, show_default=True,
+              help="Passes over --data; the batches carry no augmentation, so every pass adds the same statistics.")
+@checkpoint.trust_option
 @stage.overwrite_option
 @report_user_errors
 def bn_adapt_command(init, data_uri, out, arch, batch_size, epochs) -> None:

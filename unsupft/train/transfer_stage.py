@@ -16,10 +16,11 @@ import click
 import numpy as np
 import torch
 
-from unsupft import options, stage, store
+from unsupft import checkpoint, options, stage, store
 from unsupft.data import ArraySet, load_arrays
 from unsupft.errors import UserError, report_user_errors
 from unsupft.models import ARCHS, load_backbone, save_model
+from unsupft.models.io import describe
 from unsupft.train.fewshot import draw_shots, read_label_list
 from unsupft.train.transfer import METHODS, finetune
 
@@ -61,6 +62,7 @@ def select_training_set(
 @click.option("--lr-backbone", type=options.LEARNING_RATE, default=1e-4, show_default=True)
 @click.option("--arch", type=click.Choice(ARCHS), default=None, help="Architecture of a plain torchvision --init.")
 @click.option("--out", required=True, help="Output URI.")
+@checkpoint.trust_option
 @stage.overwrite_option
 @report_user_errors
 def transfer_command(init: str, train_uri: str, shots: int | None, seed: int, labels_file: str | None, method: str,
@@ -81,6 +83,7 @@ def transfer_command(init: str, train_uri: str, shots: int | None, seed: int, la
         return
     data = load_arrays(train_uri)
     backbone, meta = load_backbone(init, arch=arch, in_channels=data.info.channels)
+    click.echo(f"init: {describe(meta)}", err=True)
     indices, labels = select_training_set(data, shots, seed, labels_file)
     if meta.get("image_size") is None:
         meta["image_size"] = list(data.images.shape[-2:])
