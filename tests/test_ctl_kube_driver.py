@@ -321,3 +321,51 @@ def test_validate_checks_the_run_id(tmp_path):
     path.write_text(PIPELINE.format(store="s3://b/s"))
     result = CliRunner().invoke(cli.main, ["validate", str(path), "--run-id", "2024-run"])
     assert result.exit_code == 2 and "DNS-1035" in result.output
+
+
+def test_submit_then_cancel_from_the_cli(tmp_path, s3_uri, monkeypatch):
+    from unsupft import store
+
+    store.write_json(f"{s3_uri}/data/src/dataset.json", {"samples": 1})
+    with Cluster(tmp_path) as c:
+        _point_cli_at(c.emu, monkeypatch)
+        path = _s3_pipeline(tmp_path, s3_uri)
+        submit = ["submit", str(path), "--backend", "kubernetes", "--namespace", "ml", "--secret", "s3-creds",
+                  "--image", "reg/unsupft-driver:1"]
+        taken = CliRunner().invoke(cli.main, submit + ["--run-id", "kt"])  # kt-run exists: another store's run kt
+        assert taken.exit_code == 2 and "ConfigMap kt-run already exists in namespace ml" in taken.output
+        c.api.delete_configmap("ml", "kt-run")
+        result = CliRunner().invoke(cli.main, submit + ["--run-id", "kt2"])
+        assert result.exit_code == 0, result.output
+        assert "submitted run kt2: Job kt2-driver" in result.output
+        configmap = c.emu.objects[("configmaps", "ml", "kt2-run")]
+        driver = c.emu.objects[("jobs", "ml", "kt2-driver")]
+        assert driver["metadata"]["ownerReferences"][0]["uid"] == configmap["metadata"]["uid"]
+        assert "AWS_SECRET" not in str(configmap) and driver["spec"]["template"]["spec"]["containers"][0]["envFrom"] == [
+            {"secretRef": {"name": "s3-creds"}}]
+        run = st.open_run(s3_uri, "kt2")
+        assert (run.data["job_api"], run.data["owner"], run.data["driver_image"]) == ("trainjob", "kt2-run", "reg/unsupft-driver:1")
+        result = CliRunner().invoke(cli.main, ["--store", s3_uri, "cancel", "kt2", "--wait-s", "0"])
+        assert result.exit_code == 0, result.output
+        assert c.emu.remaining("kt2") == []  # the ConfigMap went, the driver Job with it
+        status = CliRunner().invoke(cli.main, ["--store", s3_uri, "status", "kt2"]).output
+        assert "cancelled (no driver answered)" in status
+
+
+def test_resume_from_the_cli_starts_a_new_driver_under_the_run(cluster, monkeypatch):
+    _point_cli_at(cluster.emu, monkeypatch)
+    cluster.emu.script["kt-lab-1"] = ("exit:75", 1)
+    cluster.driver().execute()
+    result = CliRunner().invoke(cli.main, ["--store", cluster.store, "resume", "kt"])
+    assert result.exit_code == 0, result.output
+    assert "resuming run kt (lab): Job kt-driver-1 in namespace ml" in result.output
+    driver = cluster.emu.objects[("jobs", "ml", "kt-driver-1")]
+    assert driver["metadata"]["ownerReferences"][0]["uid"] == cluster.emu.objects[("configmaps", "ml", "kt-run")]["metadata"]["uid"]
+    assert driver["spec"]["template"]["spec"]["serviceAccountName"] == "unsupft-driver"
+    cluster.run = st.open_run(cluster.store, "kt")
+    assert cluster.run.stages["lab"]["state"] == "pending"
+    cluster.driver().execute()  # what that driver Job does
+    assert cluster.states()["lab"] == ("succeeded", 2)
+    again = CliRunner().invoke(cli.main, ["--store", cluster.store, "resume", "kt"])
+    assert again.exit_code == 2 and again.output.startswith("error: run kt has no stage waiting for labels or failed")
+    cluster.cancel_and_check_clean()

@@ -188,8 +188,16 @@ def submit(ctx, file, backend, namespace, run_id, image, secret, service_account
     if run_ is None:
         raise UserError(f"run {run_id} already exists in {st.run_uri(pipeline.store, run_id)}; pick another --run-id")
     if backend == "kubernetes":
+        from kubernetes.client.exceptions import ApiException
+
         kctx = kube.Context(run_id, namespace, secret, kube.store_env(), run_.uri)
-        configmap = api.create(kube.run_configmap(kctx, pipeline.store))
+        try:
+            configmap = api.create(kube.run_configmap(kctx, pipeline.store))
+        except ApiException as exc:
+            if exc.status != 409:
+                raise
+            raise UserError(f"ConfigMap {extra['owner']} already exists in namespace {namespace} (a run with this id from "
+                            "another store?); delete it or pick another --run-id") from None
         kctx.owner = kube.owner_reference(configmap)
         driver = kube.driver_job(kctx, pipeline.store, image, service_account=service_account)
         api.create(driver)
