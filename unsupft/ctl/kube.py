@@ -91,17 +91,18 @@ class Context:
     job_api: str = "trainjob"
 
 
-def env_list(values: dict[str, str]) -> list[dict[str, str]]:
+def container_env(ctx: Context, res: Resources) -> list[dict[str, str]]:
+    """Unbuffered logs, the store's non-secret settings, then the stage's own `env` (which wins)."""
+    values = {"PYTHONUNBUFFERED": "1", **dict(sorted(ctx.store_env.items())), **res.env}
     return [{"name": k, "value": v} for k, v in values.items()]
 
 
 def container(name: str, command: list[str], res: Resources, ctx: Context) -> dict[str, Any]:
-    env = {"PYTHONUNBUFFERED": "1", **dict(sorted(ctx.store_env.items())), **res.env}
     out: dict[str, Any] = {
         "name": name,
         "image": res.image,
         "command": command,
-        "env": env_list(env),
+        "env": container_env(ctx, res),
         "resources": _resources(res),
         "securityContext": container_security(),
         "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}],
@@ -120,20 +121,26 @@ def pod_spec(main: dict[str, Any], res: Resources, *, restart: str = "Never",
         # Data-loader workers share tensors through /dev/shm; the default 64 MiB is too small.
         "volumes": [{"name": "dshm", "emptyDir": {"medium": "Memory"}}],
     }
-    account = service_account or res.service_account
-    if account:
-        spec["serviceAccountName"] = account
-    else:
+    spec.update(placement(res, service_account))
+    if "serviceAccountName" not in spec:
         spec["automountServiceAccountToken"] = False
     if res.priority_class:
         spec["priorityClassName"] = res.priority_class
-    if res.image_pull_secrets:
-        spec["imagePullSecrets"] = [{"name": s} for s in res.image_pull_secrets]
-    if res.node_selector:
-        spec["nodeSelector"] = dict(res.node_selector)
-    if res.tolerations:
-        spec["tolerations"] = list(res.tolerations)
     return spec
+
+
+def placement(res: Resources, service_account: str | None = None) -> dict[str, Any]:
+    """The pod fields every kind can set per stage (TrainJob through runtimePatches)."""
+    out: dict[str, Any] = {}
+    if service_account or res.service_account:
+        out["serviceAccountName"] = service_account or res.service_account
+    if res.image_pull_secrets:
+        out["imagePullSecrets"] = [{"name": s} for s in res.image_pull_secrets]
+    if res.node_selector:
+        out["nodeSelector"] = dict(res.node_selector)
+    if res.tolerations:
+        out["tolerations"] = list(res.tolerations)
+    return out
 
 
 def pod_failure_policy(container_name: str) -> dict[str, Any]:
@@ -267,25 +274,14 @@ class TrainJob(JobKind):
             raise UserError(f"stages.{stage.name}: priority_class cannot be set on a TrainJob (Trainer {TRAINER_VERSION} "
                             f"runtimePatches do not allow priorityClassName); set it in the TrainingRuntime "
                             f"{res.runtime!r} or use job_api: pytorchjob")
-        env = {"PYTHONUNBUFFERED": "1", **dict(sorted(ctx.store_env.items())), **res.env}
-        pod: dict[str, Any] = {}
-        if res.service_account:
-            pod["serviceAccountName"] = res.service_account
-        if res.image_pull_secrets:
-            pod["imagePullSecrets"] = [{"name": s} for s in res.image_pull_secrets]
-        if res.node_selector:
-            pod["nodeSelector"] = dict(res.node_selector)
-        if res.tolerations:
-            pod["tolerations"] = list(res.tolerations)
-        node = {"name": "node", "template": {"spec": {"template": {
-            **pod_template(ctx, stage, attempt, pod)}}}}
+        node = {"name": "node", "template": {"spec": {"template": pod_template(ctx, stage, attempt, placement(res))}}}
         return {"apiVersion": self.api_version, "kind": self.kind,
                 "metadata": metadata(ctx, name, labels(ctx.run_id, stage.name, attempt), res.queue),
                 "spec": {
                     "runtimeRef": {"apiGroup": self.group, "kind": "TrainingRuntime", "name": res.runtime},
                     "activeDeadlineSeconds": res.deadline_s,
                     "trainer": {"image": res.image, "command": ["torchrun", "-m", "unsupft", *args],
-                                "env": env_list(env), "numNodes": res.nodes, "numProcPerNode": res.procs_per_node,
+                                "env": container_env(ctx, res), "numNodes": res.nodes, "numProcPerNode": res.procs_per_node,
                                 "resourcesPerNode": _resources(res)},
                     "runtimePatches": [{"manager": RUNTIME_PATCH_MANAGER, "trainingRuntimeSpec": {
                         "template": {"spec": {"replicatedJobs": [node]}}}}],
