@@ -350,6 +350,11 @@ def test_submit_then_cancel_from_the_cli(tmp_path, s3_uri, monkeypatch):
         assert c.emu.remaining("kt2") == []  # the ConfigMap went, the driver Job with it
         status = CliRunner().invoke(cli.main, ["--store", s3_uri, "status", "kt2"]).output
         assert "cancelled (no driver answered)" in status
+        resumed = CliRunner().invoke(cli.main, ["--store", s3_uri, "resume", "kt2"])  # a cancelled run continues
+        assert resumed.exit_code == 0, resumed.output
+        owner = c.emu.objects[("configmaps", "ml", "kt2-run")]  # made again: cancel had removed it
+        assert c.emu.objects[("jobs", "ml", "kt2-driver-1")]["metadata"]["ownerReferences"][0]["uid"] == owner["metadata"]["uid"]
+        assert {r["state"] for r in st.open_run(s3_uri, "kt2").stages.values()} == {"pending"}
 
 
 def test_resume_from_the_cli_starts_a_new_driver_under_the_run(cluster, monkeypatch):
@@ -367,5 +372,5 @@ def test_resume_from_the_cli_starts_a_new_driver_under_the_run(cluster, monkeypa
     cluster.driver().execute()  # what that driver Job does
     assert cluster.states()["lab"] == ("succeeded", 2)
     again = CliRunner().invoke(cli.main, ["--store", cluster.store, "resume", "kt"])
-    assert again.exit_code == 2 and again.output.startswith("error: run kt has no stage waiting for labels or failed")
+    assert again.exit_code == 2 and again.output.startswith("error: run kt has no stage waiting for labels, failed or cancelled")
     cluster.cancel_and_check_clean()

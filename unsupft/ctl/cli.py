@@ -413,14 +413,15 @@ def _cancel_kube(run_: st.Run, api, wait_s: float, poll_s: float = 1.0) -> None:
 @click.pass_context
 @report_user_errors
 def resume(ctx: click.Context, run_id: str, image: str | None, wait: bool) -> None:
-    """Continue a run whose stages wait for labels or failed (after fixing the cause), on either backend."""
+    """Continue a run whose stages wait for labels, failed (after fixing the cause) or were cancelled."""
     run_ = st.open_run(_store(ctx), run_id)
-    again = [n for n, r in run_.stages.items() if r["state"] in (st.WAITING, st.FAILED)]
+    again = [n for n, r in run_.stages.items() if r["state"] in (st.WAITING, st.FAILED, st.CANCELLED)]
     if not again:
         states = ", ".join(f"{n} {r['state']}" for n, r in run_.stages.items())
-        raise UserError(f"run {run_id} has no stage waiting for labels or failed ({states})")
+        raise UserError(f"run {run_id} has no stage waiting for labels, failed or cancelled ({states})")
     if run_.data["backend"] == "local" and st.controller_alive(run_):
         raise UserError(f"run {run_id} is being run by process {run_.data['controller']['pid']}")
+    store.delete(store.join(run_.uri, st.CANCEL_FILE))
     for name in again:  # a fresh retry budget; attempts keep counting so object names stay unique
         run_.stages[name].update(state=st.PENDING, first_attempt=None, message="resumed")
     run_.save()
@@ -446,8 +447,11 @@ def _resume_driver(run_: st.Run, api, image: str | None) -> dict:
     kctx = kube.Context(run_.run_id, namespace, run_.data.get("secret"), kube.store_env(), run_.uri)
     if run_.data.get("owner"):
         configmap = api.configmap(namespace, run_.data["owner"])
-        if configmap is None:
-            raise UserError(f"run {run_.run_id} was removed from namespace {namespace} (ConfigMap {run_.data['owner']} is gone)")
+        if configmap is None and run_.data.get("owner_created_by") == "submit":  # `cancel` removed it
+            configmap = api.create(kube.run_configmap(kctx, run_.data["store"]))
+        elif configmap is None:
+            raise UserError(f"run {run_.run_id} was removed from namespace {namespace} (ConfigMap {run_.data['owner']} "
+                            "is gone: the chart release was uninstalled); install it again to continue")
         kctx.owner = kube.owner_reference(configmap)
     image = image or run_.data.get("driver_image")
     if not image:
