@@ -374,3 +374,19 @@ def test_resume_from_the_cli_starts_a_new_driver_under_the_run(cluster, monkeypa
     again = CliRunner().invoke(cli.main, ["--store", cluster.store, "resume", "kt"])
     assert again.exit_code == 2 and again.output.startswith("error: run kt has no stage waiting for labels, failed or cancelled")
     cluster.cancel_and_check_clean()
+
+
+def test_drive_exits_0_on_a_final_state_and_1_only_when_the_api_stays_down(cluster, monkeypatch):
+    _point_cli_at(cluster.emu, monkeypatch)
+    monkeypatch.setattr(kubedriver, "POLL_S", 0.0)
+    cluster.emu.script["kt-adapt-1"] = ("exit:2", 1)
+    result = CliRunner().invoke(cli.main, ["--store", cluster.store, "drive", "kt"])
+    assert result.exit_code == 0, result.output  # a failed run is final: the driver Job must not restart
+    assert "adapt: failed (bad input (exit 2)" in result.output
+    run = st.open_run(cluster.store, "kt")
+    run.stages["adapt"].update(state=st.PENDING, first_attempt=None)
+    run.save()
+    cluster.emu.fail_next("GET", "/namespaces/ml/", 503, times=100)
+    result = CliRunner().invoke(cli.main, ["--store", cluster.store, "drive", "kt", "--api-retries", "1"])
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines()[-1] == "error: Kubernetes API: 503 Service Unavailable after 2 tries"

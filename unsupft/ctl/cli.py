@@ -263,10 +263,13 @@ def _wait(store_uri: str, run_id: str, poll_s: float = 10.0) -> int:
 @click.option("--image", default=None, help="With --create-from: this driver's image (for resume).")
 @click.option("--job-api", type=JOB_API, default="auto", show_default=True,
               help="With --create-from: multi-process stages as TrainJob or PyTorchJob; auto asks the cluster.")
+@click.option("--api-retries", type=click.IntRange(min=0), default=8, show_default=True,
+              help="Kubernetes: retries of one API call on 429, 5xx or a dropped connection (backoff 0.5 s doubling to 30 s, jittered).")
 @click.pass_context
 @report_user_errors
 def drive(ctx: click.Context, run_id: str, create_from: str | None, namespace: str, secret: str | None,
-          owner_configmap: str | None, service_account: str | None, image: str | None, job_api: str) -> None:
+          owner_configmap: str | None, service_account: str | None, image: str | None, job_api: str,
+          api_retries: int) -> None:
     """Drive an existing run to its end (what `submit` starts; in the cluster, the driver Job).
 
     On Kubernetes it exits 0 whenever the run is final (succeeded, failed, cancelled, waiting for
@@ -290,7 +293,7 @@ def drive(ctx: click.Context, run_id: str, create_from: str | None, namespace: s
 
     kctx = kube.Context(run_id, run_.data["namespace"], run_.data.get("secret"), kube.store_env(), run_.uri)
     try:
-        kubedriver.Driver(run_, pipeline, kubeapi.Api(), kctx, echo=click.echo).execute()
+        kubedriver.Driver(run_, pipeline, kubeapi.Api(retries=api_retries), kctx, echo=click.echo).execute()
     except kubeapi.ApiUnavailable as exc:  # the Job's backoffLimit starts a new driver, which adopts
         click.echo(f"error: {exc}", err=True)
         sys.exit(1)
