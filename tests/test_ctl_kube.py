@@ -233,6 +233,8 @@ def test_schema_checks_catch_mistakes():
     ("env: {{NCCL_IB_DISABLE: \"1\"}}", "env: {{NCCL-IB: \"1\"}}", "environment variable names"),
     ("retries: 1, env", "retries: 1, job_api: mpijob, env", "expected one of auto, trainjob, pytorchjob"),
     ("name: kt", "name: 1kt", "DNS-1035"),
+    ("labels: {{team: vision}}", "labels: {{team: vision team}}", "label values are at most 63"),
+    ("queue: gpu-queue", "queue: gpu/queue", "label values are at most 63"),
 ])
 def test_bad_cluster_settings_are_caught_at_validate_time(field, value, message):
     text = PIPELINE.replace(field, value)

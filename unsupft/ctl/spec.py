@@ -49,6 +49,7 @@ RUN_ID_RE = re.compile(r"^[a-z]([-a-z0-9]{0,38}[a-z0-9])?$")
 RUN_ID_RULE = "a DNS-1035 name: lower-case letters, digits and '-', starting with a letter (at most 40)"
 JOB_APIS = ("auto", "trainjob", "pytorchjob")
 ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+LABEL_VALUE_RE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]{0,61})?[A-Za-z0-9])?$")  # Kubernetes label values
 
 RESOURCE_FIELDS: dict[str, type | tuple[type, ...]] = {
     "image": str,
@@ -331,6 +332,10 @@ def _resources(where: _Where, raw: Any, stages: dict) -> dict[str, Resources]:
                 raise where.error(path, "keys and values are strings (quote numbers and booleans)")
             if fname == "env" and not all(ENV_NAME_RE.match(k) for k in value):
                 raise where.error(path, f"environment variable names are letters, digits and '_': {sorted(value)}")
+            if (fname == "labels" and not all(LABEL_VALUE_RE.match(v) for v in value.values())
+                    or fname == "queue" and not LABEL_VALUE_RE.match(value)):
+                raise where.error(path, "label values are at most 63 letters, digits, '-', '_' or '.', "
+                                        "beginning and ending with a letter or digit")
             if fname == "image_pull_secrets" and not all(isinstance(v, str) for v in value):
                 raise where.error(path, "image pull secrets are a list of Secret names")
             if fname == "job_api" and value not in JOB_APIS:
