@@ -27,7 +27,7 @@ def _render(values: dict, name: str = "inet", revision: int = 1) -> list[dict]:
 
 
 def _validate(obj: dict) -> None:
-    (validate_crd if obj["kind"] == "TrainingRuntime" else validate_core)(obj)
+    (validate_crd if obj["kind"].endswith("TrainingRuntime") else validate_core)(obj)
 
 
 def _granted(role: dict) -> set[tuple[str, str, str]]:
@@ -85,6 +85,13 @@ def test_rbac_only_install_serves_unsupft_ctl_submit():
     assert {"name": "dshm", "mountPath": "/dev/shm"} in node["volumeMounts"]
     notes = _render_files({"pipeline": "", "rbacOnly": True}, name="unsupft-rbac")["unsupft/templates/NOTES.txt"]
     assert "unsupft-ctl submit PIPELINE.yaml --backend kubernetes --namespace ml --service-account unsupft-driver" in notes
+
+
+def test_a_cluster_wide_runtime_validates_against_its_crd():
+    objs = _render({"pipeline": "", "rbacOnly": True, "trainingRuntime": {"enabled": True, "kind": "ClusterTrainingRuntime"}})
+    runtime = next(o for o in objs if o["kind"].endswith("TrainingRuntime"))
+    assert runtime["kind"] == "ClusterTrainingRuntime" and "namespace" not in runtime["metadata"]
+    _validate(runtime)
 
 
 def test_notes_say_how_to_follow_the_run():

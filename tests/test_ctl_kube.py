@@ -189,6 +189,15 @@ def test_pod_plumbing_reaches_every_kind():
     assert tpod["spec"]["serviceAccountName"] == "s3-reader" and tpod["spec"]["tolerations"][0]["key"] == "gpu"
 
 
+def test_trainjob_on_a_cluster_wide_runtime():
+    text = PIPELINE.replace("base: {{gpus: 8,", "base: {{runtime: team-torch, runtime_kind: ClusterTrainingRuntime, gpus: 8,")
+    trainjob = kube.render(_pipeline(text=text), _ctx(), "img:1")[2]
+    validate_trainjob(trainjob)
+    assert trainjob["spec"]["runtimeRef"] == {"apiGroup": "trainer.kubeflow.org", "kind": "ClusterTrainingRuntime", "name": "team-torch"}
+    with pytest.raises(UserError, match="runtime_kind: expected one of TrainingRuntime, ClusterTrainingRuntime"):
+        _pipeline(text=text.replace("runtime_kind: ClusterTrainingRuntime", "runtime_kind: Runtime"))
+
+
 def test_trainjob_refuses_a_priority_class_it_cannot_carry():
     text = PIPELINE.replace("base: {{gpus: 8,", "base: {{priority_class: high, gpus: 8,")
     with pytest.raises(UserError, match="priority_class cannot be set on a TrainJob"):

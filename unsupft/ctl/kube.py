@@ -278,7 +278,7 @@ class TrainJob(JobKind):
         return {"apiVersion": self.api_version, "kind": self.kind,
                 "metadata": metadata(ctx, name, labels(ctx.run_id, stage.name, attempt), res.queue),
                 "spec": {
-                    "runtimeRef": {"apiGroup": self.group, "kind": "TrainingRuntime", "name": res.runtime},
+                    "runtimeRef": {"apiGroup": self.group, "kind": res.runtime_kind, "name": res.runtime},
                     "activeDeadlineSeconds": res.deadline_s,
                     "trainer": {"image": res.image, "command": ["torchrun", "-m", "unsupft", *args],
                                 "env": container_env(ctx, res), "numNodes": res.nodes, "numProcPerNode": res.procs_per_node,

@@ -48,6 +48,7 @@ NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,38}[a-z0-9])?$")
 RUN_ID_RE = re.compile(r"^[a-z]([-a-z0-9]{0,38}[a-z0-9])?$")
 RUN_ID_RULE = "a DNS-1035 name: lower-case letters, digits and '-', starting with a letter (at most 40)"
 JOB_APIS = ("auto", "trainjob", "pytorchjob")
+RUNTIME_KINDS = ("TrainingRuntime", "ClusterTrainingRuntime")
 ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 LABEL_VALUE_RE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]{0,61})?[A-Za-z0-9])?$")  # Kubernetes label values
 
@@ -73,6 +74,7 @@ RESOURCE_FIELDS: dict[str, type | tuple[type, ...]] = {
     "queue": str,
     "job_api": str,
     "runtime": str,
+    "runtime_kind": str,
 }
 STRING_MAPS = ("node_selector", "env", "labels", "annotations")
 TOP_FIELDS = ("name", "store", "datasets", "stages", "resources")
@@ -101,7 +103,8 @@ class Resources:
     image_pull_secrets: list[str] = field(default_factory=list)
     queue: str | None = None  # a Kueue LocalQueue
     job_api: str = "auto"  # multi-process stages: TrainJob or PyTorchJob, "auto" asks the cluster
-    runtime: str = "unsupft"  # the TrainingRuntime a TrainJob refers to
+    runtime: str = "unsupft"  # the runtime a TrainJob refers to ...
+    runtime_kind: str = "TrainingRuntime"  # ... in the namespace, or a ClusterTrainingRuntime
 
     @property
     def processes(self) -> int:
@@ -338,8 +341,9 @@ def _resources(where: _Where, raw: Any, stages: dict) -> dict[str, Resources]:
                                         "beginning and ending with a letter or digit")
             if fname == "image_pull_secrets" and not all(isinstance(v, str) for v in value):
                 raise where.error(path, "image pull secrets are a list of Secret names")
-            if fname == "job_api" and value not in JOB_APIS:
-                raise where.error(path, f"expected one of {', '.join(JOB_APIS)}, got {value!r}")
+            for name, allowed in (("job_api", JOB_APIS), ("runtime_kind", RUNTIME_KINDS)):
+                if fname == name and value not in allowed:
+                    raise where.error(path, f"expected one of {', '.join(allowed)}, got {value!r}")
             if fname == "tolerations" and not all(isinstance(t, dict) for t in value):
                 raise where.error(path, "tolerations are a list of mappings")
         return body

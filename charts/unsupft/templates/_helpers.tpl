@@ -43,5 +43,5 @@ capabilities: {drop: ["ALL"]}
 
 {{- define "unsupft.trainingRuntime" -}}
 {{- $on := .Values.trainingRuntime.enabled -}}
-{{- if or (eq (toString $on) "true") (and (eq (toString $on) "auto") (.Capabilities.APIVersions.Has "trainer.kubeflow.org/v1alpha1/TrainingRuntime")) -}}true{{- end -}}
+{{- if or (eq (toString $on) "true") (and (eq (toString $on) "auto") (.Capabilities.APIVersions.Has (printf "trainer.kubeflow.org/v1alpha1/%s" .Values.trainingRuntime.kind))) -}}true{{- end -}}
 {{- end -}}
