@@ -19,7 +19,7 @@ It speaks real HTTP/JSON to the official `kubernetes` client, as an API server w
   words it), "imagepull" (ErrImagePull/ImagePullBackOff forever), "unschedulable" (PodScheduled
   False, Unschedulable, forever), "quota-pods" (no pod; a FailedCreate Warning event "exceeded
   quota"), "evict" (the first pod is evicted with a DisruptionTarget condition and replaced, then
-  success);
+  success), "queued" (suspended, as Kueue holds what it has not admitted, until `reads`, then success);
 - faults on the wire: `fail_next(method, path_part, status, times)` answers 429 (with
   Retry-After: 0), 5xx, 403 "exceeded quota", or "reset" (the connection closed without an answer).
 """
@@ -141,7 +141,9 @@ class Emulator:
     def _created(self, obj: dict[str, Any]) -> None:
         """What the controllers do right after a stage object appears."""
         outcome, _ = self.script.get(obj["metadata"]["name"], ("succeed", 1))
-        if outcome == "quota-pods":
+        if outcome == "queued":  # Kueue's webhook suspends it until the queue admits it
+            (obj["spec"]["runPolicy"] if obj["kind"] == "PyTorchJob" else obj["spec"])["suspend"] = True
+        elif outcome == "quota-pods":
             self._event(obj, "FailedCreate", f'Error creating: pods "{obj["metadata"]["name"]}-0" is forbidden: {QUOTA_MESSAGE}')
         elif outcome == "imagepull":
             self._new_pod(obj, 0, {"phase": "Pending", "containerStatuses": [{"name": "main", "ready": False, "state": {
@@ -157,6 +159,12 @@ class Emulator:
         outcome, after = self.script.get(name, ("succeed", 1))
         self.reads[name] = self.reads.get(name, 0) + 1
         if (obj.get("status") or {}).get("conditions") or outcome in ("imagepull", "unschedulable", "quota-pods"):
+            return
+        if outcome == "queued":
+            if self.reads[name] >= after:  # admitted: unsuspended, its pod starts, then it succeeds
+                (obj["spec"]["runPolicy"] if obj["kind"] == "PyTorchJob" else obj["spec"])["suspend"] = False
+                self.script[name] = ("succeed", after + 1)
+                self._new_pod(obj, 0, {"phase": "Running"})
             return
         pods = self._pods(obj)
         if not pods:  # not made through this API (a test's stand-in): no controller plays it

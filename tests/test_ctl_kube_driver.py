@@ -193,6 +193,21 @@ def test_stuck_pending_is_shown_then_fails_after_the_timeout(cluster, outcome, s
     cluster.cancel_and_check_clean()
 
 
+def test_a_stage_held_by_its_queue_waits_without_a_timeout(cluster):
+    cluster.emu.script["kt-base-1"] = ("queued", 4)
+    d = cluster.driver()
+    d._setup()
+    d._step()
+    cluster.t = 10 ** 6  # far past pending_timeout_s: being queued is not being stuck
+    d._step()
+    assert cluster.states()["base"] == ("running", 1)
+    assert "waiting: suspended until admitted (Kueue queue gpu-queue)" in cluster.status()
+    d.execute()
+    assert cluster.states()["base"] == ("succeeded", 1)
+    assert "suspended" not in cluster.status()
+    cluster.cancel_and_check_clean()
+
+
 def test_quota_refusing_the_object_is_a_wait_with_a_reason(cluster):
     cluster.emu.fail_next("POST", "/jobs", 403, times=2)  # adapt's Job refused twice, then admitted
     d = cluster.driver()

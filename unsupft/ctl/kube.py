@@ -196,6 +196,12 @@ class JobKind:
                 return "failed", f"{reason}: {message}".strip(": ")
         return "running", ""
 
+    @staticmethod
+    def suspended(obj: dict[str, Any]) -> bool:
+        """Held by a queue (Kueue suspends what it has not admitted yet): waiting, not stuck."""
+        spec = obj.get("spec") or {}
+        return bool(spec.get("suspend") or (spec.get("runPolicy") or {}).get("suspend"))
+
 
 EXIT_CODE_RE = re.compile(r"exit code (\d+)")
 

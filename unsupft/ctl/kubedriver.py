@@ -21,8 +21,8 @@ import time
 from typing import Any, Callable
 
 from unsupft.ctl import state as st
-from unsupft.ctl.kube import (ANNOTATION_RUN, LABEL_ATTEMPT, LABEL_RUN, LABEL_STAGE, Context, exit_code_of, job_kind,
-                              object_name, owner_reference, stage_object)
+from unsupft.ctl.kube import (ANNOTATION_RUN, LABEL_ATTEMPT, LABEL_RUN, LABEL_STAGE, QUEUE_LABEL, Context, exit_code_of,
+                              job_kind, object_name, owner_reference, stage_object)
 from unsupft.ctl.kubeapi import Api, QuotaExceeded
 from unsupft.ctl.spec import Pipeline, Stage
 from unsupft.errors import EXIT_USER_ERROR, EXIT_WAITING_FOR_LABELS, UserError
@@ -201,13 +201,19 @@ class Driver:
                 self._start(name, rec, stage, attempt)
             return
         outcome, message = kind.outcome(obj)
+        if outcome == "running" and kind.suspended(obj):
+            queue = (obj["metadata"].get("labels") or {}).get(QUEUE_LABEL)
+            message = f"waiting: suspended until admitted{f' (Kueue queue {queue})' if queue else ''}"
+            if rec.get("message") != message:
+                self.run.set(name, message=message, stuck_since=None)
+            return
         if outcome == "running":
             pods = self.api.pods(self.ctx.namespace, self._selector(name, attempt))
             running = any((p.get("status") or {}).get("phase") in ("Running", "Succeeded") for p in pods)
             reason = stuck_reason(pods, [] if running else self.api.warnings(self.ctx.namespace), obj_name)
             if reason:
                 self._stuck(name, rec, stage, reason, kind)
-            elif rec.get("stuck_since") is not None:
+            elif rec.get("stuck_since") is not None or (rec.get("message") or "").startswith("waiting: suspended"):
                 self.run.set(name, stuck_since=None, message="")
             return
         self.run.set(name, finished=self.clock(), stuck_since=None)
