@@ -28,7 +28,7 @@ stages:
   lab: {kind: label, init: base, data: digits, resume: true}
 resources:
   defaults: {cpu: 2, memory: 4Gi}
-  base: {gpus: 1, nodes: 2, procs_per_node: 4}
+  base: {gpus: 4, nodes: 2, procs_per_node: 4}
 """
 
 
@@ -64,7 +64,7 @@ def test_parameters_are_checked_against_the_stage_commands():
     [
         (("  base: {kind: pretrain,", "  base: {kind: pretrain, colour: red,"), None),  # unknown param: fine until options are checked
         (("resources:", "resource:"), "demo.yaml:11: resource: unknown field"),
-        (("  base: {gpus: 1,", "  base: {gpu: 1,"), "demo.yaml:13: resources.base.gpu: unknown field"),
+        (("  base: {gpus: 4,", "  base: {gpu: 4,"), "demo.yaml:13: resources.base.gpu: unknown field"),
         (("{cpu: 2,", "{cpu: [2],"), "demo.yaml:12: resources.defaults.cpu: expected int/float/str"),
         (("nodes: 2", "nodes: 0"), "demo.yaml:13: resources.base.nodes: out of range"),
         (("init: base, target: digits, mix", "init: bsae, target: digits, mix"), "demo.yaml:6: stages.naive.init: unknown reference 'bsae'"),

@@ -60,11 +60,13 @@ def main(ctx: click.Context, store: str | None) -> None:
 
 @main.command()
 @click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--run-id", default=None, help="Also check this run id (default: the pipeline's name).")
 @click.pass_context
 @report_user_errors
-def validate(ctx: click.Context, file: str) -> None:
+def validate(ctx: click.Context, file: str, run_id: str | None) -> None:
     """Check a pipeline file (fields, types, references, cycles) without running anything."""
     pipeline = _load(file, ctx.obj["store"])
+    _run_id(run_id, pipeline)
     chain = ", ".join(f"{n} ({s.kind})" for n, s in pipeline.stages.items())
     click.echo(f"ok: {pipeline.name}: {len(pipeline.stages)} stages in order: {chain}")
 
@@ -99,8 +101,8 @@ def run(ctx: click.Context, file: str, run_id: str | None, max_parallel: int | N
 
 def _run_id(run_id: str | None, pipeline: spec_mod.Pipeline) -> str:
     run_id = run_id or pipeline.name
-    if not spec_mod.NAME_RE.match(run_id):
-        raise UserError(f"--run-id {run_id!r}: lower-case letters, digits and '-' (at most 40)")
+    if not spec_mod.RUN_ID_RE.match(run_id):
+        raise UserError(f"--run-id {run_id!r}: {spec_mod.RUN_ID_RULE}")
     return run_id
 
 
@@ -146,6 +148,9 @@ def _results_table(report: dict) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
 
 
+JOB_API = click.Choice(spec_mod.JOB_APIS)
+
+
 @main.command()
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.option("--backend", type=click.Choice(["local", "kubernetes"]), default="local", show_default=True)
@@ -153,26 +158,47 @@ def _results_table(report: dict) -> str:
 @click.option("--run-id", default=None, help="Run id (default: the pipeline's name); must be new.")
 @click.option("--image", default=None, help="Driver image (default: the pipeline's default stage image).")
 @click.option("--secret", default=None, help="Secret with the store credentials (AWS_ACCESS_KEY_ID, ...), by name.")
+@click.option("--service-account", default="unsupft-driver", show_default=True,
+              help="The driver's ServiceAccount (the chart's RBAC-only install creates it).")
+@click.option("--job-api", type=JOB_API, default="auto", show_default=True,
+              help="Multi-process stages as TrainJob or PyTorchJob; auto asks the cluster (overrides the pipeline).")
 @click.option("--wait", is_flag=True, help="Wait for the run to finish and print the table.")
 @click.pass_context
 @report_user_errors
-def submit(ctx, file, backend, namespace, run_id, image, secret, wait) -> None:
+def submit(ctx, file, backend, namespace, run_id, image, secret, service_account, job_api, wait) -> None:
     """Start a new run in the background (here) or on Kubernetes; a used run id is refused."""
     pipeline = _load(file, ctx.obj["store"])
     run_id = _run_id(run_id, pipeline)
+    extra: dict = {}
     if backend == "kubernetes":
-        from unsupft.ctl import kube
+        from unsupft.ctl import kube, kubeapi
 
         kube.check_store_for_cluster(pipeline)
-        api = kube.Api()
+        api = kubeapi.Api()
+        if not api.service_account_exists(namespace, service_account):
+            raise UserError(f"ServiceAccount {service_account} not found in namespace {namespace}; create it with "
+                            f"`helm install unsupft-rbac charts/unsupft -n {namespace} --set rbacOnly=true`")
+        chosen = _job_api(api, pipeline, job_api)
+        image = image or next(iter(pipeline.stages.values())).resources.image
+        extra = {"namespace": namespace, "secret": secret, "job_api": chosen, "owner": kube.object_name(run_id, "run"),
+                 "owner_created_by": "submit", "service_account": service_account, "driver_image": image}
     _preflight(pipeline)
-    extra = {"namespace": namespace, "secret": secret} if backend == "kubernetes" else {}
     run_ = st.create(pipeline, run_id, backend, **extra)
     if run_ is None:
         raise UserError(f"run {run_id} already exists in {st.run_uri(pipeline.store, run_id)}; pick another --run-id")
     if backend == "kubernetes":
-        kctx = kube.Context(run_id, namespace, secret, kube.store_env())
-        driver = kube.driver_job(kctx, pipeline.store, image or next(iter(pipeline.stages.values())).resources.image)
+        from kubernetes.client.exceptions import ApiException
+
+        kctx = kube.Context(run_id, namespace, secret, kube.store_env(), run_.uri)
+        try:
+            configmap = api.create(kube.run_configmap(kctx, pipeline.store))
+        except ApiException as exc:
+            if exc.status != 409:
+                raise
+            raise UserError(f"ConfigMap {extra['owner']} already exists in namespace {namespace} (a run with this id from "
+                            "another store?); delete it or pick another --run-id") from None
+        kctx.owner = kube.owner_reference(configmap)
+        driver = kube.driver_job(kctx, pipeline.store, image, service_account=service_account)
         api.create(driver)
         click.echo(f"submitted run {run_id}: Job {driver['metadata']['name']} in namespace {namespace}")
     else:
@@ -191,6 +217,20 @@ def submit(ctx, file, backend, namespace, run_id, image, secret, wait) -> None:
             st.take(run_)
             sys.exit(0 if _drive_local(run_, pipeline, None) else 1)
         sys.exit(_wait(pipeline.store, run_id))
+
+
+def _job_api(api, pipeline: spec_mod.Pipeline, job_api: str) -> str | None:
+    """The job API multi-process stages use: the flag, else the cluster's (None: no such stage)."""
+    from unsupft.ctl import kube
+
+    if not any(s.resources.processes > 1 for s in pipeline.stages.values()):
+        return None if job_api == "auto" else job_api
+    if job_api == "auto":
+        return api.choose_job_api()
+    if not api.served(kube.JOB_KINDS[job_api]):
+        kind = kube.JOB_KINDS[job_api]
+        raise UserError(f"--job-api {job_api}: this cluster does not serve {kind.kind} ({kind.api_version})")
+    return job_api
 
 
 def _wait(store_uri: str, run_id: str, poll_s: float = 10.0) -> int:
@@ -218,16 +258,30 @@ def _wait(store_uri: str, run_id: str, poll_s: float = 10.0) -> int:
               help="Pipeline file: create the (Kubernetes) run first if it does not exist (the Helm chart's driver).")
 @click.option("--namespace", default="default", show_default=True, help="With --create-from: the namespace.")
 @click.option("--secret", default=None, help="With --create-from: Secret with the store credentials, by name.")
+@click.option("--owner-configmap", default=None, help="With --create-from: the ConfigMap that owns the run's objects.")
+@click.option("--service-account", default=None, help="With --create-from: this driver's ServiceAccount (for resume).")
+@click.option("--image", default=None, help="With --create-from: this driver's image (for resume).")
+@click.option("--job-api", type=JOB_API, default="auto", show_default=True,
+              help="With --create-from: multi-process stages as TrainJob or PyTorchJob; auto asks the cluster.")
+@click.option("--api-retries", type=click.IntRange(min=0), default=8, show_default=True,
+              help="Kubernetes: retries of one API call on 429, 5xx or a dropped connection (backoff 0.5 s doubling to 30 s, jittered).")
 @click.pass_context
 @report_user_errors
-def drive(ctx: click.Context, run_id: str, create_from: str | None, namespace: str, secret: str | None) -> None:
-    """Drive an existing run to its end (what `submit` starts; in the cluster, the driver Job)."""
+def drive(ctx: click.Context, run_id: str, create_from: str | None, namespace: str, secret: str | None,
+          owner_configmap: str | None, service_account: str | None, image: str | None, job_api: str,
+          api_retries: int) -> None:
+    """Drive an existing run to its end (what `submit` starts; in the cluster, the driver Job).
+
+    On Kubernetes it exits 0 whenever the run is final (succeeded, failed, cancelled, waiting for
+    labels), 1 only when the API server stayed unreachable through every retry.
+    """
     if create_from:
         pipeline = _load(create_from, ctx.obj["store"])
         _preflight(pipeline)
         # A restarted driver pod finds the run already there and continues it.
-        run_ = st.create(pipeline, _run_id(run_id, pipeline), "kubernetes", namespace=namespace, secret=secret) \
-            or st.open_run(pipeline.store, run_id)
+        run_ = st.create(pipeline, _run_id(run_id, pipeline), "kubernetes", namespace=namespace, secret=secret,
+                         owner=owner_configmap, service_account=service_account, driver_image=image,
+                         job_api=None if job_api == "auto" else job_api) or st.open_run(pipeline.store, run_id)
         ctx.obj["store"] = pipeline.store
     run_ = st.open_run(_store(ctx), run_id)
     st.take(run_)  # a restarted driver takes over once its predecessor's lease has expired
@@ -236,12 +290,15 @@ def drive(ctx: click.Context, run_id: str, create_from: str | None, namespace: s
         pipeline = spec_mod.Pipeline(pipeline.name, _store(ctx), pipeline.datasets, pipeline.stages, pipeline.source)
     if run_.data["backend"] == "local":
         sys.exit(0 if _drive_local(run_, pipeline, None) else 1)
-    from unsupft.ctl import kube
+    from unsupft.ctl import kube, kubeapi, kubedriver
 
-    kctx = kube.Context(run_id, run_.data["namespace"], run_.data.get("secret"), kube.store_env())
-    ok = kube.Driver(run_, pipeline, kube.Api(), kctx, echo=click.echo).execute()
+    kctx = kube.Context(run_id, run_.data["namespace"], run_.data.get("secret"), kube.store_env(), run_.uri)
+    try:
+        kubedriver.Driver(run_, pipeline, kubeapi.Api(retries=api_retries), kctx, echo=click.echo).execute()
+    except kubeapi.ApiUnavailable as exc:  # the Job's backoffLimit starts a new driver, which adopts
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
     _print_table(st.open_run(pipeline.store, run_id))
-    sys.exit(0 if ok else 1)
 
 
 @main.command()
@@ -268,9 +325,9 @@ def logs(ctx: click.Context, run_id: str, stage: str, follow: bool, attempt: int
     if stage not in run_.stages:
         raise UserError(f"run {run_id} has no stage {stage!r} (stages: {', '.join(run_.stages)})")
     if run_.data["backend"] == "kubernetes":
-        from unsupft.ctl import kube
+        from unsupft.ctl import kubeapi
 
-        click.echo(kube.Api().stage_logs(run_.data["namespace"], run_id, stage), nl=False)
+        click.echo(kubeapi.Api().stage_logs(run_.data["namespace"], run_id, stage), nl=False)
         return
     shown = 0
     while True:
@@ -313,22 +370,103 @@ def fetch(ctx: click.Context, run_id: str, stage: str | None, dest: str) -> None
 
 @main.command()
 @click.argument("run_id")
+@click.option("--wait-s", type=click.IntRange(min=0), default=60, show_default=True,
+              help="Kubernetes: how long to wait for the driver to record the cancel.")
 @click.pass_context
 @report_user_errors
-def cancel(ctx: click.Context, run_id: str) -> None:
+def cancel(ctx: click.Context, run_id: str, wait_s: int) -> None:
     """Stop a run: running stages are killed (local) or their objects deleted (Kubernetes)."""
     run_ = st.open_run(_store(ctx), run_id)
     if run_.data["backend"] == "kubernetes":
-        from unsupft.ctl import kube
+        from unsupft.ctl import kubeapi
 
-        run_.request_cancel()
-        kube.Api().delete_run(run_.data["namespace"], run_id, include_driver=False)
-        click.echo(f"cancel requested for run {run_id}; the driver records it and exits")
+        _cancel_kube(run_, kubeapi.Api(), wait_s)
+        click.echo(f"cancelled run {run_id}")
         return
     from unsupft.ctl.local import cancel_local
 
     cancel_local(run_)
     click.echo(f"cancelled run {run_id}")
+
+
+def _cancel_kube(run_: st.Run, api, wait_s: float, poll_s: float = 1.0) -> None:
+    """Mark the run, delete its stage objects, let the driver record it (or record it here when no
+    driver answers), then delete the run's ConfigMap when `submit` made it: the garbage collector
+    removes the driver Job with it, so nothing of the run is left in the namespace."""
+    namespace = run_.data["namespace"]
+    run_.request_cancel()
+    api.delete_run(namespace, run_.run_id, include_driver=False)
+    deadline = time.time() + wait_s
+    while any(r["state"] in (st.RUNNING, st.PENDING) for r in run_.stages.values()):
+        if time.time() >= deadline:
+            for name, rec in run_.stages.items():
+                if rec["state"] in (st.RUNNING, st.PENDING):
+                    rec.update(state=st.CANCELLED, finished=time.time(), message="cancelled (no driver answered)")
+            run_.save()
+            break
+        time.sleep(poll_s)
+        run_ = st.open_run(run_.data["store"], run_.run_id)
+    if run_.data.get("owner_created_by") == "submit":
+        api.delete_configmap(namespace, run_.data["owner"])
+
+
+@main.command()
+@click.argument("run_id")
+@click.option("--image", default=None, help="Kubernetes: the driver image (default: the one that ran it).")
+@click.option("--wait", is_flag=True, help="Kubernetes: wait for the run to finish and print the table.")
+@click.pass_context
+@report_user_errors
+def resume(ctx: click.Context, run_id: str, image: str | None, wait: bool) -> None:
+    """Continue a run whose stages wait for labels, failed (after fixing the cause) or were cancelled."""
+    run_ = st.open_run(_store(ctx), run_id)
+    again = [n for n, r in run_.stages.items() if r["state"] in (st.WAITING, st.FAILED, st.CANCELLED)]
+    if not again:
+        states = ", ".join(f"{n} {r['state']}" for n, r in run_.stages.items())
+        raise UserError(f"run {run_id} has no stage waiting for labels, failed or cancelled ({states})")
+    if run_.data["backend"] == "local" and st.controller_alive(run_):
+        raise UserError(f"run {run_id} is being run by process {run_.data['controller']['pid']}")
+    store.delete(store.join(run_.uri, st.CANCEL_FILE))
+    for name in again:  # a fresh retry budget; attempts keep counting so object names stay unique
+        run_.stages[name].update(state=st.PENDING, first_attempt=None, message="resumed")
+    run_.save()
+    pipeline = spec_mod.parse(yaml.safe_dump(run_.data["spec"]), f"{run_.uri}/run.json")
+    pipeline = spec_mod.Pipeline(pipeline.name, run_.data["store"], pipeline.datasets, pipeline.stages, pipeline.source)
+    if run_.data["backend"] == "local":
+        click.echo(f"resuming run {run_id}: {', '.join(again)}")
+        sys.exit(0 if _drive_local(run_, pipeline, None) else 1)
+    from unsupft.ctl import kube, kubeapi
+
+    api = kubeapi.Api()
+    driver = _resume_driver(run_, api, image)
+    click.echo(f"resuming run {run_id} ({', '.join(again)}): Job {driver['metadata']['name']} in namespace {run_.data['namespace']}")
+    if wait:
+        sys.exit(_wait(run_.data["store"], run_id))
+
+
+def _resume_driver(run_: st.Run, api, image: str | None) -> dict:
+    """A new driver Job (`<run>-driver-<n>`) under the run's ConfigMap; the old one has finished."""
+    from unsupft.ctl import kube
+
+    namespace = run_.data["namespace"]
+    kctx = kube.Context(run_.run_id, namespace, run_.data.get("secret"), kube.store_env(), run_.uri)
+    if run_.data.get("owner"):
+        configmap = api.configmap(namespace, run_.data["owner"])
+        if configmap is None and run_.data.get("owner_created_by") == "submit":  # `cancel` removed it
+            configmap = api.create(kube.run_configmap(kctx, run_.data["store"]))
+        elif configmap is None:
+            raise UserError(f"run {run_.run_id} was removed from namespace {namespace} (ConfigMap {run_.data['owner']} "
+                            "is gone: the chart release was uninstalled); install it again to continue")
+        kctx.owner = kube.owner_reference(configmap)
+    image = image or run_.data.get("driver_image")
+    if not image:
+        raise UserError(f"run {run_.run_id} does not record its driver image; pass --image")
+    generation = run_.data.get("generation", 0) + 1
+    run_.data["generation"] = generation
+    run_.save()
+    driver = kube.driver_job(kctx, run_.data["store"], image, generation=generation,
+                             service_account=run_.data.get("service_account") or "unsupft-driver")
+    api.create(driver)
+    return driver
 
 
 @main.command()
@@ -337,14 +475,16 @@ def cancel(ctx: click.Context, run_id: str) -> None:
 @click.option("--run-id", default=None)
 @click.option("--image", default=None, help="Driver image (default: the pipeline's default stage image).")
 @click.option("--secret", default=None, help="Secret with the store credentials, by name.")
+@click.option("--job-api", type=click.Choice(spec_mod.JOB_APIS[1:]), default="trainjob", show_default=True,
+              help="Multi-process stages whose pipeline says auto: TrainJob or PyTorchJob.")
 @click.pass_context
 @report_user_errors
-def render(ctx, file, namespace, run_id, image, secret) -> None:
-    """Print the Kubernetes objects a submit would create (driver Job + each stage's first attempt)."""
+def render(ctx, file, namespace, run_id, image, secret, job_api) -> None:
+    """Print the Kubernetes objects a submit would create (run ConfigMap, driver Job, each stage's first attempt)."""
     from unsupft.ctl import kube
 
     pipeline = _load(file, ctx.obj["store"])
     run_id = _run_id(run_id, pipeline)
-    kctx = kube.Context(run_id, namespace, secret, kube.store_env())
+    kctx = kube.Context(run_id, namespace, secret, kube.store_env(), job_api=job_api)
     objs = kube.render(pipeline, kctx, image or next(iter(pipeline.stages.values())).resources.image)
     click.echo(yaml.safe_dump_all(objs, sort_keys=False), nl=False)

@@ -43,6 +43,14 @@ INPUTS: dict[str, tuple[str, ...]] = {
 
 # Names become Kubernetes object names and store folders: keep them DNS-label shaped.
 NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,38}[a-z0-9])?$")
+# A run id (the pipeline's name by default) starts every object name; the operators' webhooks
+# want DNS-1035 names (a letter first), and 40 characters leave room for `-<stage>-<attempt>`.
+RUN_ID_RE = re.compile(r"^[a-z]([-a-z0-9]{0,38}[a-z0-9])?$")
+RUN_ID_RULE = "a DNS-1035 name: lower-case letters, digits and '-', starting with a letter (at most 40)"
+JOB_APIS = ("auto", "trainjob", "pytorchjob")
+RUNTIME_KINDS = ("TrainingRuntime", "ClusterTrainingRuntime")
+ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+LABEL_VALUE_RE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]{0,61})?[A-Za-z0-9])?$")  # Kubernetes label values
 
 RESOURCE_FIELDS: dict[str, type | tuple[type, ...]] = {
     "image": str,
@@ -54,7 +62,21 @@ RESOURCE_FIELDS: dict[str, type | tuple[type, ...]] = {
     "retries": int,
     "node_selector": dict,
     "tolerations": list,
+    # Cluster-only settings (ignored by the local backend), see docs/cluster.md.
+    "deadline_s": int,
+    "pending_timeout_s": int,
+    "env": dict,
+    "labels": dict,
+    "annotations": dict,
+    "priority_class": str,
+    "service_account": str,
+    "image_pull_secrets": list,
+    "queue": str,
+    "job_api": str,
+    "runtime": str,
+    "runtime_kind": str,
 }
+STRING_MAPS = ("node_selector", "env", "labels", "annotations")
 TOP_FIELDS = ("name", "store", "datasets", "stages", "resources")
 
 Scalar = (str, int, float, bool)
@@ -71,6 +93,18 @@ class Resources:
     retries: int = 2
     node_selector: dict[str, str] = field(default_factory=dict)
     tolerations: list[dict[str, Any]] = field(default_factory=list)
+    deadline_s: int = 7 * 24 * 3600  # activeDeadlineSeconds of each attempt
+    pending_timeout_s: int = 1800  # how long pods may be stuck (image pull, unschedulable, quota)
+    env: dict[str, str] = field(default_factory=dict)
+    labels: dict[str, str] = field(default_factory=dict)
+    annotations: dict[str, str] = field(default_factory=dict)
+    priority_class: str | None = None
+    service_account: str | None = None
+    image_pull_secrets: list[str] = field(default_factory=list)
+    queue: str | None = None  # a Kueue LocalQueue
+    job_api: str = "auto"  # multi-process stages: TrainJob or PyTorchJob, "auto" asks the cluster
+    runtime: str = "unsupft"  # the runtime a TrainJob refers to ...
+    runtime_kind: str = "TrainingRuntime"  # ... in the namespace, or a ClusterTrainingRuntime
 
     @property
     def processes(self) -> int:
@@ -230,6 +264,8 @@ def _build(doc: Any, where: _Where) -> Pipeline:
     if "name" not in doc:
         raise where.error((), "missing field 'name'")
     name = _name(where, ("name",), doc["name"], "pipeline")
+    if not RUN_ID_RE.match(name):  # the pipeline's name is the default run id
+        raise where.error(("name",), f"pipeline name {name!r} is the default run id: {RUN_ID_RULE}")
     store_uri = _expect(where, ("store",), doc.get("store", "file://./runs"), str, "a store URI")
     try:
         store_uri = store.normalize(store_uri)
@@ -337,16 +373,39 @@ def _resources(where: _Where, raw: Any, stages: dict) -> dict[str, Resources]:
                 raise where.error(path, f"unknown field (expected one of {', '.join(RESOURCE_FIELDS)})")
             expected = RESOURCE_FIELDS[fname]
             _expect(where, path, value, expected, f"{'/'.join(t.__name__ for t in (expected if isinstance(expected, tuple) else (expected,)))}")
-            if fname in ("gpus", "retries") and value < 0 or fname in ("nodes", "procs_per_node") and value < 1:
+            if fname in ("gpus", "retries") and value < 0 or fname in ("nodes", "procs_per_node", "deadline_s", "pending_timeout_s") and value < 1:
                 raise where.error(path, f"out of range: {value}")
-            if fname == "node_selector" and not all(isinstance(v, str) for v in value.values()):
-                raise where.error(path, "node selector values are strings")
+            if fname in STRING_MAPS and not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+                raise where.error(path, "keys and values are strings (quote numbers and booleans)")
+            if fname == "env" and not all(ENV_NAME_RE.match(k) for k in value):
+                raise where.error(path, f"environment variable names are letters, digits and '_': {sorted(value)}")
+            if (fname == "labels" and not all(LABEL_VALUE_RE.match(v) for v in value.values())
+                    or fname == "queue" and not LABEL_VALUE_RE.match(value)):
+                raise where.error(path, "label values are at most 63 letters, digits, '-', '_' or '.', "
+                                        "beginning and ending with a letter or digit")
+            if fname == "image_pull_secrets" and not all(isinstance(v, str) for v in value):
+                raise where.error(path, "image pull secrets are a list of Secret names")
+            for name, allowed in (("job_api", JOB_APIS), ("runtime_kind", RUNTIME_KINDS)):
+                if fname == name and value not in allowed:
+                    raise where.error(path, f"expected one of {', '.join(allowed)}, got {value!r}")
             if fname == "tolerations" and not all(isinstance(t, dict) for t in value):
                 raise where.error(path, "tolerations are a list of mappings")
         return body
 
     defaults = fields("defaults")
-    return {s: Resources(**{**defaults, **fields(s)}) for s in stages}
+    out = {}
+    for s in stages:
+        own = fields(s)
+        merged = {**defaults, **own}
+        for key in ("env", "labels", "annotations"):  # per-stage entries add to the defaults' ones
+            merged[key] = {**defaults.get(key, {}), **own.get(key, {})}
+        res = Resources(**merged)
+        if res.gpus and res.gpus < res.procs_per_node:
+            key = s if "gpus" in (raw.get(s) or {}) or "procs_per_node" in (raw.get(s) or {}) else "defaults"
+            raise where.error(("resources", key, "gpus"),
+                              f"stage {s}: {res.gpus} GPUs for {res.procs_per_node} processes per node (one GPU per process)")
+        out[s] = res
+    return out
 
 
 def _topological(where: _Where, deps: dict[str, set[str]]) -> list[str]:
