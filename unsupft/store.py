@@ -183,6 +183,42 @@ def open_read(uri: str) -> Iterator[IO[bytes]]:
         yield stream
 
 
+def read_range(uri: str, offset: int, size: int) -> bytes:
+    """`size` bytes of the object at `uri` from byte `offset` (a ranged GET on S3, a pread locally):
+    how an indexed shard's member is read without reading the shard."""
+    if size <= 0:
+        return b""
+    if is_s3(uri):
+        bucket, key = _split_s3(uri)
+        with _s3_errors(uri):
+            body = _s3_client().get_object(Bucket=bucket, Key=key, Range=f"bytes={offset}-{offset + size - 1}")["Body"]
+            data = body.read()
+    else:
+        try:
+            with _local(uri).open("rb") as f:
+                data = os.pread(f.fileno(), size, offset)
+        except FileNotFoundError as exc:
+            raise UserError(f"{uri}: no such file") from exc
+    if len(data) != size:
+        raise UserError(f"{uri}: {size} bytes expected at offset {offset}, got {len(data)} (the file changed?)")
+    return data
+
+
+def version(uri: str) -> str:
+    """A string that changes whenever the object at `uri` changes (size and ETag on S3, size and
+    mtime locally): the key of caches derived from the object. A missing object is a `UserError`."""
+    if is_s3(uri):
+        bucket, key = _split_s3(uri)
+        with _s3_errors(uri):
+            head = _s3_client().head_object(Bucket=bucket, Key=key)
+        return f"{head['ContentLength']}:{head.get('ETag', '')}"
+    try:
+        stat = _local(uri).stat()
+    except FileNotFoundError as exc:
+        raise UserError(f"{uri}: no such file") from exc
+    return f"{stat.st_size}:{stat.st_mtime_ns}"
+
+
 def exists(uri: str) -> bool:
     """Whether an object (a file, not a prefix) exists at `uri`."""
     if is_s3(uri):

@@ -154,9 +154,8 @@ def decode(raw: dict[str, bytes | str], info: DatasetInfo, shard: ShardInfo, lab
     try:
         with Image.open(io.BytesIO(png)) as img:
             img = img.convert("L" if info.channels == 1 else "RGB")
-            height, width = info.image_size
-            if img.size != (width, height):
-                img = img.resize((width, height), Image.BILINEAR)
+            if info.image_size is not None and img.size != info.image_size[::-1]:
+                img = img.resize(info.image_size[::-1], Image.BILINEAR)
             pixels = np.asarray(img, dtype=np.uint8)
     except (OSError, ValueError, SyntaxError) as exc:
         raise CorruptShard(f"{where}: undecodable png ({exc})") from exc
