@@ -81,7 +81,8 @@ def resolve(uri: str) -> tuple[DatasetInfo | None, list[ShardRef]]:
         return info, [ShardRef(info.shard_uri(s), s.samples, s.sha256) for s in info.shards]
     tars = [name for name in store.list_prefix(uri) if name.endswith(".tar")]
     if not tars or all(_SHARD_NAME.fullmatch(name) for name in tars):
-        read_info(uri)  # raises: "incomplete data set (no dataset.json)", the likelier mistake here
+        # no shards, or unsupft's own names without the manifest written last: not (yet) a data set
+        read_info(uri)  # raises "incomplete data set (no dataset.json); ... not a data set ..."
     return None, [ShardRef(store.join(uri, name)) for name in tars]
 
 
