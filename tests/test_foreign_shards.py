@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -99,3 +100,26 @@ def test_mixed_size_shards_need_an_image_size(local_shards: Path, tmp_path: Path
                    check=False)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
     assert "give --image-size" in proc.stderr and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("case,message", [
+    ("missing-shard", "the pattern names .*train-0004.tar, which does not exist"),
+    ("no-tars", "incomplete data set"),
+    ("no-image", "has no image member"),
+    ("broken-image", "'bad': not a decodable image"),
+])
+def test_bad_shards_are_one_line_exit_2_nothing_written(local_shards: Path, tmp_path: Path, case: str,
+                                                        message: str) -> None:
+    data = {"missing-shard": f"{local_shards}/sw/train-{{0000..0009}}.tar", "no-tars": str(tmp_path)}.get(case)
+    if case in ("no-image", "broken-image"):
+        data = str(tmp_path / "t.tar")
+        with wds.TarWriter(data) as sink:
+            sink.write({"__key__": "good", "jpg": np.zeros((8, 8), np.uint8)})
+            sink.write({"__key__": "bad", "txt": "no image"} if case == "no-image" else
+                       {"__key__": "bad", "jpg": b"\xff\xd8 not a jpeg at all"})
+            sink.write({"__key__": "late", "jpg": np.zeros((8, 8), np.uint8)})
+    out = tmp_path / "out"
+    proc = unsupft("pretrain", "--data", data, "--image-size", 8, "--out", out, "--steps", 2, *SMALL, check=False)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert re.search(message, proc.stderr) and proc.stderr.startswith("error: ")
+    assert not out.exists()

@@ -190,6 +190,18 @@ def test_shardwriter_jpg_cls_shards_by_pattern_folder_and_tar(tmp_path: Path) ->
     assert len(open_samples(str(tmp_path / "f" / "train-0001.tar"))) == 5
 
 
+def test_raw_samples_are_the_stored_bytes(tmp_path: Path) -> None:
+    """What copying foreign shards into a data set reads: members as stored, never re-encoded."""
+    write_foreign(tmp_path / "t.tar", [{"__key__": "a", "jpg": rgb(0), "cls": 4},
+                                       {"__key__": "b", "png": rgb(1), "cls": 2}])
+    with tarfile.open(tmp_path / "t.tar") as tar:
+        stored = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+    samples = open_samples(str(tmp_path / "t.tar"))
+    raw = list(samples.raw())
+    assert [(r.key, r.extension, r.label) for r in raw] == [("a", "jpg", 1), ("b", "png", 0)]
+    assert raw[0].image == stored["a.jpg"] and raw[1].image == stored["b.png"] and samples.classes == ["2", "4"]
+
+
 def test_img2dataset_style_shards_on_s3(tmp_path: Path, s3_uri: str) -> None:
     """jpg + txt caption + json metadata (a `label` field there is used; none: unlabeled)."""
     labeled = [{"__key__": f"{i:09d}", "jpg": rgb(i), "txt": f"a photo {i}",
@@ -228,9 +240,10 @@ def test_bad_foreign_inputs_are_one_line(tmp_path: Path, case: str, message: str
 
 
 def test_corrupt_member_in_a_worker_is_one_line(tmp_path: Path) -> None:
-    """A foreign shard has no digest to check: the broken image is found when decoded, in a worker."""
-    write_foreign(tmp_path / "t.tar", [{"__key__": f"k{i}", "jpg": rgb(i)} for i in range(4)])
-    _rewrite(tmp_path / "t.tar", lambda name, data: b"\xff\xd8 broken" if name == "k2.jpg" else data)
+    """A foreign shard has no digest to check, and a truncated JPEG's header still parses: the broken
+    image is found when decoded, in a DataLoader worker."""
+    write_foreign(tmp_path / "t.tar", [{"__key__": f"k{i}", "jpg": rgb(i, (64, 64))} for i in range(4)])
+    _rewrite(tmp_path / "t.tar", lambda name, data: data[:len(data) // 2] if name == "k2.jpg" else data)
     samples = open_samples(str(tmp_path / "t.tar"))
     with pytest.raises(UserError) as exc:
         list(batches_of(Fitted(samples, (8, 8)), 2, workers=2))

@@ -19,22 +19,27 @@ sharing a key (WebDataset's rule: the path up to the first dot of the file name)
 `class` or `target` field of `.json` (other members, captions in `.txt` for example, are ignored).
 Their classes are the label ids found, in increasing order (named by the ids); their channels
 follow the first image (grayscale: 1, anything else: 3); their image size is not known (mixed).
+Having no digest to check, each of their images is identified (its header parsed) while scanning,
+so a member that is no image stops the stage before it writes anything.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import hashlib
+import io
 import json
 import os
 import re
 import tarfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
 import numpy as np
 from braceexpand import braceexpand
+from PIL import Image
 
 from unsupft import store
 from unsupft.data.info import INFO_NAME, DatasetInfo, read_info
@@ -112,7 +117,7 @@ class ShardIndex:
     offsets: np.ndarray  # int64: where the image member's bytes start
     sizes: np.ndarray  # int64: the image member's length
     labels: np.ndarray  # int64: the raw label id, -1 where the sample has none
-    first_mode: str  # PIL mode of the first image ("" when not looked at): channels of foreign sets
+    first_mode: str  # PIL mode of the first image ("" for manifest shards): channels of foreign sets
 
 
 def _label_of(ext: str, data: bytes) -> int | None:
@@ -126,10 +131,18 @@ def _label_of(ext: str, data: bytes) -> int | None:
     return None
 
 
-def _scan(ref: ShardRef, want_mode: bool) -> ShardIndex:
-    """Read one shard once: member offsets, labels, and the checks against its manifest entry."""
-    from PIL import Image
+def _identify(data: bytes, uri: str, key: str) -> str:
+    """The PIL mode of an encoded image, read from its header; a `CorruptShard` when it is none."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return img.mode
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise CorruptShard(f"{uri}: sample {key!r}: not a decodable image ({exc})") from exc
 
+
+def _scan(ref: ShardRef, foreign: bool) -> ShardIndex:
+    """Read one shard once: member offsets, labels, and the checks against its manifest entry
+    (foreign shards, which have none, get each image's header identified instead)."""
     keys: list[str] = []
     offsets, sizes, labels = [], [], []
     first_mode = ""
@@ -160,9 +173,9 @@ def _scan(ref: ShardRef, want_mode: bool) -> ShardIndex:
                         current, image, label = key, None, None
                     if ext in IMAGE_EXTENSIONS and image is None:
                         image = (member.offset_data, member.size)
-                        if want_mode and not first_mode:
-                            with Image.open(tar.extractfile(member)) as img:
-                                first_mode = img.mode
+                        if foreign:  # no digest to check against: identify each image (its header)
+                            mode = _identify(tar.extractfile(member).read(), ref.uri, key)
+                            first_mode = first_mode or mode
                     elif ext in ("cls", "json"):
                         try:
                             label = _label_of(ext, tar.extractfile(member).read())
@@ -190,18 +203,18 @@ def _cache_file(ref: ShardRef) -> Path:
     return cache_dir() / "index" / f"{hashlib.sha256(key.encode()).hexdigest()}.npz"
 
 
-def _index_shard(ref: ShardRef, want_mode: bool) -> ShardIndex:
+def _index_shard(ref: ShardRef, foreign: bool) -> ShardIndex:
     """The shard's index from the cache, or scanned (and verified) now and cached."""
     path = _cache_file(ref)
     if path.is_file():
         with np.load(path, allow_pickle=False) as cached:
             mode = str(cached["first_mode"])
-            if mode or not want_mode:
+            if mode or not foreign:
                 return ShardIndex(cached["key_bytes"].tobytes(), cached["key_ends"], cached["offsets"],
                                   cached["sizes"], cached["labels"], mode)
-    shard = _scan(ref, want_mode)
+    shard = _scan(ref, foreign)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    tmp = path.with_name(f".tmp-{os.getpid()}-{threading.get_ident()}-{path.name}")
     with open(tmp, "wb") as f:
         np.savez(f, offsets=shard.offsets, sizes=shard.sizes, labels=shard.labels,
                  key_bytes=np.frombuffer(shard.key_bytes, np.uint8), key_ends=shard.key_ends, first_mode=np.array(shard.first_mode))
@@ -241,9 +254,8 @@ def open_index(uri: str) -> SampleIndex:
     info, refs = resolve(uri)
     if not refs:
         raise UserError(f"{uri}: the data set is empty")
-    want_mode = info is None
     with concurrent.futures.ThreadPoolExecutor(min(_INDEX_THREADS, len(refs))) as pool:
-        shards = list(pool.map(lambda ref: _index_shard(ref, want_mode), refs))
+        shards = list(pool.map(lambda ref: _index_shard(ref, info is None), refs))
     raw_labels = np.concatenate([s.labels for s in shards])
     blob_starts = np.cumsum([0] + [len(s.key_bytes) for s in shards[:-1]])
     index = SampleIndex(

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import io
 import os
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -33,19 +34,24 @@ from unsupft.data.shards import CorruptShard
 from unsupft.errors import UserError
 
 
+_OPEN_SHARDS = 64  # local shard files a process keeps open (an epoch's order visits them all)
+
+
 def default_workers() -> int:
     """DataLoader workers: decoding and augmentation run beside the model, leaving it most cores."""
     return min(8, (os.cpu_count() or 2) // 2)
 
 
-def decode_image(data: bytes, channels: int, where: str) -> torch.Tensor:
-    """uint8 [C, H, W] of an encoded image; grayscale sets decode as one channel ("L") on purpose."""
+def decode_image(data: bytes, channels: int, where: Callable[[], str]) -> torch.Tensor:
+    """uint8 [C, H, W] of an encoded image; grayscale sets decode as one channel ("L") on purpose.
+    `where()` names the sample in an error (built only then: it costs a key lookup)."""
     try:
         with Image.open(io.BytesIO(data)) as img:
-            pixels = np.asarray(img.convert("L" if channels == 1 else "RGB"), dtype=np.uint8)
+            mode = "L" if channels == 1 else "RGB"
+            pixels = np.array(img if img.mode == mode else img.convert(mode), dtype=np.uint8)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise CorruptShard(f"{where}: undecodable image ({exc})") from exc
-    image = torch.from_numpy(pixels.copy())
+        raise CorruptShard(f"{where()}: undecodable image ({exc})") from exc
+    image = torch.from_numpy(pixels)
     return image.unsqueeze(0) if image.ndim == 2 else image.permute(2, 0, 1).contiguous()
 
 
@@ -67,6 +73,27 @@ class Samples:
         self.index = index
         self.uri, self.classes, self.channels = index.uri, index.classes, index.channels
         self.image_size = index.image_size
+        self._local = [store.local_path(uri) for uri in index.shard_uris]  # None: read by ranged GET
+        self._files: dict[int, int] = {}  # shard -> open descriptor, in the process that opened it
+        self._pid = os.getpid()
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_files": {}}
+
+    def _descriptor(self, shard: int) -> int:
+        """An open descriptor of a local shard, kept per process (a forked worker opens its own) and
+        at most `_OPEN_SHARDS` at a time."""
+        if self._pid != os.getpid():
+            self._files, self._pid = {}, os.getpid()
+        fd = self._files.get(shard)
+        if fd is None:
+            if len(self._files) >= _OPEN_SHARDS:
+                os.close(self._files.pop(next(iter(self._files))))
+            try:
+                fd = self._files[shard] = os.open(self._local[shard], os.O_RDONLY)
+            except FileNotFoundError as exc:
+                raise UserError(f"{self.index.shard_uris[shard]}: no such file") from exc
+        return fd
 
     def __len__(self) -> int:
         return len(self.index)
@@ -82,12 +109,55 @@ class Samples:
     def keys(self) -> list[str]:
         return self.index.keys()
 
+    def encoded(self, i: int) -> bytes:
+        """Sample i's image member as stored (JPEG, PNG or WebP bytes): a pread locally, a ranged GET on S3."""
+        index = self.index
+        shard, offset, size = int(index.shard[i]), int(index.offset[i]), int(index.size[i])
+        if self._local[shard] is None:
+            data = store.read_range(index.shard_uris[shard], offset, size)
+        else:
+            data = os.pread(self._descriptor(shard), size, offset)
+        if len(data) != size:
+            raise UserError(f"{index.shard_uris[shard]}: {size} bytes expected at offset {offset}, got {len(data)} "
+                            f"(the shard changed since it was indexed?)")
+        return data
+
     def image(self, i: int) -> torch.Tensor:
         """Sample i's image, uint8 [C, H, W] at its stored size."""
-        index = self.index
-        shard = index.shard_uris[int(index.shard[i])]
-        data = store.read_range(shard, int(index.offset[i]), int(index.size[i]))
-        return decode_image(data, self.channels, f"{shard}: sample {index.key(i)!r}")
+        return decode_image(self.encoded(i), self.channels,
+                            lambda: f"{self.index.shard_uris[int(self.index.shard[i])]}: sample {self.key(i)!r}")
+
+    def raw(self) -> Iterator[RawSample]:
+        """Every sample as stored, in shard order, without decoding: what copying shards (for
+        example into an unsupft data set) needs."""
+        labels = self.index.labels
+        for i in range(len(self)):
+            data = self.encoded(i)
+            extension = image_format(data)
+            if extension is None:
+                shard = self.index.shard_uris[int(self.index.shard[i])]
+                raise CorruptShard(f"{shard}: sample {self.key(i)!r}: not a JPEG, PNG or WebP image")
+            yield RawSample(self.key(i), data, extension, None if labels is None else int(labels[i]))
+
+
+@dataclass(frozen=True)
+class RawSample:
+    key: str
+    image: bytes  # the encoded image member
+    extension: str  # "jpg", "png" or "webp", from the bytes' signature
+    label: int | None  # class id (a position in the data set's classes), None when unlabeled
+
+
+def image_format(data: bytes) -> str | None:
+    """The file extension an encoded image's signature calls for (foreign shards may misname
+    members), None when it is none of JPEG, PNG and WebP."""
+    if data.startswith(b"\xff\xd8"):
+        return "jpg"
+    if data.startswith(b"\x89PNG"):
+        return "png"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    return None
 
 
 def open_samples(uri: str, channels: int | None = None) -> Samples:
