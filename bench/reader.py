@@ -28,7 +28,9 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
 
+from sections import write_section  # noqa: E402
 from unsupft import seaweedfs, store  # noqa: E402
 from unsupft.data import open_samples  # noqa: E402
 from unsupft.data.samples import Fitted, batches_of  # noqa: E402
@@ -102,17 +104,6 @@ def pretrain_rate(steps: int = 8, batch: int = 64) -> tuple[float, str]:
     return batch / statistics.median(times), name
 
 
-def write_section(path: Path, section: str) -> None:
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    start = text.find("## Reader")
-    if start >= 0:
-        end = text.find("\n## ", start + 1)
-        text = text[:start] + section + (text[end + 1 :] if end >= 0 else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--write", type=Path, help="replace the '## Reader' section of this markdown file")
@@ -171,7 +162,7 @@ def main() -> None:
     section = "\n".join(lines)
     print(section)
     if args.write:
-        write_section(args.write, section)
+        write_section(args.write, "## Reader", section)
 
 
 if __name__ == "__main__":

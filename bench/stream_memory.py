@@ -37,6 +37,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 from in_memory import TensorImages  # noqa: E402
+from sections import write_section  # noqa: E402
 from unsupft.data import load_arrays, open_samples  # noqa: E402
 from unsupft.data.augment import DEFAULT_AUGMENTS  # noqa: E402
 from unsupft.data.samples import Mixture  # noqa: E402
@@ -68,7 +69,8 @@ def run(args: list[str], pythonpath: Path) -> tuple[float, float]:
     """(peak process-tree PSS in MB, wall seconds) of `python -m unsupft ARGS`."""
     env = {**os.environ, "PYTHONPATH": str(pythonpath), "OMP_NUM_THREADS": "1"}
     start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "unsupft", *map(str, args)], env=env,
+    # run from the code's own root: `python -m` puts the working directory first on the path
+    proc = subprocess.Popen([sys.executable, "-m", "unsupft", *map(str, args)], env=env, cwd=pythonpath,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     peak = 0
     while proc.poll() is None:
@@ -226,14 +228,7 @@ def write(args, sizes, rows, speed, memory_rate, streamed_rate) -> None:
     section = "\n".join(lines)
     print(section)
     if args.write:
-        text = args.write.read_text()
-        start = text.find("## Streaming: peak memory")
-        if start >= 0:
-            end = text.find("\n## ", start + 1)
-            text = text[:start] + section + (text[end + 1:] if end >= 0 else "")
-        else:
-            text = text.rstrip("\n") + "\n\n" + section
-        args.write.write_text(text)
+        write_section(args.write, "## Streaming: peak memory", section)
 
 
 if __name__ == "__main__":

@@ -65,6 +65,12 @@ def test_index_is_cached_and_rebuilt_when_a_shard_changes(tmp_path: Path, ingest
         open_samples(uri)
 
 
+def test_an_unwritable_cache_only_costs_a_rescan(digits: str, tmp_path: Path, monkeypatch) -> None:
+    (tmp_path / "not-a-dir").write_text("")
+    monkeypatch.setenv("UNSUPFT_CACHE", str(tmp_path / "not-a-dir"))
+    assert len(open_samples(digits)) == 300 and list(tmp_path.iterdir()) == [tmp_path / "not-a-dir"]
+
+
 def test_lazy_samples_read_in_workers_and_from_s3(digits: str, s3_uri: str) -> None:
     store.copy_prefix(digits, s3_uri)
     local, remote = open_samples(digits), open_samples(s3_uri)

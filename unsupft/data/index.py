@@ -26,6 +26,7 @@ so a member that is no image stops the stage before it writes anything.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import hashlib
 import io
 import json
@@ -213,12 +214,17 @@ def _index_shard(ref: ShardRef, foreign: bool) -> ShardIndex:
                 return ShardIndex(cached["key_bytes"].tobytes(), cached["key_ends"], cached["offsets"],
                                   cached["sizes"], cached["labels"], mode)
     shard = _scan(ref, foreign)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".tmp-{os.getpid()}-{threading.get_ident()}-{path.name}")
-    with open(tmp, "wb") as f:
-        np.savez(f, offsets=shard.offsets, sizes=shard.sizes, labels=shard.labels,
-                 key_bytes=np.frombuffer(shard.key_bytes, np.uint8), key_ends=shard.key_ends, first_mode=np.array(shard.first_mode))
-    os.replace(tmp, path)  # atomic: another process indexing the same shard writes the same bytes
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            np.savez(f, offsets=shard.offsets, sizes=shard.sizes, labels=shard.labels,
+                     key_bytes=np.frombuffer(shard.key_bytes, np.uint8), key_ends=shard.key_ends,
+                     first_mode=np.array(shard.first_mode))
+        os.replace(tmp, path)  # atomic: another process indexing the same shard writes the same bytes
+    except OSError:  # a read-only or full cache: this run keeps its index in memory, the next one scans again
+        with contextlib.suppress(OSError):
+            tmp.unlink()
     return shard
 
 
