@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from sections import write_section  # noqa: E402
+from sections import publish  # noqa: E402
 from unsupft import seaweedfs, store  # noqa: E402
 from unsupft.data import open_samples  # noqa: E402
 from unsupft.data.samples import Fitted, batches_of  # noqa: E402
@@ -159,10 +159,7 @@ def main() -> None:
         f"about {scan_s / (60000 / rows[0][2]) * 100:.0f}% of one epoch's decoding.",
         "",
     ]
-    section = "\n".join(lines)
-    print(section)
-    if args.write:
-        write_section(args.write, "## Reader", section)
+    publish(lines, args.write, "## Reader")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,16 @@
-"""Writing a benchmark's section into BENCHMARKS.md: replace it in place, or append it."""
+"""A benchmark's section of BENCHMARKS.md: printed, and written in place of the old one."""
 
 from __future__ import annotations
 
 from pathlib import Path
+
+
+def publish(lines: list[str], path: Path | None, heading: str) -> None:
+    """Print the section; with `path`, also write it there (see `write_section`)."""
+    section = "\n".join(lines)
+    print(section)
+    if path is not None:
+        write_section(path, heading, section)
 
 
 def write_section(path: Path, heading: str, section: str) -> None:

@@ -37,7 +37,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 from in_memory import TensorImages  # noqa: E402
-from sections import write_section  # noqa: E402
+from sections import publish  # noqa: E402
 from unsupft.data import load_arrays, open_samples  # noqa: E402
 from unsupft.data.augment import DEFAULT_AUGMENTS  # noqa: E402
 from unsupft.data.samples import Mixture  # noqa: E402
@@ -225,10 +225,7 @@ def write(args, sizes, rows, speed, memory_rate, streamed_rate) -> None:
         f"**{streamed_rate / memory_rate:.2f}x** (read + decode per sample, in the worker).",
         "",
     ]
-    section = "\n".join(lines)
-    print(section)
-    if args.write:
-        write_section(args.write, "## Streaming: peak memory", section)
+    publish(lines, args.write, "## Streaming: peak memory")
 
 
 if __name__ == "__main__":
