@@ -46,7 +46,7 @@ def few_shot_knn(backbone: torch.nn.Module, train, test, shots: int = 5, trials:
     for trial in range(trials):
         g = torch.Generator().manual_seed(trial)
         picks = torch.cat([torch.nonzero(train.labels == c)[:, 0][
-            torch.randperm(int((train.labels == c).sum()), generator=g)[:shots]] for c in range(len(train.info.classes))])
+            torch.randperm(int((train.labels == c).sum()), generator=g)[:shots]] for c in range(len(train.classes))])
         accs.append((train.labels[picks][(query @ ref[picks].T).argmax(1)] == test.labels).float().mean().item())
     return sum(accs) / trials
 
@@ -60,7 +60,7 @@ def write_subset(src: Path, out: Path, count: int) -> None:
     full = load_arrays(str(src))
     keep = torch.randperm(len(full.keys), generator=torch.Generator().manual_seed(0))[:count].tolist()
     samples = (Sample(full.keys[i], *encode_array(full.images[i, 0].numpy(), Encoding()), None) for i in keep)
-    write_dataset(str(out), samples, classes=[], labeled=False, channels=1, image_size=tuple(full.info.image_size),
+    write_dataset(str(out), samples, classes=[], labeled=False, channels=1, image_size=tuple(full.images.shape[-2:]),
                   source=f"{src} subset {count}", shard_size=10000)
 
 

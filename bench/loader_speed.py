@@ -22,6 +22,7 @@ import time
 
 import torch
 
+from in_memory import TensorImages
 from unsupft.data.augment import DEFAULT_AUGMENTS, moco_v2_augment, parse_augments, to_input
 from unsupft.train.batches import SeededDataset
 from unsupft.train.moco_stage import two_view_batches
@@ -37,7 +38,7 @@ def bare(images: torch.Tensor, augments, n_batches: int) -> None:
 
 
 def loader(images: torch.Tensor, augments, n_batches: int) -> None:
-    for _ in two_view_batches(images, images.shape[-2:], augments, BATCH, 0, None, 0).batches(0, n_batches):
+    for _ in two_view_batches(TensorImages(images), images.shape[-2:], augments, BATCH, 0, None, 0).batches(0, n_batches):
         pass
 
 
@@ -55,7 +56,7 @@ class _GlobalSeeded(SeededDataset):
 
 
 def loader_global_seed(images: torch.Tensor, augments, n_batches: int) -> None:
-    source = two_view_batches(images, images.shape[-2:], augments, BATCH, 0, None, 0)
+    source = two_view_batches(TensorImages(images), images.shape[-2:], augments, BATCH, 0, None, 0)
     source.dataset = _GlobalSeeded(source.dataset.n, source.dataset.fn)
     for _ in source.batches(0, n_batches):
         pass

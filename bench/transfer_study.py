@@ -52,11 +52,11 @@ def main() -> None:
     rows = []
     for k in (int(s) for s in args.shots.split(",")):
         for seed in range(args.seeds):
-            idx = draw_shots(train.labels.numpy(), k, seed, train.info.classes)
+            idx = draw_shots(train.labels.numpy(), k, seed, train.classes)
             for method in args.methods.split(","):
                 backbone, meta = load_backbone(init)
                 start = time.perf_counter()
-                model = finetune(backbone, meta, train.images[idx], train.labels[idx], len(train.info.classes),
+                model = finetune(backbone, meta, train.images[idx], train.labels[idx], len(train.classes),
                                  method=method, epochs=args.epochs, seed=seed)
                 acc = top1_accuracy(predict(model, test.images).numpy(), test.labels.numpy())
                 row = {"shots": k, "seed": seed, "method": method, "top1": round(acc, 4),

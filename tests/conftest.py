@@ -19,6 +19,19 @@ from unsupft import seaweedfs
 from unsupft.seaweedfs import S3Server
 
 
+@pytest.fixture(scope="session", autouse=True)
+def index_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Sample indexes go to a session directory (stage subprocesses inherit it), not to ~/.cache."""
+    path = tmp_path_factory.mktemp("cache")
+    before = os.environ.get("UNSUPFT_CACHE")
+    os.environ["UNSUPFT_CACHE"] = str(path)
+    yield path
+    if before is None:
+        del os.environ["UNSUPFT_CACHE"]
+    else:
+        os.environ["UNSUPFT_CACHE"] = before
+
+
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
     """A SeaweedFS S3 server for the session, with one bucket, stopped at the end."""

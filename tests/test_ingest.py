@@ -42,7 +42,7 @@ def write_idx(path: Path, array: np.ndarray, gzipped: bool) -> None:
 def assert_same_as_source(uri: str, images: np.ndarray, labels: np.ndarray | None) -> None:
     """Every stored sample equals the source image/label its key points to."""
     arrays = load_arrays(uri)
-    assert len(arrays.keys) == arrays.info.samples == len(set(arrays.keys))
+    assert len(arrays.keys) == read_info(uri).samples == len(set(arrays.keys))
     for n, key in enumerate(arrays.keys):
         original = images[int(key)]
         expected = original[None] if original.ndim == 2 else original.transpose(2, 0, 1)
@@ -155,8 +155,8 @@ def test_class_subsets_disjoint_and_renumbered(tmp_path: Path, ingest) -> None:
     ingest("sklearn:digits", tmp_path / "source", "--classes", "0,1,2,3,4")
     ingest("sklearn:digits", tmp_path / "target", "--classes", "9,5,6,7,8", "--limit", "100")
     source, target = load_arrays(str(tmp_path / "source")), load_arrays(str(tmp_path / "target"))
-    assert source.info.classes == ["0", "1", "2", "3", "4"]
-    assert target.info.classes == ["5", "6", "7", "8", "9"]  # the source's class order
+    assert source.classes == ["0", "1", "2", "3", "4"]
+    assert target.classes == ["5", "6", "7", "8", "9"]  # the source's class order
     assert not set(source.keys) & set(target.keys) and len(target.keys) == 100
     _, labels = digits_uint8()
     assert target.labels.tolist() == [int(labels[int(k)]) - 5 for k in target.keys]

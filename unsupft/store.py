@@ -279,6 +279,36 @@ def open_read(uri: str) -> Iterator[IO[bytes]]:
         yield stream
 
 
+def read_range(uri: str, offset: int, size: int) -> bytes:
+    """Up to `size` bytes of the object at `uri` from byte `offset` (a ranged GET on S3, a pread
+    locally; fewer at its end): how an indexed shard's member is read without reading the shard."""
+    if size <= 0:
+        return b""
+    if is_s3(uri):
+        bucket, key = _split_s3(uri)
+        byte_range = f"bytes={offset}-{offset + size - 1}"
+        return _retrying(uri, lambda: _s3_client().get_object(Bucket=bucket, Key=key, Range=byte_range)["Body"].read())
+    try:
+        with _local(uri).open("rb") as f:
+            return os.pread(f.fileno(), size, offset)
+    except FileNotFoundError as exc:
+        raise UserError(f"{uri}: no such file") from exc
+
+
+def version(uri: str) -> str:
+    """A string that changes whenever the object at `uri` changes (size and ETag on S3, size and
+    mtime locally): the key of caches derived from the object. A missing object is a `UserError`."""
+    if is_s3(uri):
+        bucket, key = _split_s3(uri)
+        head = _missing_bucket_named(uri, lambda: _retrying(uri, lambda: _s3_client().head_object(Bucket=bucket, Key=key)))
+        return f"{head['ContentLength']}:{head.get('ETag', '')}"
+    try:
+        stat = _local(uri).stat()
+    except FileNotFoundError as exc:
+        raise UserError(f"{uri}: no such file") from exc
+    return f"{stat.st_size}:{stat.st_mtime_ns}"
+
+
 def _not_found(exc: UserError) -> bool:
     from botocore.exceptions import ClientError
 

@@ -425,6 +425,8 @@ def resume(ctx: click.Context, run_id: str, image: str | None, wait: bool) -> No
         raise UserError(f"run {run_id} has no stage waiting for labels, failed or cancelled ({states})")
     if run_.data["backend"] == "local" and st.controller_alive(run_):
         raise UserError(f"run {run_id} is being run by process {run_.data['controller']['pid']}")
+    if run_.data["backend"] == "local":
+        st.take(run_)  # before the state changes: a second `resume` of the same run stops here
     store.delete(store.join(run_.uri, st.CANCEL_FILE))
     for name in again:  # a fresh retry budget; attempts keep counting so object names stay unique
         run_.stages[name].update(state=st.PENDING, first_attempt=None, message="resumed")
@@ -434,7 +436,7 @@ def resume(ctx: click.Context, run_id: str, image: str | None, wait: bool) -> No
     if run_.data["backend"] == "local":
         click.echo(f"resuming run {run_id}: {', '.join(again)}")
         sys.exit(0 if _drive_local(run_, pipeline, None) else 1)
-    from unsupft.ctl import kube, kubeapi
+    from unsupft.ctl import kubeapi
 
     api = kubeapi.Api()
     driver = _resume_driver(run_, api, image)

@@ -7,6 +7,7 @@ complete; readers refuse a URI without it instead of training on half an ingesti
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import PurePosixPath
 
 from unsupft import store
 from unsupft.errors import UserError
@@ -30,7 +31,7 @@ class DatasetInfo:
     samples: int
     classes: list[str]
     labeled: bool
-    image_size: tuple[int, int]
+    image_size: tuple[int, int] | None  # None: images of mixed sizes (a stage then needs a size)
     channels: int
     shards: list[ShardInfo] = field(default_factory=list)
 
@@ -51,13 +52,14 @@ def read_info(uri: str) -> DatasetInfo:
     try:
         if raw.get("format") != FORMAT:
             raise UserError(f"{info_uri}: format {raw.get('format')!r} is not {FORMAT!r}")
-        height, width = (int(v) for v in raw["image_size"])
+        size = raw["image_size"]
+        height, width = (int(v) for v in size) if size is not None else (0, 0)
         info = DatasetInfo(
             uri=uri,
             samples=int(raw["samples"]),
             classes=[str(c) for c in raw["classes"]],
             labeled=bool(raw["labeled"]),
-            image_size=(height, width),
+            image_size=(height, width) if size is not None else None,
             channels=int(raw["channels"]),
             shards=[ShardInfo(str(s["name"]), int(s["samples"]), str(s["sha256"])) for s in raw["shards"]],
         )
@@ -65,6 +67,16 @@ def read_info(uri: str) -> DatasetInfo:
         raise UserError(f"{info_uri}: malformed data set manifest ({type(exc).__name__}: {exc})") from exc
     if info.channels not in (1, 3):
         raise UserError(f"{info_uri}: channels must be 1 or 3, not {info.channels}")
+    for shard in info.shards:
+        check_shard_name(info_uri, shard.name)
     if sum(s.samples for s in info.shards) != info.samples:
         raise UserError(f"{info_uri}: the shard sample counts do not add up to samples={info.samples}")
     return info
+
+
+def check_shard_name(info_uri: str, name: str) -> None:
+    """Refuse a manifest's shard name that would read outside its data set (`../x.tar`, an absolute
+    path, a URI): a manifest must not make a reader open files it was not pointed at."""
+    path = PurePosixPath(name)
+    if not name or "://" in name or "\\" in name or path.is_absolute() or ".." in path.parts:
+        raise UserError(f"{info_uri}: shard name {name!r} leaves the data set (names are relative, without '..')")

@@ -1,4 +1,4 @@
-"""WebDataset tar shards: writing a data set, iterating a shard's samples, decoding one sample.
+"""WebDataset tar shards: writing a data set (reading is `unsupft.data.index` and `.samples`).
 
 Shards are plain tar files that `webdataset` (and `tar`) read; each sample is `<key>.<ext>` (ext
 `png`, `jpg` or `webp`) plus `<key>.cls` (the label id as ASCII) when labeled. Everything here goes
@@ -16,23 +16,17 @@ import secrets
 import tarfile
 import tempfile
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable
 
-import numpy as np
-import torch
-from PIL import Image
 
 from unsupft import store
-from unsupft.data.info import FORMAT, INFO_NAME, DatasetInfo, ShardInfo
+from unsupft.data.info import FORMAT, INFO_NAME, ShardInfo
 from unsupft.errors import UserError
 
 # The names `write_dataset` owns directly below a data set's URI: its shards and its sources file,
 # with the generation token an overwrite adds ("shard-1f2e3d4c-000000.tar").
 _OWNED_NAME = re.compile(r"^(shard-([0-9a-f]{8}-)?\d{6}\.tar|sources(-[0-9a-f]{8})?\.tsv)$")
 
-
-# the image members a sample may have, as `ingest` writes them (jpeg: other tools' spelling)
-_IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
 
 
 @dataclass(frozen=True)
@@ -163,62 +157,3 @@ def write_dataset(
 
 class CorruptShard(UserError):
     """A shard or one of its members cannot be read; the message names the shard and the key."""
-
-
-def iter_shard(info: DatasetInfo, shard: ShardInfo) -> Iterator[dict[str, bytes | str]]:
-    """Raw samples of one shard, `{"__key__": key, "png": ..., "cls": ...}`, streamed from the store."""
-    uri = info.shard_uri(shard)
-    key = None
-    current: dict[str, bytes | str] | None = None
-    with store.open_read(uri) as stream:
-        try:
-            with tarfile.open(fileobj=stream, mode="r|") as tar:
-                for member in tar:
-                    if not member.isreg():
-                        continue
-                    key, _, ext = member.name.rpartition("/")[2].partition(".")
-                    if current is not None and current["__key__"] != key:
-                        yield current
-                        current = None
-                    if current is None:
-                        current = {"__key__": key}
-                    current[ext.lower()] = tar.extractfile(member).read()
-        except (tarfile.TarError, EOFError, OSError) as exc:
-            where = f"after key {key!r}" if key else "at its start"
-            raise CorruptShard(f"{uri}: corrupt shard {where}: {exc}") from exc
-    if current is not None:
-        yield current
-
-
-def decode(raw: dict[str, bytes | str], info: DatasetInfo, shard: ShardInfo, labels: bool) -> tuple[str, torch.Tensor, int]:
-    """(key, uint8 image [C,H,W], label) of one raw sample; label -1 when unlabeled or not wanted.
-
-    Grayscale data sets decode as "L" (one channel) on purpose: a generic decoder would give RGB.
-    Images whose size differs from the manifest's `image_size` (folders of mixed sizes) are resized
-    to it, so every consumer can batch them.
-    """
-    key = str(raw["__key__"])
-    where = f"{info.shard_uri(shard)}: sample {key!r}"
-    encoded = next((raw[ext] for ext in _IMAGE_EXTENSIONS if isinstance(raw.get(ext), bytes)), None)
-    if encoded is None:
-        raise CorruptShard(f"{where}: no image member ({', '.join(_IMAGE_EXTENSIONS)})")
-    try:
-        with Image.open(io.BytesIO(encoded)) as img:
-            img = img.convert("L" if info.channels == 1 else "RGB")
-            height, width = info.image_size
-            if img.size != (width, height):
-                img = img.resize((width, height), Image.BILINEAR)
-            pixels = np.asarray(img, dtype=np.uint8)
-    except (OSError, ValueError, SyntaxError) as exc:
-        raise CorruptShard(f"{where}: undecodable image ({exc})") from exc
-    image = torch.from_numpy(pixels.copy())
-    image = image.unsqueeze(0) if image.ndim == 2 else image.permute(2, 0, 1).contiguous()
-    label = -1
-    if labels and info.labeled:
-        try:
-            label = int(bytes(raw["cls"]).decode("ascii"))
-        except (KeyError, ValueError, UnicodeDecodeError) as exc:
-            raise CorruptShard(f"{where}: missing or malformed cls member") from exc
-        if not 0 <= label < len(info.classes):
-            raise CorruptShard(f"{where}: label {label} outside the {len(info.classes)} classes")
-    return key, image, label

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from unsupft import checkpoint, options, stage, store
-from unsupft.data import ArraySet, load_arrays
+from unsupft.data.samples import Fitted, Samples, image_size_of, open_samples, subset
 from unsupft.errors import UserError, report_user_errors
 from unsupft.eval import metrics, report
 from unsupft.eval.features import extract_features
@@ -56,18 +56,18 @@ def parse_list(value: str, option: str, allowed: tuple[str, ...] | None = None) 
     return items
 
 
-def align_test_labels(train: ArraySet, test: ArraySet) -> torch.Tensor:
+def align_test_labels(train: Samples, test: Samples) -> torch.Tensor:
     """The test labels in the train set's class ids (matched by class name)."""
     for data in (train, test):
         if data.labels is None:
-            raise UserError(f"{data.info.uri}: evaluation needs a labeled data set")
-    train_classes = train.info.classes
+            raise UserError(f"{data.uri}: evaluation needs a labeled data set")
+    train_classes = train.classes
     present = set(np.unique(train.labels.numpy()).tolist())
-    test_names = [test.info.classes[c] for c in np.unique(test.labels.numpy())]
+    test_names = [test.classes[c] for c in np.unique(test.labels.numpy())]
     missing = [n for n in test_names if n not in train_classes or train_classes.index(n) not in present]
     if missing:
-        raise UserError(f"{test.info.uri}: test classes {missing} are not in the train set {train.info.uri}")
-    to_train = torch.tensor([train_classes.index(n) if n in train_classes else -1 for n in test.info.classes])
+        raise UserError(f"{test.uri}: test classes {missing} are not in the train set {train.uri}")
+    to_train = torch.tensor([train_classes.index(n) if n in train_classes else -1 for n in test.classes])
     return to_train[test.labels]
 
 
@@ -75,16 +75,19 @@ def summary(values: list[float]) -> tuple[float, float]:
     return float(np.mean(values)), float(np.std(values))
 
 
-def evaluate_model(backbone: torch.nn.Module, meta: dict[str, Any], train: ArraySet, test: ArraySet,
+def evaluate_model(backbone: torch.nn.Module, meta: dict[str, Any], train: Samples, test: Samples,
                    test_labels: torch.Tensor, enabled: list[str], shots: list[int], trials: int, method: str,
                    epochs: int, seed: int, batch_size: int) -> tuple[dict[str, Any], np.ndarray | None]:
-    """(metrics of one model, test feature 2-D map or None)."""
+    """(metrics of one model, test feature 2-D map or None). Images are read batch by batch (only
+    features stay in memory); each few-shot draw loads just its K x C training images."""
     result: dict[str, Any] = {}
-    classes = train.info.classes
+    classes = train.classes
     train_y, test_y = train.labels.numpy(), test_labels.numpy()
+    size = meta["image_size"]
+    test_images = Fitted(test, size)
     if any(m in enabled for m in ("retrieval", "clustering", "sdbw", "linear", "map")):
-        f_train = extract_features(backbone, train.images, batch_size, meta["image_size"]).numpy()
-        f_test = extract_features(backbone, test.images, batch_size, meta["image_size"]).numpy()
+        f_train = extract_features(backbone, Fitted(train, size), batch_size, size).numpy()
+        f_test = extract_features(backbone, test_images, batch_size, size).numpy()
     if "retrieval" in enabled:
         result["retrieval_top5"] = metrics.retrieval_accuracy(f_test, test_y, f_train, train_y, k=5)
     if "clustering" in enabled:
@@ -100,9 +103,9 @@ def evaluate_model(backbone: torch.nn.Module, meta: dict[str, Any], train: Array
             for trial in range(trials):
                 trial_seed = seed * 1000 + trial
                 idx = draw_shots(train_y, k, trial_seed, classes)
-                model = finetune(copy.deepcopy(backbone), meta, train.images[idx], train.labels[idx], len(classes),
-                                 method=method, epochs=epochs, seed=trial_seed, batch_size=batch_size)
-                predictions = predict(model, test.images).numpy()
+                model = finetune(copy.deepcopy(backbone), meta, subset(train, size, idx), train.labels[idx],
+                                 len(classes), method=method, epochs=epochs, seed=trial_seed, batch_size=batch_size)
+                predictions = predict(model, test_images).numpy()
                 top1.append(metrics.top1_accuracy(predictions, test_y))
                 mean_class.append(metrics.mean_class_accuracy(predictions, test_y))
             (t_mean, t_std), (m_mean, m_std) = summary(top1), summary(mean_class)
@@ -153,16 +156,16 @@ def evaluate_command(model_specs: tuple[str, ...], train_uri: str, test_uri: str
     if stage.is_done(out, config):
         click.echo(f"{out}: already done (same config); nothing to do", err=True)
         return
-    train, test = load_arrays(train_uri), load_arrays(test_uri)
+    train = open_samples(train_uri)
+    test = open_samples(test_uri, train.channels)
     test_labels = align_test_labels(train, test)
     if "fewshot" in enabled and shot_list:
-        draw_shots(train.labels.numpy(), max(shot_list), seed, train.info.classes)  # K fits every class?
+        draw_shots(train.labels.numpy(), max(shot_list), seed, train.classes)  # K fits every class?
     loaded = {}
     for name, uri in models.items():
-        backbone, meta = load_backbone(uri, arch=arch, in_channels=train.info.channels)
+        backbone, meta = load_backbone(uri, arch=arch, in_channels=train.channels)
         click.echo(f"model {name}: {describe(meta)}", err=True)
-        if meta.get("image_size") is None:
-            meta["image_size"] = list(train.images.shape[-2:])
+        meta["image_size"] = image_size_of(train, meta.get("image_size"), f"a model with a recorded image size ({name})")
         loaded[name] = (backbone, meta)
 
     stage.write_config(out, config)
@@ -178,8 +181,8 @@ def evaluate_command(model_specs: tuple[str, ...], train_uri: str, test_uri: str
         click.echo(f"{name}: " + json.dumps({k: v for k, v in results[name].items() if k != "fewshot"}), err=True)
     store.write_text(store.join(out, stage.METRICS), "".join(lines))
     full = {"models": results, "inputs": {"train": train_uri, "test": test_uri, **models}, "config": config,
-            "classes": list(train.info.classes), "versions": stage.versions()}
-    written = report.write_report(out, full, maps, list(train.info.classes))
+            "classes": list(train.classes), "versions": stage.versions()}
+    written = report.write_report(out, full, maps, list(train.classes))
     stage.write_done(out, "evaluate", config, {"train": train_uri, "test": test_uri, **models},
                      ["config.json", stage.METRICS, *written], started)
     click.echo(f"{out}: report written ({', '.join(written)})", err=True)

@@ -12,8 +12,10 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import Dataset
 
 from unsupft.data.augment import to_input
+from unsupft.data.samples import batches_of
 
 
 def default_device() -> torch.device:
@@ -31,7 +33,7 @@ def preprocess(images: torch.Tensor, image_size: Sequence[int] | None = None) ->
 @torch.no_grad()
 def extract_features(
     backbone: nn.Module,
-    images: torch.Tensor,
+    images: Dataset | torch.Tensor,
     batch_size: int = 256,
     image_size: Sequence[int] | None = None,
     device: torch.device | None = None,
@@ -39,7 +41,8 @@ def extract_features(
     """Pooled backbone features, float32 [N, D] on the CPU, taken in eval mode (BatchNorm uses its
     running statistics, so a sample's features do not depend on its batch).
 
-    `images` are uint8 [N, C, H, W]; `image_size` is the size the backbone was trained at (the
+    `images` are uint8 [N, C, H, W] in memory or a lazy view of same-sized images (`Fitted`), read
+    batch by batch in DataLoader workers: only the features stay in memory. `image_size` is the size the backbone was trained at (the
     `image_size` of its model.pt meta), or None to keep the images' own size. The module's
     train/eval mode is restored afterwards.
     """
@@ -48,8 +51,8 @@ def extract_features(
     backbone.eval()
     chunks = []
     try:
-        for start in range(0, len(images), batch_size):
-            x = preprocess(images[start:start + batch_size], image_size).to(device)
+        for batch in batches_of(images, batch_size):
+            x = preprocess(batch, image_size).to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 chunks.append(backbone(x).float().cpu())
     finally:

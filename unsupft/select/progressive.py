@@ -45,8 +45,8 @@ STATE = "state.json"
 class Engine(Protocol):
     """Features and finetuning, by model URI (the real one wraps unsupft.train.transfer)."""
 
-    def features(self, model_uri: str, images: torch.Tensor) -> torch.Tensor:
-        """Float features [N, d] of uint8 images [N, C, H, W]."""
+    def features(self, model_uri: str, images: Any) -> torch.Tensor:
+        """Float features [N, d] of uint8 images [N, C, H, W] (a tensor or a lazy view)."""
 
     def finetune(
         self,
@@ -59,7 +59,7 @@ class Engine(Protocol):
         method: str,
         epochs: int,
         seed: int,
-        test: tuple[torch.Tensor, torch.Tensor] | None,
+        test: tuple[Any, torch.Tensor] | None,
     ) -> float | None:
         """Finetune `init` on the labeled images, write `<out>/model.pt`; test accuracy or None."""
 
@@ -67,7 +67,7 @@ class Engine(Protocol):
 @dataclass
 class Target:
     keys: list[str]
-    images: torch.Tensor
+    images: Any  # uint8 [N, C, H, W]: a tensor, or the lazy `unsupft.data.samples.Fitted` view
     labels: torch.Tensor | None  # shard labels (only the oracle may look at them)
     classes: list[str]
 
@@ -187,7 +187,7 @@ def run_label(
     target: Target,
     annotator: Annotator,
     engine: Engine,
-    test: tuple[torch.Tensor, torch.Tensor] | None = None,
+    test: tuple[Any, torch.Tensor] | None = None,
     log=print,
 ) -> State:
     """Run (or resume) the rounds until the budget is spent; raises WaitingForLabels for a person."""
@@ -249,7 +249,7 @@ class TransferEngine:
         self._finetune, self._predict, self._describe = finetune, predict, describe
         self._described: set[str] = set()  # the init line is printed once per process, not per round
 
-    def features(self, model_uri: str, images: torch.Tensor) -> torch.Tensor:
+    def features(self, model_uri: str, images: Any) -> torch.Tensor:
         backbone, meta = self._load(model_uri)
         return self._extract(backbone, images, image_size=meta.get("image_size"))
 
@@ -265,6 +265,10 @@ class TransferEngine:
         with torch.no_grad():
             return model(preprocess(images)).argmax(1).tolist()
 
+    def image_size(self, model_uri: str) -> list[int] | None:
+        """The input size recorded with a model (None when it has none)."""
+        return self._load(model_uri)[1].get("image_size")
+
     def finetune(self, init, images, labels, classes, out, *, method, epochs, seed, test):
         backbone, meta = self._load(init)
         if init not in self._described:
@@ -279,13 +283,16 @@ class TransferEngine:
         return float((self._predict(model, test[0]) == test[1]).float().mean())
 
 
-def load_target(uri: str) -> Target:
-    from unsupft.data import load_arrays
+def load_target(uri: str, image_size: Sequence[int] | None) -> Target:
+    """The target, read lazily at `image_size` (the model's, else the manifest's): features are
+    extracted batch by batch, and only the labeled samples are ever loaded together."""
+    from unsupft.data.samples import Fitted, image_size_of, open_samples
 
-    arrays = load_arrays(uri)
-    if not arrays.info.classes:
+    samples = open_samples(uri)
+    if not samples.classes:
         raise UserError(f"{uri}: the label stage needs the class names in dataset.json")
-    return Target(list(arrays.keys), arrays.images, arrays.labels, list(arrays.info.classes))
+    size = image_size_of(samples, image_size, "an --init with a recorded image size")
+    return Target(samples.keys(), Fitted(samples, size), samples.labels, list(samples.classes))
 
 
 def make_annotator(cfg: LabelConfig, target: Target, engine: Engine | None = None) -> Annotator:
@@ -344,15 +351,15 @@ def label_command(resume: bool, **options: Any) -> None:
         click.echo(f"{out}: already done")
         return
     # Every input is read and checked before the first write (a refused run leaves --out untouched).
-    target = load_target(cfg.data)
+    engine = TransferEngine()
+    target = load_target(cfg.data, engine.image_size(cfg.init))
     test = None
     if cfg.test:
-        from unsupft.data import load_arrays
+        from unsupft.data.samples import Fitted, open_samples
 
-        t = load_arrays(cfg.test)
-        test = (t.images, t.labels)
-    engine = TransferEngine()
-    engine.check_init(cfg.init, int(target.images.shape[1]))
+        t = open_samples(cfg.test, target.images.samples.channels)
+        test = (Fitted(t, target.images.size), t.labels)
+    engine.check_init(cfg.init, target.images.samples.channels)
     if cfg.initial != "seeded":
         initial_keys(cfg, target, engine)  # the key file: readable, known keys and classes
     stage.write_config(out, cfg.as_dict())

@@ -9,14 +9,14 @@ Naive unsupervised finetuning is `--replay-fraction 0 --mix none`.
 from __future__ import annotations
 
 import click
-import torch
 
 from unsupft import options, store
 from unsupft.data.augment import parse_augments
 from unsupft.data.mixing import replay_subset, with_replay
+from unsupft.data.samples import Mixture, image_size_of, open_samples
 from unsupft.errors import UserError, report_user_errors
 from unsupft.train.loop import seed_everything
-from unsupft.train.moco_stage import MIXES, MoCoTask, init_moco, load_images, moco_options, run_moco, validate_common
+from unsupft.train.moco_stage import MIXES, MoCoTask, init_moco, moco_options, run_moco, validate_common
 
 
 @click.command("adapt")
@@ -39,22 +39,25 @@ def adapt_command(init, target, replay_source, replay_fraction, mix, mix_alpha, 
     validate_common(batch_size, queue_size, temperature, key_momentum, image_size)
     augments = parse_augments(augment)
     out = store.normalize(out)
-    tgt = load_images(target, [image_size] * 2 if image_size else None)
-    size, channels = list(tgt.images.shape[-2:]), tgt.images.shape[1]
-    images, order, replayed = tgt.images, None, 0
+    tgt = open_samples(target)
+    size = image_size_of(tgt, image_size, "give --image-size")
+    images, order, replayed = Mixture([(tgt, None)]), None, 0
     if replay_source is not None and replay_fraction > 0:
-        source = load_images(replay_source, size, channels).images
+        # the replayed subset is chosen by index from the source's size alone: nothing is decoded
+        source = open_samples(replay_source, tgt.channels)
         subset = replay_subset(len(source), replay_fraction, seed)
         if len(subset) == 0:
             raise UserError(f"--replay-fraction {replay_fraction} of {replay_source} selects no image")
-        images, order, replayed = torch.cat([tgt.images, source[subset]]), with_replay(len(tgt.images), subset, seed), len(subset)
+        images = Mixture([(tgt, None), (source, subset.numpy())])
+        order, replayed = with_replay(len(tgt), subset, seed), len(subset)
     seed_everything(seed)
-    moco, arch, notes = init_moco(init, arch, channels, dim=128, queue_size=queue_size,
+    moco, arch, notes = init_moco(init, arch, tgt.channels, dim=128, queue_size=queue_size,
                                   temperature=temperature, momentum=key_momentum)
     config = {"init": init, "target": target, "replay_source": replay_source,
               "replay_fraction": replay_fraction if replay_source else 0.0, "replayed_images": replayed,
               "mix": mix, "mix_alpha": mix_alpha, "arch": arch, **notes}
     inputs = {"init": init, "target": target, **({"replay_source": replay_source} if replay_source else {})}
-    run_moco("adapt", out, inputs, config, MoCoTask(moco, mix, mix_alpha), images, order, augments, steps=steps,
+    run_moco("adapt", out, inputs, config, MoCoTask(moco, mix, mix_alpha), images, size, order, augments,
+             steps=steps,
              epochs=epochs, batch_size=batch_size, lr=lr, lr_per_256=0.015, seed=seed,
              checkpoint_every=checkpoint_every, amp=amp, workers=workers)

@@ -1,4 +1,4 @@
-"""What `pretrain`, `adapt` and `bn-adapt` share: data sets in memory, MoCo from `--init`, the
+"""What `pretrain`, `adapt` and `bn-adapt` share: lazily read data sets, MoCo from `--init`, the
 MoCo training task, and writing the stage outputs.
 
 Every input is read and checked before anything is written, so bad input (a missing or
@@ -9,19 +9,16 @@ output URI.
 from __future__ import annotations
 
 import math
-import os
 import time
-from dataclasses import dataclass
 from typing import Any, Sequence
 
 import click
 import torch
-import torch.nn.functional as F
 
 from unsupft import checkpoint, options, stage, store
-from unsupft.data import load_arrays
 from unsupft.data.augment import DEFAULT_AUGMENTS, moco_v2_augment, to_input
 from unsupft.data.mixing import cutmix, mixup
+from unsupft.data.samples import Mixture, default_workers, fit
 from unsupft.errors import UserError
 from unsupft.models import ARCHS, build_backbone, load_backbone, save_model
 from unsupft.models.io import describe
@@ -31,33 +28,6 @@ from unsupft.train.batches import EpochOrder, LoaderBatches
 from unsupft.train.loop import LoopConfig, TrainTask, train, unwrap
 
 MIXES = ("cutmix", "mixup", "none")
-
-
-@dataclass
-class Images:
-    uri: str
-    images: torch.Tensor  # uint8 [N, C, H, W]
-
-
-def load_images(uri: str, image_size: Sequence[int] | None = None, channels: int | None = None) -> Images:
-    """All images of a data set (labels ignored), resized to `image_size` when given."""
-    arrays = load_arrays(uri)
-    images = arrays.images
-    if len(images) == 0:
-        raise UserError(f"{uri}: the data set is empty")
-    if channels is not None and images.shape[1] != channels:
-        raise UserError(f"{uri}: has {images.shape[1]}-channel images, the other inputs {channels}-channel")
-    if image_size is not None and list(images.shape[-2:]) != list(image_size):
-        images = F.interpolate(images.float(), size=tuple(image_size), mode="bilinear", antialias=True,
-                               align_corners=False).round().clamp(0, 255).to(torch.uint8)
-    return Images(uri, images)
-
-
-def load_all(uris: Sequence[str], image_size: Sequence[int] | None) -> list[Images]:
-    """Data sets with one channel count, all at `image_size` (default: the first one's size)."""
-    first = load_images(uris[0], image_size)
-    size = list(first.images.shape[-2:])
-    return [first] + [load_images(u, size, first.images.shape[1]) for u in uris[1:]]
 
 
 def init_moco(init: str | None, arch: str | None, in_channels: int, *, dim: int, queue_size: int,
@@ -103,12 +73,16 @@ class MoCoTask(TrainTask):
         return loss, {**metrics, "lam": lam}
 
 
-def two_view_batches(images: torch.Tensor, image_size: Sequence[int], augments: Sequence[str],
+def two_view_batches(images: Mixture, image_size: Sequence[int], augments: Sequence[str],
                      batch_size: int, seed: int, order: EpochOrder | None, workers: int) -> LoaderBatches:
+    """Two augmented views of each sample, read and decoded in the DataLoader workers. The crop
+    takes the stored image straight to `image_size` (MoCo's RandomResizedCrop); without "crop" the
+    image is fitted to it first."""
     augment = moco_v2_augment(image_size, augments)
+    crops = "crop" in augments
 
     def sample(i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        image = images[i]
+        image = images.image(i) if crops else fit(images.image(i), image_size)
         return to_input(augment(image)), to_input(augment(image))
 
     return LoaderBatches(sample, len(images), batch_size, seed, order=order, num_workers=workers)
@@ -131,11 +105,6 @@ def steps_for(steps: int | None, epochs: float | None, samples_per_epoch: int, b
     if epochs is None or epochs <= 0:
         raise UserError(f"--epochs must be positive (got {epochs})")
     return max(1, math.ceil(epochs * samples_per_epoch / batch_size))
-
-
-def default_workers() -> int:
-    """DataLoader workers: augmentation runs beside the training step, leaving it most cores."""
-    return min(8, (os.cpu_count() or 2) // 2)
 
 
 def moco_options(default_lr_per_256: float, default_epochs: float):
@@ -182,7 +151,7 @@ def validate_common(batch_size: int, queue_size: int, temperature: float, key_mo
 
 
 def run_moco(name: str, out: str, inputs: dict[str, str], config: dict[str, Any], task: MoCoTask,
-             images: torch.Tensor, order: EpochOrder | None, augments: Sequence[str], *, steps: int | None,
+             images: Mixture, size: list[int], order: EpochOrder | None, augments: Sequence[str], *, steps: int | None,
              epochs: float | None, batch_size: int, lr: float | None, lr_per_256: float, seed: int,
              checkpoint_every: int, amp: str, workers: int | None) -> None:
     """Resolve length and lr, skip a finished stage, train, and write the stage outputs: config.json
@@ -191,8 +160,7 @@ def run_moco(name: str, out: str, inputs: dict[str, str], config: dict[str, Any]
     steps = steps_for(steps, 200.0 if steps is None and epochs is None else epochs, epoch_size, batch_size)
     lr = lr if lr is not None else lr_per_256 * batch_size / 256
     moco: MoCo = task.model
-    size = list(images.shape[-2:])
-    config = {"stage": name, **config, "in_channels": int(images.shape[1]), "image_size": size, "steps": steps,
+    config = {"stage": name, **config, "in_channels": moco.backbone.in_channels, "image_size": size, "steps": steps,
               "batch_size": batch_size, "lr": lr, "seed": seed, "queue_size": moco.queue.shape[0],
               "temperature": moco.temperature, "momentum": moco.momentum, "augment": list(augments),
               "samples_per_epoch": epoch_size}

@@ -10,12 +10,12 @@ import torch
 from unsupft import checkpoint, options, stage, store
 from unsupft.data.augment import parse_augments, to_input
 from unsupft.data.mixing import rebalanced
+from unsupft.data.samples import Fitted, Mixture, batches_of, image_size_of, open_samples
 from unsupft.errors import UserError, report_user_errors
 from unsupft.models import ARCHS, save_model
 from unsupft.models.moco import MoCo, freeze_all_but_bn, save_moco
 from unsupft.train.loop import seed_everything
-from unsupft.train.moco_stage import (MoCoTask, init_moco, load_all, load_images, moco_options, run_moco,
-                                      validate_common)
+from unsupft.train.moco_stage import MoCoTask, init_moco, moco_options, run_moco, validate_common
 
 
 @click.command("pretrain")
@@ -37,20 +37,21 @@ def pretrain_command(data_uris, target, target_ratio, init, freeze, out, arch, s
     validate_common(batch_size, queue_size, temperature, key_momentum, image_size)
     augments = parse_augments(augment)
     out = store.normalize(out)
-    sets = load_all([*data_uris, *([target] if target else [])], [image_size] * 2 if image_size else None)
-    channels = sets[0].images.shape[1]
+    first = open_samples(data_uris[0])
+    sets = [first] + [open_samples(u, first.channels) for u in [*data_uris[1:], *([target] if target else [])]]
+    size = image_size_of(first, image_size, "give --image-size")
     seed_everything(seed)
-    moco, arch, notes = init_moco(init, arch, channels, dim=128, queue_size=queue_size,
+    moco, arch, notes = init_moco(init, arch, first.channels, dim=128, queue_size=queue_size,
                                   temperature=temperature, momentum=key_momentum)
     if freeze == "bn-only":
         freeze_all_but_bn(moco)
-    source = torch.cat([s.images for s in (sets[:-1] if target else sets)])
-    images = torch.cat([source, sets[-1].images]) if target else source
-    order = rebalanced(len(source), len(sets[-1].images), target_ratio, seed) if target else None
+    n_source = sum(len(s) for s in (sets[:-1] if target else sets))
+    order = rebalanced(n_source, len(sets[-1]), target_ratio, seed) if target else None
     config = {"data": list(data_uris), "target": target, "target_ratio": target_ratio if target else None,
               "init": init, "freeze": freeze, "arch": arch, **notes}
     inputs = {"data": ",".join(data_uris), **({"target": target} if target else {}), **({"init": init} if init else {})}
-    run_moco("pretrain", out, inputs, config, MoCoTask(moco), images, order, augments, steps=steps, epochs=epochs,
+    run_moco("pretrain", out, inputs, config, MoCoTask(moco), Mixture([(s, None) for s in sets]), size, order,
+             augments, steps=steps, epochs=epochs,
              batch_size=batch_size, lr=lr, lr_per_256=0.03, seed=seed, checkpoint_every=checkpoint_every, amp=amp,
              workers=workers)
 
@@ -74,19 +75,19 @@ def bn_adapt_command(init, data_uri, out, arch, batch_size, epochs) -> None:
         raise UserError("--batch-size and --epochs must be positive")
     out = store.normalize(out)
     started = time.time()
-    data = load_images(data_uri)
-    moco, arch, notes = init_moco(init, arch, data.images.shape[1], dim=128, queue_size=1, temperature=0.2)
-    size = list(data.images.shape[-2:])
+    data = open_samples(data_uri)
+    size = image_size_of(data, None, "bn-adapt needs a data set whose manifest has an image_size")
+    moco, arch, notes = init_moco(init, arch, data.channels, dim=128, queue_size=1, temperature=0.2)
     config = {"stage": "bn-adapt", "init": init, "data": data_uri, "arch": arch, "batch_size": batch_size,
               "epochs": epochs, "image_size": size, **notes}
     if stage.is_done(out, config):
         click.echo(f"{out}: already done (same config)", err=True)
         return
     stage.write_config(out, config)
-    reestimate_bn(moco, data.images, batch_size, epochs)
+    reestimate_bn(moco, Fitted(data, size), batch_size, epochs)
     moco.reset_key_encoder()
     store.write_text(store.join(out, stage.METRICS),
-                     f'{{"step": {epochs}, "samples": {len(data.images) * epochs}}}\n')
+                     f'{{"step": {epochs}, "samples": {len(data) * epochs}}}\n')
     save_model(store.join(out, "model.pt"), moco.backbone, arch, moco.backbone.in_channels, size)
     save_moco(store.join(out, "moco.pt"), moco, arch, moco.backbone.in_channels, size)
     stage.write_done(out, "bn-adapt", config, {"init": init, "data": data_uri},
@@ -94,8 +95,9 @@ def bn_adapt_command(init, data_uri, out, arch, batch_size, epochs) -> None:
 
 
 @torch.no_grad()
-def reestimate_bn(moco: MoCo, images: torch.Tensor, batch_size: int, epochs: int) -> None:
-    """Replace every BatchNorm's running statistics by their average over the data (momentum None)."""
+def reestimate_bn(moco: MoCo, images: Fitted, batch_size: int, epochs: int) -> None:
+    """Replace every BatchNorm's running statistics by their average over the data (momentum None),
+    reading it batch by batch."""
     backbone = moco.backbone
     bns = [m for m in backbone.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     for bn in bns:
@@ -103,8 +105,8 @@ def reestimate_bn(moco: MoCo, images: torch.Tensor, batch_size: int, epochs: int
         bn.momentum = None  # cumulative moving average: every batch counts the same
     backbone.train()
     for _ in range(epochs):
-        for start in range(0, len(images), batch_size):
-            backbone(to_input(images[start:start + batch_size]))
+        for batch in batches_of(images, batch_size):
+            backbone(to_input(batch))
     for bn in bns:
         bn.momentum = 0.1
     backbone.eval()

@@ -5,7 +5,8 @@ Public API (used by `unsupft transfer`, `unsupft evaluate` and the label stage):
     model = finetune(backbone, meta, images, labels, num_classes, method="ce", epochs=100, seed=0)
     predictions = predict(model, images)
 
-`images` are uint8 [N, C, H, W] as `unsupft.data.load_arrays` returns them, `labels` long [N].
+`images` are uint8 [N, C, H, W]: a tensor, or a lazy view (`unsupft.data.samples.Fitted`) read
+per sample in the DataLoader workers; `labels` long [N].
 The returned `TransferModel` holds the finetuned `backbone` and a linear `fc`; the stage saves both
 with `unsupft.models.save_model`. Training runs in the one loop, `unsupft.train.loop.train`
 (checkpoint/resume, metrics, device, AMP), over `LoaderBatches` (seeded per-sample augmentation).
@@ -36,10 +37,12 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import Dataset
 
 from unsupft import losses
+from unsupft.data.samples import batches_of, default_workers
 from unsupft.errors import UserError
-from unsupft.eval.features import preprocess
+from unsupft.eval.features import extract_features, preprocess
 from unsupft.train.batches import LoaderBatches
 from unsupft.train.loop import LoopConfig, TrainTask, seed_everything, train, unwrap
 
@@ -125,7 +128,7 @@ class _Finetuned(nn.Module):
 class _FinetuneTask(TrainTask):
     def __init__(self, model: TransferModel, method: str, num_classes: int, steps_per_epoch: int,
                  contrastive_epochs: int, lr_head: float, lr_backbone: float, lr_projector: float,
-                 queue_per_class: int, momentum: float, x_all: torch.Tensor, y_all: torch.Tensor) -> None:
+                 queue_per_class: int, momentum: float, images: Dataset | torch.Tensor, y_all: torch.Tensor) -> None:
         heads = nn.ModuleDict()
         if method in ("coin", "bituning"):
             heads["proj"] = projector(model.backbone.out_dim)
@@ -141,8 +144,8 @@ class _FinetuneTask(TrainTask):
             self.queues = PerClassQueues(num_classes, queue_per_class, {"h": model.backbone.out_dim + 1, "z": 128},
                                          torch.device("cpu"))
             with torch.no_grad():  # start each class's queue with its own training images' keys
-                key_backbone = heads["key_backbone"].eval()
-                h = key_backbone(x_all)
+                h = extract_features(heads["key_backbone"], images, image_size=model.image_size,
+                                     device=torch.device("cpu"))
                 z = F.normalize(heads["key_proj"](h), dim=1)
                 for _ in range(math.ceil(queue_per_class / max(1, int(torch.bincount(y_all).min())))):
                     self.queues.push(y_all, h=_bias_augmented(h), z=z)
@@ -221,7 +224,7 @@ class _FinetuneTask(TrainTask):
 def finetune(
     backbone: nn.Module,
     meta: dict[str, Any],
-    images: torch.Tensor,
+    images: Dataset | torch.Tensor,
     labels: torch.Tensor,
     num_classes: int,
     method: str = "ce",
@@ -240,7 +243,7 @@ def finetune(
     """Finetune `backbone` (modified in place, and returned inside the model) on labeled images.
 
     `meta` is the dict `load_backbone` returns (its `image_size` decides the input size; None keeps
-    the images' size). `images` uint8 [N, C, H, W], `labels` long [N] in [0, num_classes).
+    the images' size). `images` uint8 [N, C, H, W] (in memory or lazy), `labels` long [N] in [0, num_classes).
     `epochs` passes of `ceil(N / batch_size)` steps over the images in shuffled batches of
     `min(batch_size, N)`; everything random (classifier init, order, augmentation) follows `seed`.
     Training runs in the one loop (`unsupft.train.loop.train`) on its device. When `out` is given,
@@ -254,19 +257,20 @@ def finetune(
         raise UserError("no labeled images to finetune on")
     seed_everything(seed)
     model = TransferModel(backbone, num_classes, meta.get("image_size"))
-    x_all = preprocess(images, model.image_size)
     y_all = labels.long()
-    batch = min(batch_size, len(x_all))
-    steps_per_epoch = math.ceil(len(x_all) / batch)
+    batch = min(batch_size, len(images))
+    steps_per_epoch = math.ceil(len(images) / batch)
     contrastive_epochs = int(round(coin_alpha * epochs)) if method == "coin" else 0
     task = _FinetuneTask(model, method, num_classes, steps_per_epoch, contrastive_epochs, lr_head, lr_backbone,
-                         lr_projector, queue_per_class, momentum, x_all, y_all)
+                         lr_projector, queue_per_class, momentum, images, y_all)
     views = 2 if method in ("coin", "bituning") else 1
 
     def sample(i: int) -> tuple[torch.Tensor, ...]:
-        return (*(augment(x_all[i]) for _ in range(views)), y_all[i])
+        x = preprocess(images[i][None], model.image_size)[0]
+        return (*(augment(x) for _ in range(views)), y_all[i])
 
-    data = LoaderBatches(sample, len(x_all), batch_size=batch, seed=seed)
+    workers = 0 if isinstance(images, torch.Tensor) else default_workers()
+    data = LoaderBatches(sample, len(images), batch_size=batch, seed=seed, num_workers=workers)
     # Cosine decay to 0 over the run: lr 3.0 on a fresh classifier overshoots at first, and the
     # decay lets a short few-shot run settle instead of ending on a large step.
     with contextlib.ExitStack() as stack:
@@ -282,12 +286,13 @@ def finetune(
 
 
 @torch.no_grad()
-def predict(model: TransferModel, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """Predicted class ids [N] for uint8 images [N, C, H, W] (eval mode, same preprocessing)."""
+def predict(model: TransferModel, images: Dataset | torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """Predicted class ids [N] for uint8 images [N, C, H, W], in memory or lazy (eval mode, same
+    preprocessing), read batch by batch."""
     device = next(model.parameters()).device
     model.eval()
     out = []
-    for start in range(0, len(images), batch_size):
-        x = preprocess(images[start:start + batch_size], model.image_size).to(device)
+    for batch in batches_of(images, batch_size):
+        x = preprocess(batch, model.image_size).to(device)
         out.append(model(x).argmax(1).cpu())
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from unsupft import checkpoint, options, stage, store
-from unsupft.data import ArraySet, load_arrays
+from unsupft.data.samples import Samples, image_size_of, open_samples, subset
 from unsupft.errors import UserError, report_user_errors
 from unsupft.models import ARCHS, load_backbone, save_model
 from unsupft.models.io import describe
@@ -26,23 +26,24 @@ from unsupft.train.transfer import METHODS, finetune
 
 
 def select_training_set(
-    data: ArraySet, shots: int | None, seed: int, labels_file: str | None
+    data: Samples, shots: int | None, seed: int, labels_file: str | None
 ) -> tuple[np.ndarray, torch.Tensor]:
-    """(indices, labels) of the samples to train on: K per class, a key list, or every labeled one."""
-    classes = data.info.classes
+    """(indices, labels) of the samples to train on: K per class, a key list, or every labeled one.
+    Chosen from the index's labels and keys: no image is decoded."""
+    classes = data.classes
     if labels_file is not None:
-        indices, listed = read_label_list(labels_file, data.keys, classes)
+        indices, listed = read_label_list(labels_file, data.keys(), classes)
         if listed is not None:
             return indices, torch.as_tensor(listed)
         if data.labels is None:
-            raise UserError(f"{data.info.uri}: unlabeled, and {labels_file} has no label column")
+            raise UserError(f"{data.uri}: unlabeled, and {labels_file} has no label column")
         return indices, data.labels[indices]
     if data.labels is None:
-        raise UserError(f"{data.info.uri}: the data set has no labels (use --labels FILE with a label column)")
+        raise UserError(f"{data.uri}: the data set has no labels (use --labels FILE with a label column)")
     if shots is not None:
         indices = draw_shots(data.labels.numpy(), shots, seed, classes)
     else:
-        indices = np.arange(len(data.keys))
+        indices = np.arange(len(data))
     return indices, data.labels[indices]
 
 
@@ -81,20 +82,19 @@ def transfer_command(init: str, train_uri: str, shots: int | None, seed: int, la
     if stage.is_done(out, config):
         click.echo(f"{out}: already done (same config); nothing to do", err=True)
         return
-    data = load_arrays(train_uri)
-    backbone, meta = load_backbone(init, arch=arch, in_channels=data.info.channels)
+    data = open_samples(train_uri)
+    backbone, meta = load_backbone(init, arch=arch, in_channels=data.channels)
     click.echo(f"init: {describe(meta)}", err=True)
     indices, labels = select_training_set(data, shots, seed, labels_file)
-    if meta.get("image_size") is None:
-        meta["image_size"] = list(data.images.shape[-2:])
+    meta["image_size"] = image_size_of(data, meta.get("image_size"), "give an --init with a recorded image size")
 
     stage.write_config(out, config)
-    model = finetune(backbone, meta, data.images[indices], labels, len(data.info.classes), method=method,
+    model = finetune(backbone, meta, subset(data, meta["image_size"], indices), labels, len(data.classes), method=method,
                      epochs=epochs, seed=seed, out=out, batch_size=batch_size, coin_alpha=coin_alpha,
                      lr_head=lr_head, lr_backbone=lr_backbone)
-    store.write_text(store.join(out, "train_keys.txt"), "".join(data.keys[i] + "\n" for i in indices))
+    store.write_text(store.join(out, "train_keys.txt"), "".join(data.key(int(i)) + "\n" for i in indices))
     save_model(store.join(out, "model.pt"), model.backbone, meta["arch"], meta["in_channels"], meta["image_size"],
-               classifier=model.fc, classes=list(data.info.classes))
+               classifier=model.fc, classes=list(data.classes))
     stage.write_done(out, "transfer", config, {"init": init, "train": train_uri, **({"labels": labels_file} if labels_file else {})},
                      ["config.json", "metrics.jsonl", "train_keys.txt", "model.pt"], started,
                      trained_on=int(len(indices)))
