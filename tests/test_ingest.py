@@ -575,7 +575,7 @@ def test_same_size_jpegs_read_back_pixel_exact(tmp_path: Path, ingest) -> None:
         Image.fromarray(_photo(24, 32) if name == "a" else 255 - _photo(24, 32)).save(tmp_path / "p" / name / "x.jpg")
     ingest(tmp_path / "p", tmp_path / "out")
     arrays = load_arrays(str(tmp_path / "out"))
-    assert arrays.info.image_size == (24, 32) and arrays.labels.tolist() == [0, 1]
+    assert read_info(str(tmp_path / "out")).image_size == (24, 32) and arrays.labels.tolist() == [0, 1]
     for image, name in zip(arrays.images, ("a", "b")):
         expected = np.asarray(Image.open(tmp_path / "p" / name / "x.jpg").convert("RGB")).transpose(2, 0, 1)
         assert np.array_equal(image.numpy(), expected)
