@@ -326,8 +326,8 @@ CASES += [
     Case("yaml-utf16", ["validate", "{t}/p.yaml"], files={"p.yaml": "name: p\nstages: {}\n".encode("utf-16")},
          needle="p.yaml", ctl=True),
     Case("yaml-a-list", ["validate", "{t}/p.yaml"], files={"p.yaml": "- a\n- b\n"}, needle="mapping", ctl=True),
-    *[Case(f"yaml-{opt}-{tag}", ["validate", "{t}/p.yaml"], files=pipe(f"{opt}: {v}"), needle=opt.replace("-", "_"),
-           ctl=True)
+    *[Case(f"yaml-{opt}-{tag}", ["validate", "{t}/p.yaml"], files=pipe(f"{opt}: {v}"),
+           needle=f"p.yaml:4: stages.a.{opt.replace('-', '_')}", ctl=True)  # file:line of the value
       for opt, tag, v in [("lr", "neg", "-1"), ("lr", "inf", ".inf"), ("temperature", "zero", "0"), ("queue-size", "huge", "1000000000"),
                           ("batch-size", "neg", "-5"), ("image-size", "huge", "100000"), ("seed", "neg", "-1"),
                           ("key-momentum", "nan", ".nan"), ("epochs", "inf", ".inf"), ("workers", "string", "many")]],
