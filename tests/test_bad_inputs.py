@@ -11,8 +11,14 @@ prefix on the test server.
 from __future__ import annotations
 
 import hashlib
+import io
+import json
+import random
+import shutil
+import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import pytest
 from click.testing import CliRunner
@@ -42,6 +48,7 @@ class Case:
     needle: str = ""  # a word the error line must contain
     ctl: bool = False
     s3: bool = False
+    prepare: Callable[[Path, dict[str, str]], None] | None = None  # (case folder, world): makes derived files
 
 
 def pipe(extra: str) -> dict[str, str]:
@@ -151,6 +158,182 @@ CASES = [
 ]
 
 
+# -- derived inputs (a copy of the shared data set or model, then damaged) --------------------------
+
+
+def _copy_data(case_dir: Path, world: dict[str, str]) -> Path:
+    target = case_dir / "d"
+    shutil.copytree(world["data"], target)
+    return target
+
+
+def _edit_manifest(edit: Callable[[dict], None]) -> Callable[[Path, dict[str, str]], None]:
+    def prepare(case_dir: Path, world: dict[str, str]) -> None:
+        manifest = _copy_data(case_dir, world) / "dataset.json"
+        raw = json.loads(manifest.read_text())
+        edit(raw)
+        manifest.write_text(json.dumps(raw))
+    return prepare
+
+
+def _shard_of(data: Path) -> Path:
+    return data / json.loads((data / "dataset.json").read_text())["shards"][0]["name"]
+
+
+def _tamper(case_dir: Path, world: dict[str, str]) -> None:
+    """Flip one byte inside the first image's data: the tar still reads, its sha256 does not match."""
+    shard = _shard_of(_copy_data(case_dir, world))
+    blob = bytearray(shard.read_bytes())
+    blob[512 + 40] ^= 0xFF
+    shard.write_bytes(bytes(blob))
+
+
+def _truncate_shard(case_dir: Path, world: dict[str, str]) -> None:
+    shard = _shard_of(_copy_data(case_dir, world))
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 3])
+
+
+def _tar(members: dict[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def _png(size: int) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("L", (size, size), 128).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _truncate_model(case_dir: Path, world: dict[str, str]) -> None:
+    blob = (Path(world["init"]) / "model.pt").read_bytes()
+    (case_dir / "m").mkdir()
+    (case_dir / "m" / "model.pt").write_bytes(blob[: len(blob) // 2])
+
+
+def _model(arch: str, channels: int, image_size: int, claimed_arch: str | None = None) -> Callable[[Path, dict[str, str]], None]:
+    """A valid checkpoint of `arch` (stored under the name `claimed_arch`, when given)."""
+
+    def prepare(case_dir: Path, world: dict[str, str]) -> None:
+        import torch
+
+        from unsupft.models import build_backbone, save_model
+
+        save_model(str(case_dir / "m" / "model.pt"), build_backbone(arch, channels), arch, channels, [image_size, image_size])
+        if claimed_arch is not None:
+            checkpoint = torch.load(case_dir / "m" / "model.pt", weights_only=True)
+            checkpoint["arch"] = claimed_arch
+            torch.save(checkpoint, case_dir / "m" / "model.pt")
+    return prepare
+
+
+SHARD = {"d/dataset.json": "{}"}
+PRETRAIN_ON = lambda data: ["pretrain", "--data", data, "--out", "{t}/o", *MOCO]  # noqa: E731
+ADAPT_FROM = ["adapt", "--init", "{t}/m", "--target", "{data}", "--out", "{t}/o", *MOCO]
+TRANSFER_FROM = ["transfer", "--init", "{t}/m", "--train", "{data}", "--out", "{t}/o"]
+LABEL_INITIAL = ["label", "--init", "{init}", "--data", "{data}", "--initial", "{t}/i.csv", "--out", "{t}/o"]
+_BAD_NUMBERS = ("nan", "inf", "-inf", "-1", "1e30", "99999999999999999999")
+# ingest's limits are upper bounds ("at most"), its --resize only shrinks: a huge value is no error
+_HUGE_IS_VALID = {("ingest", "limit"), ("ingest", "shard_size"), ("ingest", "resize")}
+
+
+def _numeric_options() -> list[tuple[str, str]]:
+    """(stage, option) of every numeric option in the static option table, ingest's included."""
+    from unsupft.options import load
+
+    return [(stage, name) for stage, options in sorted(load().items()) for name, info in sorted(options.items())
+            if info["type"]["name"] in ("integer", "integer range", "float", "number")]
+
+
+def _stage_args(stage: str) -> list[str]:
+    return [stage, "sklearn:digits", "{t}/o"] if stage == "ingest" else [stage]
+
+
+CASES += [
+    # -- every numeric option: NaN, infinities, negative, huge ----------------------------------
+    *[Case(f"{stage}-{name}-{v}", [*_stage_args(stage), f"--{name.replace('_', '-')}", v], needle=name.replace("_", "-"))
+      for stage, name in _numeric_options() for v in _BAD_NUMBERS
+      if not (v == "99999999999999999999" and (stage, name) in _HUGE_IS_VALID)],
+    # -- shards and manifests ----------------------------------------------------------------
+    Case("shard-tampered", PRETRAIN_ON("{t}/d"), prepare=_tamper, needle="sha256"),
+    Case("shard-truncated", PRETRAIN_ON("{t}/d"), prepare=_truncate_shard, needle="shard-"),
+    Case("manifest-count-too-high", PRETRAIN_ON("{t}/d"), needle="dataset.json says",
+         prepare=_edit_manifest(lambda m: (m["shards"][0].update(samples=m["shards"][0]["samples"] + 1),
+                                           m.update(samples=m["samples"] + 1)))),
+    Case("manifest-counts-do-not-add-up", PRETRAIN_ON("{t}/d"), needle="add up",
+         prepare=_edit_manifest(lambda m: m.update(samples=m["samples"] + 5))),
+    *[Case(f"manifest-shard-name-{kind}", PRETRAIN_ON("{t}/d"), needle="leaves the data set",
+           prepare=_edit_manifest(lambda m, name=name: m["shards"][0].update(name=name)))
+      for kind, name in [("dotdot", "../x.tar"), ("dotdot-inside", "a/../../x.tar"), ("absolute", "/etc/x.tar"),
+                         ("s3-uri", "s3://other/x.tar"), ("file-uri", "file:///etc/x.tar")]],
+    Case("manifest-shard-missing", PRETRAIN_ON("{t}/d"), needle="gone.tar",
+         prepare=_edit_manifest(lambda m: m["shards"][0].update(name="gone.tar"))),
+    Case("manifest-channels-2", PRETRAIN_ON("{t}/d"), needle="channels",
+         prepare=_edit_manifest(lambda m: m.update(channels=2))),
+    Case("manifest-format-other", PRETRAIN_ON("{t}/d"), needle="format",
+         prepare=_edit_manifest(lambda m: m.update(format="other/9"))),
+    Case("manifest-sha-missing", PRETRAIN_ON("{t}/d"), needle="dataset.json",
+         prepare=_edit_manifest(lambda m: m["shards"][0].pop("sha256"))),
+    Case("manifest-samples-string", PRETRAIN_ON("{t}/d"), needle="dataset.json",
+         prepare=_edit_manifest(lambda m: m.update(samples="many"))),
+    Case("pattern-names-missing-shard", PRETRAIN_ON("{t}/f-{{000000..000002}}.tar"), needle="does not exist",
+         files={"f-000000.tar": _tar({"a.png": _png(8), "a.cls": b"0"})}),
+    Case("pattern-matches-nothing", PRETRAIN_ON("{t}/none-{{0..1}}.tar"), needle="does not exist"),
+    Case("folder-without-tars", PRETRAIN_ON("{t}/f"), files={"f/readme.txt": "hello"}, needle="not a data set"),
+    Case("tar-missing", PRETRAIN_ON("{t}/gone.tar"), needle="no such shard"),
+    Case("tar-no-image-member", PRETRAIN_ON("{t}/f.tar"), files={"f.tar": _tar({"a.txt": b"caption", "a.cls": b"0"})},
+         needle="image member"),
+    Case("tar-empty", PRETRAIN_ON("{t}/f.tar"), files={"f.tar": _tar({})}, needle="f.tar"),
+    Case("tar-not-a-tar", PRETRAIN_ON("{t}/f.tar"), files={"f.tar": b"\x89PNG not a tar at all" * 40}, needle="f.tar"),
+    Case("tar-truncated", PRETRAIN_ON("{t}/f.tar"), files={"f.tar": _tar({"a.png": _png(64), "b.png": _png(64)})[:1100]},
+         needle="f.tar"),
+    Case("tar-image-not-decodable", PRETRAIN_ON("{t}/f.tar"), files={"f.tar": _tar({"a.png": b"not a png", "a.cls": b"0"})},
+         needle="decodable"),
+    Case("tar-mixed-sizes-no-image-size", PRETRAIN_ON("{t}/f.tar"),
+         files={"f.tar": _tar({"a.png": _png(8), "b.png": _png(12), "c.png": _png(8)})}, needle="image-size"),
+    # -- checkpoints ----------------------------------------------------------------------------
+    Case("init-truncated", ADAPT_FROM, prepare=_truncate_model, needle="model.pt"),
+    Case("init-random-bytes", TRANSFER_FROM, files={"m/model.pt": random.Random(0).randbytes(4096)}, needle="model.pt"),
+    Case("init-zip-not-torch", TRANSFER_FROM, files={"m/model.pt": b"PK\x03\x04" + bytes(200)}, needle="model.pt"),
+    Case("init-other-arch-state", ADAPT_FROM, prepare=_model("tiny", 1, 8, claimed_arch="resnet18"), needle="model.pt"),
+    Case("init-unknown-arch", TRANSFER_FROM, prepare=_model("tiny", 1, 8, claimed_arch="vit_h"), needle="vit_h"),
+    # (a checkpoint with another channel count is no error: its stem is adapted, models/io.py `_adapt_stem`)
+    Case("init-resnet-state-claims-tiny", TRANSFER_FROM, prepare=_model("resnet18", 1, 8, claimed_arch="tiny"), needle="model.pt"),
+    # -- labels files for `label --initial` ----------------------------------------------------
+    Case("label-initial-unknown-class", LABEL_INITIAL, files={"i.csv": "key,label\n{first_key},zebra\n"}, needle="zebra"),
+    Case("label-initial-duplicate-key", LABEL_INITIAL, files={"i.csv": "key\n{first_key}\n{first_key}\n"}, needle="duplicate"),
+    Case("label-initial-not-utf8", LABEL_INITIAL, files={"i.csv": b"key\n\xff\xfe\x00\n"}, needle="i.csv"),
+    Case("label-initial-empty", LABEL_INITIAL, files={"i.csv": ""}, needle="i.csv"),
+    Case("label-initial-missing", LABEL_INITIAL, needle="i.csv"),
+    Case("labels-duplicate-key", ["transfer", "--init", "{init}", "--train", "{data}", "--labels", "{t}/l.csv", "--out", "{t}/o"],
+         files={"l.csv": "key,label\n{first_key},0\n{first_key},1\n"}, needle="twice"),
+    # -- pipeline files ------------------------------------------------------------------------
+    Case("yaml-tab-indent", ["validate", "{t}/p.yaml"], files={"p.yaml": "name: p\nstages:\n\ta: {kind: pretrain}\n"},
+         needle="p.yaml", ctl=True),
+    Case("yaml-unclosed-bracket", ["validate", "{t}/p.yaml"], files={"p.yaml": "name: p\nstages: {a: [1, 2\n"},
+         needle="p.yaml", ctl=True),
+    Case("yaml-duplicate-stage", ["validate", "{t}/p.yaml"],
+         files={"p.yaml": "name: p\nstages:\n  a: {kind: pretrain, data: [/x]}\n  a: {kind: pretrain, data: [/y]}\n"},
+         needle="duplicate", ctl=True),
+    Case("yaml-two-documents", ["validate", "{t}/p.yaml"], files={"p.yaml": "name: p\nstages: {}\n---\nname: q\n"},
+         needle="p.yaml", ctl=True),
+    Case("yaml-utf16", ["validate", "{t}/p.yaml"], files={"p.yaml": "name: p\nstages: {}\n".encode("utf-16")},
+         needle="p.yaml", ctl=True),
+    Case("yaml-a-list", ["validate", "{t}/p.yaml"], files={"p.yaml": "- a\n- b\n"}, needle="mapping", ctl=True),
+    *[Case(f"yaml-{opt}-{tag}", ["validate", "{t}/p.yaml"], files=pipe(f"{opt}: {v}"),
+           needle=f"p.yaml:4: stages.a.{opt.replace('-', '_')}", ctl=True)  # file:line of the value
+      for opt, tag, v in [("lr", "neg", "-1"), ("lr", "inf", ".inf"), ("temperature", "zero", "0"), ("queue-size", "huge", "1000000000"),
+                          ("batch-size", "neg", "-5"), ("image-size", "huge", "100000"), ("seed", "neg", "-1"),
+                          ("key-momentum", "nan", ".nan"), ("epochs", "inf", ".inf"), ("workers", "string", "many")]],
+]
+
+
 def _tree(*roots: Path) -> dict[str, str]:
     return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
             for root in roots if root.exists() for p in sorted(root.rglob("*"))}
@@ -191,6 +374,8 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case: Case, world, tmp_
             content = content.replace("{first_key}", values["first_key"]).replace("{t}", values["t"]).replace("{data}", values["data"])
             content = content.encode()
         target.write_bytes(content)
+    if case.prepare is not None:
+        case.prepare(case_dir, world)
     before = _tree(Path(world["root"]), tmp_path)
     args = [a.format(**values) for a in case.args]
     result = CliRunner().invoke(ctl_main if case.ctl else unsupft_main, args)

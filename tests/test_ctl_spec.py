@@ -51,12 +51,16 @@ def test_good_pipeline_orders_stages_and_maps_parameters():
 
 
 def test_parameters_are_checked_against_the_stage_commands():
-    with pytest.raises(UserError, match="stages.base.colour: 'pretrain' has no option --colour"):
+    """Option errors name the file and the line of the value, like the spec's own errors."""
+    with pytest.raises(UserError, match="demo.yaml:7: stages.base.colour: 'pretrain' has no option --colour"):
         check_options(spec.parse(GOOD.replace("arch: tiny", "arch: tiny, colour: red"), "demo.yaml"), "demo.yaml")
-    with pytest.raises(UserError, match="stages.adapt.mix: 'blend' is not one of 'cutmix', 'mixup', 'none'"):
+    with pytest.raises(UserError, match="demo.yaml:8: stages.adapt.mix: 'blend' is not one of 'cutmix', 'mixup', 'none'"):
         check_options(spec.parse(GOOD.replace("mix: cutmix", "mix: blend"), "demo.yaml"), "demo.yaml")
-    with pytest.raises(UserError, match="stages.lab.resume: expected true or false"):
+    with pytest.raises(UserError, match="demo.yaml:10: stages.lab.resume: expected true or false"):
         check_options(spec.parse(GOOD.replace("resume: true", "resume: 3"), "demo.yaml"), "demo.yaml")
+    block = GOOD.replace("steps: 20}", "steps: 20,\n         lr: -1}")  # a value on a line of its own
+    with pytest.raises(UserError, match=r"demo.yaml:8: stages.base.lr: -1.0 is not in the range"):
+        check_options(spec.parse(block, "demo.yaml"), "demo.yaml")
 
 
 @pytest.mark.parametrize(

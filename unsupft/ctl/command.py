@@ -59,7 +59,8 @@ def check_options(pipeline: Pipeline, file: str) -> None:
         if options is None:
             continue
         for key, value in stage.params.items():
-            where = f"{file}: stages.{stage.name}.{key}"
+            line = stage.lines.get(key)
+            where = f"{file}{f':{line}' if line else ''}: stages.{stage.name}.{key}"
             if key not in options:
                 known = ", ".join(sorted(k for k in options if k not in ("out", "overwrite")))
                 raise UserError(f"{where}: '{stage.kind}' has no option --{key.replace('_', '-')} (options: {known})")

@@ -118,6 +118,9 @@ class Stage:
     params: dict[str, Any]  # option name (snake case) -> value; inputs already resolved to URIs
     needs: tuple[str, ...]  # stages this one reads from
     resources: Resources
+    # option name -> its line in the pipeline file, so that `unsupft-ctl validate` can point at a value
+    # the stage command refuses (checked later against the option table, `ctl.command.check_options`)
+    lines: dict[str, int] = field(default_factory=dict, compare=False)
 
 
 @dataclass(frozen=True)
@@ -290,11 +293,11 @@ def _build(doc: Any, where: _Where) -> Pipeline:
             raise where.error(("stages", sname), "a stage and a data set share this name")
 
     resources = _resources(where, doc.get("resources") or {}, raw_stages)
-    stages: dict[str, tuple[str, dict[str, Any], set[str]]] = {}
+    stages: dict[str, tuple[str, dict[str, Any], set[str], dict[str, int]]] = {}
     for sname, body in raw_stages.items():
         stages[sname] = _stage(where, sname, body, datasets, raw_stages)
-    order = _topological(where, {s: deps for s, (_, _, deps) in stages.items()})
-    built = {s: Stage(s, stages[s][0], stages[s][1], tuple(sorted(stages[s][2])), resources[s]) for s in order}
+    order = _topological(where, {s: deps for s, (_, _, deps, _) in stages.items()})
+    built = {s: Stage(s, stages[s][0], stages[s][1], tuple(sorted(stages[s][2])), resources[s], stages[s][3]) for s in order}
     return Pipeline(name, store_uri, datasets, built, doc)
 
 
@@ -305,6 +308,7 @@ def _stage(where: _Where, sname: str, body: Any, datasets: dict[str, str], stage
     if kind not in KINDS:
         raise where.error(path + ("kind",), f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
     params: dict[str, Any] = {}
+    lines: dict[str, int] = {}
     needs: set[str] = set()
     for key, value in body.items():
         if key == "kind":
@@ -320,7 +324,9 @@ def _stage(where: _Where, sname: str, body: Any, datasets: dict[str, str], stage
         else:
             _check_value(where, ppath, value)
         params[key] = value
-    return kind, params, needs
+        if ppath in where.lines:
+            lines[key] = where.lines[ppath]
+    return kind, params, needs, lines
 
 
 def _check_value(where: _Where, path: tuple, value: Any) -> None:

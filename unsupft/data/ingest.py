@@ -19,7 +19,7 @@ from typing import Iterator
 import click
 import numpy as np
 
-from unsupft import store
+from unsupft import options, store
 from unsupft.data.encode import DEFAULT_QUALITY, FORMATS, KEEP, Encoding, UnreadableImage, encode_array, encode_file, stored_size
 from unsupft.data.info import INFO_NAME
 from unsupft.data.shards import Sample, write_dataset
@@ -124,7 +124,7 @@ def check_options(resize: int | None, fmt: str, quality: int, test_fraction: flo
 @click.option("--limit", type=click.IntRange(min=1), help="Keep at most this many samples (a seeded random subset).")
 @click.option("--shard-size", type=click.IntRange(min=1), default=10000, show_default=True, help="Samples per shard.")
 @click.option("--unlabeled", is_flag=True, help="Drop the labels (an unlabeled data set).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the subset, order and split.")
+@click.option("--seed", type=options.SEED, default=0, show_default=True, help="Seed of the subset, order and split.")
 @click.option("--resize", type=int, metavar="SHORT_SIDE",
               help="Shrink images whose short side is longer to SHORT_SIDE pixels, keeping the aspect ratio.")
 @click.option("--format", "fmt", default=KEEP, show_default=True, metavar="[keep|jpg|png|webp]",
