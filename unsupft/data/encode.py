@@ -104,6 +104,15 @@ def encode_file(path: Path, encoding: Encoding) -> tuple[bytes, str]:
     """(bytes, extension) to store for the image file at `path`: its own bytes when possible."""
     try:
         data = path.read_bytes()
+    except OSError as exc:
+        raise UnreadableImage(f"{path}: unreadable image ({type(exc).__name__}: {exc})") from exc
+    return encode_bytes(data, str(path), encoding)
+
+
+def encode_bytes(data: bytes, name: str, encoding: Encoding) -> tuple[bytes, str]:
+    """(bytes, extension) to store for the encoded image `data` (`name` says where it came from in
+    an error): `data` itself when possible, else one decode and one encode."""
+    try:
         with Image.open(io.BytesIO(data)) as img:
             source_ext = _KEPT_FORMATS.get(img.format or "")
             ext = (source_ext or "png") if encoding.fmt == KEEP else encoding.fmt
@@ -122,4 +131,4 @@ def encode_file(path: Path, encoding: Encoding) -> tuple[bytes, str]:
             upright = ImageOps.exif_transpose(img).convert(mode)
             return _encode(_resized(upright, height, width), ext, encoding), ext
     except _DECODE_ERRORS as exc:
-        raise UnreadableImage(f"{path}: unreadable image ({type(exc).__name__}: {exc})") from exc
+        raise UnreadableImage(f"{name}: unreadable image ({type(exc).__name__}: {exc})") from exc

@@ -5,11 +5,18 @@ Selection happens on indices before any pixel is written: keep `--classes` (labe
 per class into `OUT_URI/train` and `OUT_URI/test`. Shards hold the samples in that shuffled order,
 so even a small shuffle buffer sees all classes. How each image is stored (kept as it is, turned
 upright, shrunk, re-encoded) is `unsupft.data.encode`'s business.
+
+WebDataset shards (an unsupft data set, a `.tar`, a folder or S3 prefix of tars, a brace pattern)
+are read through the sample index, the same way the stages read them: selection works on the
+index's label array, and each kept image member is copied as its very bytes (one pread or ranged
+GET each), so nothing is decoded and memory holds the index, never the images.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import io
 import signal
 import sys
 import threading
@@ -18,12 +25,16 @@ from typing import Iterator
 
 import click
 import numpy as np
+from PIL import Image
 
 from unsupft import options, store
-from unsupft.data.encode import DEFAULT_QUALITY, FORMATS, KEEP, Encoding, UnreadableImage, encode_array, encode_file, stored_size
+from unsupft.data.encode import (DEFAULT_QUALITY, FORMATS, KEEP, Encoding, UnreadableImage, encode_array, encode_bytes,
+                                  encode_file, stored_size)
+from unsupft.data.index import SampleIndex
 from unsupft.data.info import INFO_NAME
-from unsupft.data.shards import Sample, write_dataset
-from unsupft.data.sources import SourceData, open_source
+from unsupft.data.samples import Samples, image_format, open_samples
+from unsupft.data.shards import CorruptShard, Sample, write_dataset
+from unsupft.data.sources import SourceData, is_shard_source, open_source
 from unsupft.errors import UserError, report_user_errors
 
 
@@ -40,9 +51,9 @@ def resolve_classes(requested: str, classes: list[str]) -> list[int]:
     return sorted(ids)
 
 
-def select(source: SourceData, *, class_ids: list[int] | None, limit: int | None, seed: int) -> np.ndarray:
+def select(source: SourceData | SampleIndex, *, class_ids: list[int] | None, limit: int | None, seed: int) -> np.ndarray:
     """Indices of the kept samples, in a seeded random order."""
-    indices = np.arange(len(source.keys))
+    indices = np.arange(len(source))
     if class_ids is not None:
         indices = indices[np.isin(source.labels, class_ids)]
     indices = np.random.default_rng(seed).permutation(indices)
@@ -79,6 +90,35 @@ def _samples(source: SourceData, indices: np.ndarray, label_map: dict[int, int] 
         else:
             (data, ext), origin = encode_array(image, encoding), None
         yield Sample(key=source.keys[i], data=data, ext=ext, label=label, source=origin)
+
+
+def _copied(stored: Samples, indices: np.ndarray, label_map: dict[int, int] | None, encoding: Encoding,
+            sizes: set[tuple[int, int]]) -> Iterator[Sample]:
+    """The shard samples at `indices`: each image member's very bytes, or one re-encode when
+    --resize/--format ask for it; the stored (H, W) of each, read from its header, goes to `sizes`."""
+    copy = encoding.fmt == KEEP and encoding.short_side is None
+    for i in (int(i) for i in indices):
+        key = stored.key(i)
+        where = f"{stored.index.shard_uris[int(stored.index.shard[i])]}: sample {key!r}"
+        data = stored.encoded(i)
+        if copy:
+            ext = image_format(data)
+            if ext is None:
+                raise CorruptShard(f"{where}: not a JPEG, PNG or WebP image")
+        else:
+            data, ext = encode_bytes(data, where, encoding)
+        try:
+            with Image.open(io.BytesIO(data)) as img:  # the header only
+                sizes.add((img.height, img.width))
+        except (OSError, ValueError, SyntaxError) as exc:
+            raise CorruptShard(f"{where}: unreadable image ({exc})") from exc
+        label = None if label_map is None else label_map[int(stored.index.labels[i])]
+        yield Sample(key=key, data=data, ext=ext, label=label)
+
+
+def _only_size(sizes: set[tuple[int, int]]) -> tuple[int, int] | None:
+    """The one (H, W) of `sizes`, None when the images differ."""
+    return next(iter(sizes)) if len(sizes) == 1 else None
 
 
 def common_size(sizes: np.ndarray, short_side: int | None) -> tuple[int, int] | None:
@@ -144,7 +184,9 @@ def ingest_command(source: str, out_uri: str, labels_file: str | None, test_frac
 
     SOURCE is a folder of class sub-folders of images (or a flat folder of images: unlabeled), an
     IDX image file (with --labels), an .npz (arrays images/x, labels/y, optional class_names) or
-    sklearn:digits (8x8, kept at native size). A folder's file paths are kept in sources.tsv.
+    sklearn:digits (8x8, kept at native size), or WebDataset shards: an unsupft data set, a .tar, a
+    folder or S3 prefix of tars, a brace pattern (images copied byte for byte; classes from their .cls
+    or .json labels). A folder's file paths are kept in sources.tsv.
     """
     check_options(resize, fmt, quality, test_fraction)
     out_uri = store.normalize(out_uri)
@@ -152,29 +194,44 @@ def ingest_command(source: str, out_uri: str, labels_file: str | None, test_frac
     for uri in part_uris:
         if not overwrite and store.exists(store.join(uri, INFO_NAME)):
             raise UserError(f"{uri}: holds a complete data set already (add --overwrite to replace it)")
-    data = open_source(source, labels_file, skip_unreadable=skip_corrupt)
-    labeled = data.labels is not None
+    stored, data = None, None
+    if is_shard_source(source):
+        if labels_file is not None:
+            raise UserError(f"{source}: --labels is for IDX image files only, not shards")
+        stored = open_samples(source)
+        selectable, labels, all_classes, channels = stored.index, stored.index.labels, stored.classes, stored.channels
+    else:
+        data = open_source(source, labels_file, skip_unreadable=skip_corrupt)
+        selectable, labels, all_classes, channels = data, data.labels, data.classes, data.channels
+    labeled = labels is not None
     if classes is not None and not labeled:
         raise UserError(f"--classes: {source} has no labels to select classes by")
-    class_ids = resolve_classes(classes, data.classes) if classes is not None else None
-    indices = select(data, class_ids=class_ids, limit=limit, seed=seed)
-    kept = class_ids if class_ids is not None else list(range(len(data.classes)))
+    class_ids = resolve_classes(classes, all_classes) if classes is not None else None
+    indices = select(selectable, class_ids=class_ids, limit=limit, seed=seed)
+    kept = class_ids if class_ids is not None else list(range(len(all_classes)))
     label_map = {old: new for new, old in enumerate(kept)} if labeled and not unlabeled else None
-    names = [data.classes[c] for c in kept] if label_map is not None else []
-    parts = dict(zip(part_uris, [indices] if test_fraction is None else split(indices, data.labels, test_fraction, seed)))
+    names = [all_classes[c] for c in kept] if label_map is not None else []
+    parts = dict(zip(part_uris, [indices] if test_fraction is None else split(indices, labels, test_fraction, seed)))
     for uri, part in parts.items():
         if len(part) == 0:
             raise UserError(f"{uri}: would be empty (check --classes/--limit/--split)")
     options = " ".join(f"{flag} {value}" for flag, value in (
         ("--labels", labels_file), ("--classes", classes), ("--limit", limit), ("--split", test_fraction),
         ("--seed", seed), ("--resize", resize), ("--format", fmt if fmt != KEEP else None)) if value is not None)
-    encoding = Encoding(fmt=fmt, short_side=resize, quality=quality, channels=data.channels)
-    skipped = list(data.unreadable) if skip_corrupt else None
+    encoding = Encoding(fmt=fmt, short_side=resize, quality=quality, channels=channels)
+    skipped = list(data.unreadable) if skip_corrupt and data is not None else None
     with _sigterm_exits():
         for uri, part in parts.items():
+            if stored is not None:
+                sizes: set[tuple[int, int]] = set()
+                samples = _copied(stored, part, label_map, encoding, sizes)
+                image_size = functools.partial(_only_size, sizes)
+            else:
+                samples = _samples(data, part, label_map, encoding, skipped)
+                image_size = common_size(data.sizes[part], resize)
             manifest = write_dataset(
-                uri, _samples(data, part, label_map, encoding, skipped), classes=names,
-                labeled=label_map is not None, channels=data.channels, image_size=common_size(data.sizes[part], resize),
+                uri, samples, classes=names,
+                labeled=label_map is not None, channels=channels, image_size=image_size,
                 source=f"{source} {options}{' --unlabeled' if unlabeled else ''}".strip(), shard_size=shard_size,
             )
             click.echo(f"{uri}: {manifest['samples']} samples in {len(manifest['shards'])} shards", file=sys.stderr)

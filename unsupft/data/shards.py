@@ -16,7 +16,7 @@ import secrets
 import tarfile
 import tempfile
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 
 from unsupft import store
@@ -81,7 +81,7 @@ def write_dataset(
     classes: list[str],
     labeled: bool,
     channels: int,
-    image_size: tuple[int, int] | None,
+    image_size: tuple[int, int] | None | Callable[[], tuple[int, int] | None],
     source: str,
     shard_size: int,
 ) -> dict[str, Any]:
@@ -92,7 +92,8 @@ def write_dataset(
     token), and only then are the old ones deleted. If writing fails, the files this call wrote
     are deleted and the old data set is untouched. Shards are built in anonymous temp files (no
     name in $TMPDIR, so a killed ingestion leaves nothing there) and uploaded whole (atomic in the
-    store). `image_size` None says the images differ in size. A `sources.tsv` (key, source path)
+    store). `image_size` None says the images differ in size; a callable gives it once every sample
+    is written (a source that learns its images' sizes only by streaming them). A `sources.tsv` (key, source path)
     is written beside the manifest when samples carry a source. Files left below `out` by a killed
     earlier ingestion (the owned shard/sources names no manifest lists) are removed at the end.
     """
@@ -131,6 +132,8 @@ def write_dataset(
                 sources_text.buffer.seek(0)
                 written.append(sources_name)
                 store.upload_stream(store.join(out, sources_name), sources_text.buffer)
+        if callable(image_size):
+            image_size = image_size()
         manifest = {
             "format": FORMAT,
             "samples": total,

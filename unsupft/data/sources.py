@@ -1,4 +1,5 @@
-"""What `unsupft ingest` can read: image folders, IDX files, `.npz` arrays, `sklearn:digits`.
+"""What `unsupft ingest` can read: image folders, IDX files, `.npz` arrays, `sklearn:digits` (and
+WebDataset shards, which `is_shard_source` recognises and the sample index reads).
 
 Every source becomes a `SourceData`: keys, labels, class names, every image's size, and a way to get
 image i: a uint8 array (HxW grayscale or HxWx3 colour) for array sources, the file itself for
@@ -15,7 +16,9 @@ from typing import Callable
 
 import numpy as np
 
+from unsupft import store
 from unsupft.data.encode import UnreadableImage, scan_header
+from unsupft.data.info import INFO_NAME
 from unsupft.errors import UserError
 
 FASHION_MNIST_CLASSES = [
@@ -42,6 +45,21 @@ class SourceData:
     image: Callable[[int], np.ndarray | Path]
     root: Path | None = None
     unreadable: list[Path] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+def is_shard_source(spec: str) -> bool:
+    """Whether `spec` names WebDataset shards rather than images or arrays: a brace pattern, a
+    `.tar`, anything on S3, or a local folder holding a `dataset.json` or `.tar` files. Such a
+    source is read through the sample index (`unsupft.data.samples`), which checks it further."""
+    if "{" in spec or spec.endswith(".tar") or store.is_s3(spec):
+        return True
+    if spec.startswith("sklearn:"):
+        return False
+    folder = Path(store.normalize(spec))
+    return folder.is_dir() and ((folder / INFO_NAME).is_file() or any(folder.glob("*.tar")))
 
 
 def open_source(spec: str, labels_file: str | None = None, skip_unreadable: bool = False) -> SourceData:
