@@ -30,6 +30,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from unsupft import store
 from unsupft.data.index import SampleIndex, open_index
+from unsupft.data.shardcache import shard_cache
 from unsupft.data.shards import CorruptShard
 from unsupft.errors import UserError
 
@@ -110,11 +111,12 @@ class Samples:
         return self.index.keys()
 
     def encoded(self, i: int) -> bytes:
-        """Sample i's image member as stored (JPEG, PNG or WebP bytes): a pread locally, a ranged GET on S3."""
+        """Sample i's image member as stored (JPEG, PNG or WebP bytes): a pread locally; on S3 a
+        ranged GET, or a pread of the whole shard fetched into the node's cache (`shardcache`)."""
         index = self.index
         shard, offset, size = int(index.shard[i]), int(index.offset[i]), int(index.size[i])
         if self._local[shard] is None:
-            data = store.read_range(index.shard_uris[shard], offset, size)
+            data = shard_cache().read(index.shard_uris[shard], index.shard_versions[shard], offset, size)
         else:
             data = os.pread(self._descriptor(shard), size, offset)
         if len(data) != size:
@@ -231,6 +233,17 @@ class Mixture:
 
     def __len__(self) -> int:
         return int(self.ends[-1])
+
+    def shard_layout(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(shard id of every position [N], bytes of every shard [S]): the parts' shards numbered one
+        after another, what `unsupft.train.batches.ShardWindows` groups an epoch by."""
+        shard_ids, shard_bytes, first = [], [], 0
+        for samples, sub in self.parts:
+            shards = samples.index.shard if sub is None else samples.index.shard[sub]
+            shard_ids.append(torch.from_numpy(shards.astype(np.int64) + first))
+            shard_bytes.append(torch.from_numpy(samples.index.shard_bytes()))
+            first += len(samples.index.shard_uris)
+        return torch.cat(shard_ids), torch.cat(shard_bytes)
 
     def image(self, position: int) -> torch.Tensor:
         part = int(np.searchsorted(self.ends, position, side="right"))

@@ -19,12 +19,13 @@ from unsupft import checkpoint, options, stage, store
 from unsupft.data.augment import DEFAULT_AUGMENTS, moco_v2_augment, to_input
 from unsupft.data.mixing import cutmix, mixup
 from unsupft.data.samples import Mixture, default_workers, fit
+from unsupft.data.shardcache import window_bytes
 from unsupft.errors import UserError
 from unsupft.models import ARCHS, build_backbone, load_backbone, save_model
 from unsupft.models.io import describe
 from unsupft.models.moco import MoCo, save_moco
 from unsupft.train import distributed
-from unsupft.train.batches import EpochOrder, LoaderBatches
+from unsupft.train.batches import EpochOrder, LoaderBatches, ShardWindows, Shuffled
 from unsupft.train.loop import LoopConfig, TrainTask, train, unwrap
 
 MIXES = ("cutmix", "mixup", "none")
@@ -156,14 +157,17 @@ def run_moco(name: str, out: str, inputs: dict[str, str], config: dict[str, Any]
              checkpoint_every: int, amp: str, workers: int | None) -> None:
     """Resolve length and lr, skip a finished stage, train, and write the stage outputs: config.json
     first, metrics.jsonl and checkpoint.pt by the loop, then model.pt, moco.pt and _DONE.json last."""
-    epoch_size = order.size if order else len(images)
+    # read a window of shards at a time (docs/data.md): what makes S3 fast; small sets are unchanged
+    order = ShardWindows(order or Shuffled(len(images), seed), *images.shard_layout(), window_bytes(), seed)
+    epoch_size = order.size
     steps = steps_for(steps, 200.0 if steps is None and epochs is None else epochs, epoch_size, batch_size)
     lr = lr if lr is not None else lr_per_256 * batch_size / 256
     moco: MoCo = task.model
     config = {"stage": name, **config, "in_channels": moco.backbone.in_channels, "image_size": size, "steps": steps,
               "batch_size": batch_size, "lr": lr, "seed": seed, "queue_size": moco.queue.shape[0],
               "temperature": moco.temperature, "momentum": moco.momentum, "augment": list(augments),
-              "samples_per_epoch": epoch_size}
+              "samples_per_epoch": epoch_size,
+              **({"shuffle_window_bytes": order.window_bytes} if order.windowed else {})}
     if stage.is_done(out, config):
         click.echo(f"{out}: already done (same config)", err=True)
         return
