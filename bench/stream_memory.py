@@ -225,7 +225,8 @@ def write(args, sizes, rows, speed, memory_rate, streamed_rate) -> None:
         "they share counted once); (s) = the stage's wall time, start-up included.",
         "Stages: batch 64, 1 DataLoader worker, 20 steps (pretrain, adapt); transfer 5 shots x 10 classes,",
         "2 epochs; evaluate few-shot (1 shot, 1 trial, 2 epochs, predictions on the 10k test set).",
-        f"old = `{args.old}` (every stage decoded the whole data set into memory first).",
+        f"old = `{args.old}` (" + ("the streamed stages before the shard cache: one ranged GET per sample)." if s3 else
+                                  "every stage decoded the whole data set into memory first)."),
         "",
         header,
         "|---|---|" + "---|" * len(all_sizes),
