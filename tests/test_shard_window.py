@@ -113,3 +113,12 @@ def test_mixture_layout_numbers_the_parts_shards_one_after_another(digits_on_s3)
     shard_of, shard_bytes = Mixture([(samples, None), (samples, [5, 250])]).shard_layout()
     assert shard_of[:400].tolist() == [i // 100 for i in range(400)] and shard_of[400:].tolist() == [4, 6]
     assert len(shard_bytes) == 8 and shard_bytes[0] == (digits_on_s3[0] / "shard-000000.tar").stat().st_size
+
+
+@pytest.mark.parametrize("name", ["UNSUPFT_SHARD_CACHE_MB", "UNSUPFT_SHUFFLE_WINDOW_MB"])
+def test_a_bad_cache_or_window_setting_is_one_line(name: str, monkeypatch) -> None:
+    from unsupft.data.shardcache import budget_bytes, window_bytes
+
+    monkeypatch.setenv(name, "lots")
+    with pytest.raises(UserError, match=rf"^{name}='lots': expected MiB"):
+        budget_bytes() if name.endswith("CACHE_MB") else window_bytes()

@@ -37,6 +37,7 @@ import tempfile
 from pathlib import Path
 
 from unsupft import store
+from unsupft.data.index import cache_dir
 from unsupft.errors import UserError
 
 CACHE_ENV = "UNSUPFT_SHARD_CACHE_MB"
@@ -73,8 +74,7 @@ def window_bytes() -> int:
 
 
 def cache_folder() -> Path:
-    from unsupft.data.index import cache_dir
-
+    """Where cached shards go: `$UNSUPFT_CACHE/shards` (beside the sample indexes)."""
     return cache_dir() / "shards"
 
 
