@@ -1,11 +1,12 @@
 """Lazy, index-addressable images: what every stage trains and evaluates on.
 
 `open_samples(uri)` indexes a data option (`unsupft.data.index`) and returns `Samples`, whose
-`image(i)` reads sample i's image member (a pread locally, a ranged GET on S3), decodes it and
-returns uint8 [C, H, W] at its stored size. Nothing is decoded before it is asked for, so memory
-does not grow with the data set: `Samples` pickles as its index arrays, and DataLoader workers
-read and decode their own samples. Because samples are addressed by index, the training machinery
-(`unsupft.train.batches`) draws any step's batch directly, which is what keeps resume exact.
+`image(i)` reads sample i's image member (a pread locally; on S3 through the node's shard cache,
+`unsupft.data.shardcache`), decodes it and returns uint8 [C, H, W] at its stored size. Nothing is
+decoded before it is asked for, so memory does not grow with the data set: `Samples` pickles as its
+index arrays, and DataLoader workers read and decode their own samples. Because samples are
+addressed by index, the training machinery (`unsupft.train.batches`) draws any step's batch
+directly, which is what keeps resume exact.
 
 One resize path: training crops from the stored image (MoCo's RandomResizedCrop to the training
 size); evaluation, feature extraction and finetuning use `fit` (resize the short side, centre crop),
@@ -74,7 +75,7 @@ class Samples:
         self.index = index
         self.uri, self.classes, self.channels = index.uri, index.classes, index.channels
         self.image_size = index.image_size
-        self._local = [store.local_path(uri) for uri in index.shard_uris]  # None: read by ranged GET
+        self._local = [store.local_path(uri) for uri in index.shard_uris]  # None: on S3, read through the shard cache
         self._files: dict[int, int] = {}  # shard -> open descriptor, in the process that opened it
         self._pid = os.getpid()
 
