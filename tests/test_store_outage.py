@@ -91,3 +91,45 @@ def test_outage_short_is_ridden_out_long_exits_69_and_rerun_resumes(server, tmp_
     assert rerun.wait(timeout=300) == 0, rerun.stderr.read()
     a, b = _weights(short), _weights(long)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_shard_fetched_whole_during_an_outage_is_retried_then_given_up_with_exit_69(server, tmp_path, monkeypatch,
+                                                                                     ingest) -> None:
+    import threading
+
+    from unsupft.data import open_samples
+    from unsupft.data.shardcache import FETCH_AFTER_READS, shard_cache
+    from unsupft.errors import InfraError
+
+    s3, weed = server
+    for name, value in s3.env().items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("UNSUPFT_CACHE", str(tmp_path / "cache"))
+    store._s3_client.cache_clear()
+    ingest("sklearn:digits", tmp_path / "digits", "--limit", "200", "--shard-size", "100")
+    store.copy_prefix(str(tmp_path / "digits"), f"s3://{s3.bucket}/digits")
+    samples = open_samples(f"s3://{s3.bucket}/digits")
+    expected = [(tmp_path / "digits" / "shard-000000.tar").read_bytes()]
+
+    # 3 s down, 30 s of retries: the whole-shard GET waits it out and the bytes are the shard's
+    monkeypatch.setenv("UNSUPFT_STORE_RETRY_SECONDS", "30")
+    for i in range(FETCH_AFTER_READS):
+        samples.encoded(i)
+    weed.stop()
+    threading.Timer(3, weed.start).start()
+    data = samples.encoded(FETCH_AFTER_READS)
+    assert shard_cache().fetched == 1
+    offset, size = int(samples.index.offset[FETCH_AFTER_READS]), int(samples.index.size[FETCH_AFTER_READS])
+    assert data == expected[0][offset:offset + size]
+
+    # down for good, 1 s of retries: the next shard's fetch is an InfraError (exit 69), one line
+    monkeypatch.setenv("UNSUPFT_STORE_RETRY_SECONDS", "1")
+    weed.stop()
+    try:
+        with pytest.raises(InfraError, match="unreachable") as err:
+            for i in range(100, 100 + FETCH_AFTER_READS + 1):
+                samples.encoded(i)
+        assert err.value.exit_code == EXIT_INFRA and "\n" not in str(err.value)
+        assert not list((tmp_path / "cache" / "shards").glob("*.tar"))[1:]  # only shard 0: nothing half-written
+    finally:
+        weed.start()

@@ -1,7 +1,9 @@
 """Exact resume on the streamed path: `adapt` with replay reading its data from S3 in 2 DataLoader
 workers, SIGKILLed after a checkpoint and run again, ends with the weights of an uninterrupted
 run that read the same data locally with no workers (so neither the store, the worker count nor
-the kill changes what the model sees)."""
+the kill changes what the model sees). The shuffle window is a fraction of the data (epochs read
+a window of shards at a time) and the shard cache holds about two shards, so the S3 run fetches,
+evicts and fetches again whole shards."""
 
 from __future__ import annotations
 
@@ -28,7 +30,8 @@ def command(*args) -> list[str]:
 
 def test_killed_streaming_run_from_s3_resumes_to_the_weights_of_a_local_run(tmp_path: Path, s3_uri: str,
                                                                              ingest) -> None:
-    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1", "UNSUPFT_SHUFFLE_WINDOW_MB": "0.3",
+           "UNSUPFT_SHARD_CACHE_MB": "0.5", "UNSUPFT_CACHE": str(tmp_path / "cache")}
     ingest("sklearn:digits", tmp_path / "src", "--classes", "0,1,2,3,4", "--limit", "300", "--shard-size", "100")
     ingest("sklearn:digits", tmp_path / "tgt", "--classes", "5,6,7,8,9", "--limit", "200", "--shard-size", "50")
     for name in ("src", "tgt"):
@@ -56,6 +59,7 @@ def test_killed_streaming_run_from_s3_resumes_to_the_weights_of_a_local_run(tmp_
     assert not (split / "_DONE.json").exists()
     subprocess.run(args(s3_uri, 2, split), env=env, check=True, capture_output=True)
 
+    assert json.loads((split / "config.json").read_text())["shuffle_window_bytes"] == int(0.3 * 2**20)
     whole = checkpoint.load(str(tmp_path / "whole" / "moco.pt"))["moco"]
     resumed = checkpoint.load(str(split / "moco.pt"))["moco"]
     for name, value in whole.items():

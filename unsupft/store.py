@@ -295,6 +295,23 @@ def read_range(uri: str, offset: int, size: int) -> bytes:
         raise UserError(f"{uri}: no such file") from exc
 
 
+def read_into(uri: str, out: IO[bytes]) -> str:
+    """Copy the whole S3 object at `uri` into the seekable `out` (one streamed GET; a transient
+    failure midway starts again from byte 0) and return the version (as `version()` spells it) of
+    the bytes read, so a caller can tell that the object changed since it last looked."""
+    bucket, key = _split_s3(uri)
+
+    def copy() -> str:
+        out.seek(0)
+        out.truncate()
+        response = _s3_client().get_object(Bucket=bucket, Key=key)
+        with contextlib.closing(response["Body"]) as body:
+            shutil.copyfileobj(body, out, 1 << 20)
+        return f"{response['ContentLength']}:{response.get('ETag', '')}"
+
+    return _missing_bucket_named(uri, lambda: _retrying(uri, copy))
+
+
 def version(uri: str) -> str:
     """A string that changes whenever the object at `uri` changes (size and ETag on S3, size and
     mtime locally): the key of caches derived from the object. A missing object is a `UserError`."""

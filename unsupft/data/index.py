@@ -199,14 +199,14 @@ def _scan(ref: ShardRef, foreign: bool) -> ShardIndex:
                       first_mode)
 
 
-def _cache_file(ref: ShardRef) -> Path:
-    key = json.dumps([INDEX_FORMAT, ref.uri, store.version(ref.uri), ref.sha256, ref.samples])
+def _cache_file(ref: ShardRef, version: str) -> Path:
+    key = json.dumps([INDEX_FORMAT, ref.uri, version, ref.sha256, ref.samples])
     return cache_dir() / "index" / f"{hashlib.sha256(key.encode()).hexdigest()}.npz"
 
 
-def _index_shard(ref: ShardRef, foreign: bool) -> ShardIndex:
-    """The shard's index from the cache, or scanned (and verified) now and cached."""
-    path = _cache_file(ref)
+def _index_shard(ref: ShardRef, version: str, foreign: bool) -> ShardIndex:
+    """The shard's index (of the shard at `version`) from the cache, or scanned (and verified) now and cached."""
+    path = _cache_file(ref, version)
     if path.is_file():
         with np.load(path, allow_pickle=False) as cached:
             mode = str(cached["first_mode"])
@@ -234,6 +234,7 @@ class SampleIndex:
 
     uri: str  # the data option as given
     shard_uris: list[str]
+    shard_versions: list[str]  # store.version() of each shard when indexed: "size:ETag" / "size:mtime"
     shard: np.ndarray  # int32 [N]: position in shard_uris
     offset: np.ndarray  # int64 [N]
     size: np.ndarray  # int64 [N]
@@ -254,6 +255,10 @@ class SampleIndex:
     def keys(self) -> list[str]:
         return [self.key(i) for i in range(len(self))]
 
+    def shard_bytes(self) -> np.ndarray:
+        """int64 [shards]: each shard's size in bytes (what fetching it whole costs)."""
+        return np.array([int(v.split(":", 1)[0]) for v in self.shard_versions], dtype=np.int64)
+
 
 def open_index(uri: str) -> SampleIndex:
     """Resolve a data option and index its shards (from the cache after the first read)."""
@@ -261,11 +266,12 @@ def open_index(uri: str) -> SampleIndex:
     if not refs:
         raise UserError(f"{uri}: the data set is empty")
     with concurrent.futures.ThreadPoolExecutor(min(_INDEX_THREADS, len(refs))) as pool:
-        shards = list(pool.map(lambda ref: _index_shard(ref, info is None), refs))
+        versions = list(pool.map(lambda ref: store.version(ref.uri), refs))
+        shards = list(pool.map(lambda ref, version: _index_shard(ref, version, info is None), refs, versions))
     raw_labels = np.concatenate([s.labels for s in shards])
     blob_starts = np.cumsum([0] + [len(s.key_bytes) for s in shards[:-1]])
     index = SampleIndex(
-        uri=uri, shard_uris=[r.uri for r in refs],
+        uri=uri, shard_uris=[r.uri for r in refs], shard_versions=versions,
         shard=np.concatenate([np.full(len(s.offsets), i, np.int32) for i, s in enumerate(shards)]),
         offset=np.concatenate([s.offsets for s in shards]), size=np.concatenate([s.sizes for s in shards]),
         labels=None, key_bytes=np.frombuffer(b"".join(s.key_bytes for s in shards), np.uint8),

@@ -1,11 +1,12 @@
 """Lazy, index-addressable images: what every stage trains and evaluates on.
 
 `open_samples(uri)` indexes a data option (`unsupft.data.index`) and returns `Samples`, whose
-`image(i)` reads sample i's image member (a pread locally, a ranged GET on S3), decodes it and
-returns uint8 [C, H, W] at its stored size. Nothing is decoded before it is asked for, so memory
-does not grow with the data set: `Samples` pickles as its index arrays, and DataLoader workers
-read and decode their own samples. Because samples are addressed by index, the training machinery
-(`unsupft.train.batches`) draws any step's batch directly, which is what keeps resume exact.
+`image(i)` reads sample i's image member (a pread locally; on S3 through the node's shard cache,
+`unsupft.data.shardcache`), decodes it and returns uint8 [C, H, W] at its stored size. Nothing is
+decoded before it is asked for, so memory does not grow with the data set: `Samples` pickles as its
+index arrays, and DataLoader workers read and decode their own samples. Because samples are
+addressed by index, the training machinery (`unsupft.train.batches`) draws any step's batch
+directly, which is what keeps resume exact.
 
 One resize path: training crops from the stored image (MoCo's RandomResizedCrop to the training
 size); evaluation, feature extraction and finetuning use `fit` (resize the short side, centre crop),
@@ -27,6 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from unsupft import store
 from unsupft.data.index import SampleIndex, open_index
+from unsupft.data.shardcache import shard_cache
 from unsupft.data.shards import CorruptShard
 from unsupft.errors import UserError
 from unsupft.preprocess import fit
@@ -60,7 +62,7 @@ class Samples:
         self.index = index
         self.uri, self.classes, self.channels = index.uri, index.classes, index.channels
         self.image_size = index.image_size
-        self._local = [store.local_path(uri) for uri in index.shard_uris]  # None: read by ranged GET
+        self._local = [store.local_path(uri) for uri in index.shard_uris]  # None: on S3, read through the shard cache
         self._files: dict[int, int] = {}  # shard -> open descriptor, in the process that opened it
         self._pid = os.getpid()
 
@@ -97,11 +99,12 @@ class Samples:
         return self.index.keys()
 
     def encoded(self, i: int) -> bytes:
-        """Sample i's image member as stored (JPEG, PNG or WebP bytes): a pread locally, a ranged GET on S3."""
+        """Sample i's image member as stored (JPEG, PNG or WebP bytes): a pread locally; on S3 a
+        ranged GET, or a pread of the whole shard fetched into the node's cache (`shardcache`)."""
         index = self.index
         shard, offset, size = int(index.shard[i]), int(index.offset[i]), int(index.size[i])
         if self._local[shard] is None:
-            data = store.read_range(index.shard_uris[shard], offset, size)
+            data = shard_cache().read(index.shard_uris[shard], index.shard_versions[shard], offset, size)
         else:
             data = os.pread(self._descriptor(shard), size, offset)
         if len(data) != size:
@@ -218,6 +221,17 @@ class Mixture:
 
     def __len__(self) -> int:
         return int(self.ends[-1])
+
+    def shard_layout(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(shard id of every position [N], bytes of every shard [S]): the parts' shards numbered one
+        after another, what `unsupft.train.batches.ShardWindows` groups an epoch by."""
+        shard_ids, shard_bytes, first = [], [], 0
+        for samples, sub in self.parts:
+            shards = samples.index.shard if sub is None else samples.index.shard[sub]
+            shard_ids.append(torch.from_numpy(shards.astype(np.int64) + first))
+            shard_bytes.append(torch.from_numpy(samples.index.shard_bytes()))
+            first += len(samples.index.shard_uris)
+        return torch.cat(shard_ids), torch.cat(shard_bytes)
 
     def image(self, position: int) -> torch.Tensor:
         part = int(np.searchsorted(self.ends, position, side="right"))

@@ -20,13 +20,14 @@ from unsupft.data.augment import DEFAULT_AUGMENTS, moco_v2_augment, parse_augmen
 from unsupft.preprocess import to_input
 from unsupft.data.mixing import cutmix, mixup
 from unsupft.data.samples import Mixture, default_workers
+from unsupft.data.shardcache import window_bytes
 from unsupft.preprocess import fit
 from unsupft.errors import UserError
 from unsupft.models import ARCHS, build_backbone, load_backbone, save_model
 from unsupft.models.io import describe
 from unsupft.models.moco import MoCo, save_moco
 from unsupft import distributed
-from unsupft.train.batches import EpochOrder, LoaderBatches
+from unsupft.train.batches import EpochOrder, LoaderBatches, ShardWindows, Shuffled
 from unsupft.train.loop import LoopConfig, TrainTask, train, unwrap
 
 MIXES = ("cutmix", "mixup", "none")
@@ -185,7 +186,12 @@ def run_moco(run: stage.StageRun, task: MoCoTask, images: Mixture, size: list[in
              shared: MoCoOptions, lr_per_256: float, resolved: dict[str, Any]) -> None:
     """Resolve length and lr, train, and write the stage outputs: config.json first, metrics.jsonl
     and checkpoint.pt by the loop, then model.pt, moco.pt and _DONE.json last."""
-    epoch_size = order.size if order else len(images)
+    # read a window of shards at a time (docs/data.md): what makes S3 fast; small sets are unchanged
+    order = ShardWindows(order or Shuffled(len(images), shared.seed), *images.shard_layout(), window_bytes(),
+                         shared.seed)
+    epoch_size = order.size
+    if order.windowed:
+        resolved = {**resolved, "shuffle_window_bytes": order.window_bytes}
     batch_size = shared.batch_size
     steps = steps_for(shared.steps, DEFAULT_EPOCHS if shared.steps is None and shared.epochs is None else shared.epochs,
                       epoch_size, batch_size)

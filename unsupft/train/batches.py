@@ -41,6 +41,37 @@ class Shuffled:
         return torch.randperm(self.size, generator=g)
 
 
+class ShardWindows:
+    """`base`'s epochs (the same indices) regrouped so that reading them touches a few shards at a time.
+
+    Per epoch, a seeded order of the shards is cut into windows of about `window_bytes` (consecutive
+    shards in that order, a window closing once its shards reach the size), and the epoch's indices
+    are shuffled within their window, the windows following one another. A batch then draws from
+    the few shards of one window (two at a window's edge), which is what lets a reader fetch each
+    shard whole once per epoch instead of one request per sample. Still a pure function of
+    (seed, epoch), so resume stays exact. When every shard fits in one window the epoch is `base`'s
+    unchanged: small data sets train exactly as with a full shuffle.
+    """
+
+    def __init__(self, base: EpochOrder, shard_of: torch.Tensor, shard_bytes: torch.Tensor, window_bytes: int,
+                 seed: int) -> None:
+        self.base, self.shard_of, self.shard_bytes = base, shard_of, shard_bytes
+        self.window_bytes, self.seed, self.size = max(1, window_bytes), seed, base.size
+        self.windowed = int(shard_bytes.sum()) > window_bytes
+
+    def __call__(self, epoch: int) -> torch.Tensor:
+        indices = self.base(epoch)
+        if not self.windowed:
+            return indices
+        g = torch.Generator().manual_seed(mix_seed(self.seed, epoch, 2))
+        shard_order = torch.randperm(len(self.shard_bytes), generator=g)
+        in_order = self.shard_bytes[shard_order]
+        window = torch.empty_like(shard_order)
+        window[shard_order] = (torch.cumsum(in_order, 0) - in_order) // self.window_bytes
+        shuffled = indices[torch.randperm(len(indices), generator=g)]
+        return shuffled[torch.argsort(window[self.shard_of[shuffled]], stable=True)]
+
+
 class StepBatchSampler:
     """Yields, for steps `start_step`..`steps-1`, this rank's `[(index, sample_seed), ...]`."""
 
