@@ -59,7 +59,7 @@ def test_killed_streaming_run_from_s3_resumes_to_the_weights_of_a_local_run(tmp_
     assert not (split / "_DONE.json").exists()
     subprocess.run(args(s3_uri, 2, split), env=env, check=True, capture_output=True)
 
-    assert json.loads((split / "config.json").read_text())["shuffle_window_bytes"] == int(0.3 * 2**20)
+    assert json.loads((split / "config.json").read_text())["resolved"]["shuffle_window_bytes"] == int(0.3 * 2**20)
     whole = checkpoint.load(str(tmp_path / "whole" / "moco.pt"))["moco"]
     resumed = checkpoint.load(str(split / "moco.pt"))["moco"]
     for name, value in whole.items():

@@ -656,6 +656,21 @@ def delete_prefix(uri: str) -> None:
     shutil.rmtree(_local(uri), ignore_errors=True)
 
 
+def copy_prefix(src: str, dst: str) -> list[str]:
+    """Copy every object below `src` to the same relative names below `dst`; returns the names."""
+    names = list_prefix(src)
+    for name in names:
+        src_uri, dst_uri = join(src, name), join(dst, name)
+        if is_s3(src) and is_s3(dst):
+            sb, sk = _split_s3(src_uri)
+            db, dk = _split_s3(dst_uri)
+            _retrying(src_uri, lambda: _s3_client().copy({"Bucket": sb, "Key": sk}, db, dk))
+        else:
+            with open_read(src_uri) as stream:
+                upload_stream(dst_uri, stream)
+    return names
+
+
 def local_path(uri: str) -> Path | None:
     """The local filesystem path of a file/plain URI, or None for remote URIs."""
     return None if is_s3(uri) else _local(uri)
