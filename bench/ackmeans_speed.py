@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from sklearn.cluster import KMeans
 
-from unsupft.eval.features import default_device
+from unsupft.distributed import default_device
 from unsupft.select.ackmeans import ackmeans
 
 

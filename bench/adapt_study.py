@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from unsupft.data import load_arrays
 from unsupft.data.encode import Encoding, encode_array
 from unsupft.data.shards import Sample, write_dataset
-from unsupft.data.augment import to_input
+from unsupft.preprocess import to_input
 from unsupft.models import load_backbone
 
 COMMON = ["--batch-size", "64", "--queue-size", "512", "--key-momentum", "0.99", "--augment", "crop,jitter",

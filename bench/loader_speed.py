@@ -7,7 +7,7 @@ what limits images/s. Three variants make two MoCo v2 views of 28x28 grayscale i
 in one process with the same thread count, interleaved over rounds (best round reported):
 
 - `bare`: a plain loop, `augment(x)` twice per sample, stacked (no seeding, not resumable): the peer;
-- `loader`: `unsupft.train.moco_stage.two_view_batches` with 0 workers (what the stages run);
+- `loader`: `unsupft.stages.moco_common.two_view_batches` with 0 workers (what the stages run);
 - `loader, torch.manual_seed`: the same loader with each sample seeded by `torch.manual_seed`, as
   it was before: that also queues a seed for every accelerator backend and records a stack trace.
 
@@ -23,9 +23,10 @@ import time
 import torch
 
 from in_memory import TensorImages
-from unsupft.data.augment import DEFAULT_AUGMENTS, moco_v2_augment, parse_augments, to_input
+from unsupft.data.augment import DEFAULT_AUGMENTS, moco_v2_augment, parse_augments
+from unsupft.preprocess import to_input
 from unsupft.train.batches import SeededDataset
-from unsupft.train.moco_stage import two_view_batches
+from unsupft.stages.moco_common import two_view_batches
 
 BATCH = 256
 

@@ -26,7 +26,8 @@ import time
 import torch
 
 import unsupft._torchvision  # noqa: F401  (before lightly imports torchvision)
-from unsupft.data.augment import moco_v2_augment, to_input
+from unsupft.data.augment import moco_v2_augment
+from unsupft.preprocess import to_input
 from unsupft.models import build_backbone
 
 
@@ -37,16 +38,26 @@ def batches(n_batches: int, batch: int) -> list[tuple[torch.Tensor, torch.Tensor
     return [tuple(torch.stack([to_input(augment(x)) for x in images]) for _ in range(2)) for _ in range(n_batches)]
 
 
+class Pregenerated:
+    """The same pre-made batches for both libraries, as the loop's BatchSource."""
+
+    def __init__(self, data) -> None:
+        self.data = data
+
+    def batches(self, start_step: int, steps: int, rank: int = 0, world_size: int = 1):
+        return (self.data[i % len(self.data)] for i in range(start_step, steps))
+
+
 def run_unsupft(data, steps: int) -> float:
     from unsupft.models.moco import MoCo
     from unsupft.train.loop import LoopConfig, train
-    from unsupft.train.moco_stage import MoCoTask
+    from unsupft.stages.moco_common import MoCoTask
 
     moco = MoCo(build_backbone("tiny", 1), queue_size=4096, momentum=0.99)
     with tempfile.TemporaryDirectory() as out:
         cfg = LoopConfig(out=out, steps=steps, lr=0.03, progress=False, log_every=steps, amp="auto")
         start = time.perf_counter()
-        train(MoCoTask(moco), (data[i % len(data)] for i in range(steps)), cfg)
+        train(MoCoTask(moco), Pregenerated(data), cfg)
         return time.perf_counter() - start
 
 

@@ -31,7 +31,8 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 from sections import publish  # noqa: E402
-from unsupft import seaweedfs, store  # noqa: E402
+from unsupft import store
+from tests import seaweedfs  # noqa: E402
 from unsupft.data import open_samples  # noqa: E402
 from unsupft.data.samples import Fitted, batches_of  # noqa: E402
 

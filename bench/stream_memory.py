@@ -41,7 +41,7 @@ from sections import publish  # noqa: E402
 from unsupft.data import load_arrays, open_samples  # noqa: E402
 from unsupft.data.augment import DEFAULT_AUGMENTS  # noqa: E402
 from unsupft.data.samples import Mixture  # noqa: E402
-from unsupft.train.moco_stage import two_view_batches  # noqa: E402
+from unsupft.stages.moco_common import two_view_batches  # noqa: E402
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 BASE = 10_000

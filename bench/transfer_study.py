@@ -22,7 +22,7 @@ import torch
 from unsupft.data import load_arrays
 from unsupft.eval.metrics import top1_accuracy
 from unsupft.models import load_backbone
-from unsupft.train.fewshot import draw_shots
+from unsupft.eval.fewshot import draw_shots
 from unsupft.train.transfer import finetune, predict
 
 

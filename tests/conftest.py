@@ -15,8 +15,8 @@ from typing import Iterator
 
 import pytest
 
-from unsupft import seaweedfs
-from unsupft.seaweedfs import S3Server
+from tests import seaweedfs
+from tests.seaweedfs import S3Server
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -85,7 +85,7 @@ def ingest():
     """Run `unsupft ingest` in-process (CliRunner): fast, and sees this test's S3 settings."""
     from click.testing import CliRunner
 
-    from unsupft.data.ingest import ingest_command
+    from unsupft.stages.ingest import ingest_command
 
     def run(*args) -> None:
         result = CliRunner().invoke(ingest_command, [str(a) for a in args], catch_exceptions=False)

@@ -19,8 +19,8 @@ from unsupft._torchvision import torchvision
 from unsupft.errors import UserError
 from unsupft.models import load_backbone
 from unsupft.models.io import describe
-from unsupft.train.moco_stage import init_moco
-from unsupft.train.transfer_stage import transfer_command
+from unsupft.stages.moco_common import init_moco
+from unsupft.stages.transfer import transfer_command
 from unsupft.trust import TRUST_ENV
 
 

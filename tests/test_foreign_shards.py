@@ -70,13 +70,13 @@ def test_pretrain_adapt_transfer_evaluate_on_foreign_shards(shards: str, tmp_pat
     unsupft("pretrain", "--data", train, "--image-size", 8, "--out", base, "--steps", 2, *SMALL)
     _, meta = load_backbone(str(base))
     assert meta["in_channels"] == 1 and meta["image_size"] == [8, 8]
-    assert json.loads((base / "config.json").read_text())["samples_per_epoch"] == 160
+    assert json.loads((base / "config.json").read_text())["resolved"]["samples_per_epoch"] == 160
 
     adapted = tmp_path / "adapted"
     unsupft("adapt", "--init", base, "--target", test, "--replay-source", train, "--replay-fraction", 0.25,
             "--image-size", 8, "--out", adapted, "--steps", 2, *SMALL)
     config = json.loads((adapted / "config.json").read_text())
-    assert config["replayed_images"] == 40 and config["samples_per_epoch"] == 60 + 40
+    assert config["resolved"]["replayed_images"] == 40 and config["resolved"]["samples_per_epoch"] == 60 + 40
 
     colour = tmp_path / "colour"  # img2dataset-style: unlabeled colour images, a prefix of tars
     unsupft("pretrain", "--data", f"{shards}/i2d", "--image-size", 8, "--out", colour, "--steps", 2, *SMALL)

@@ -19,7 +19,8 @@ from PIL import Image
 
 from unsupft import store
 from unsupft.data import load_arrays, read_info
-from unsupft.data.ingest import ingest_command, select
+from unsupft.data.ingest import select
+from unsupft.stages.ingest import ingest_command
 from unsupft.data.sources import FASHION_MNIST_CLASSES, open_source
 
 

@@ -17,7 +17,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from unsupft import store
-from unsupft.data.ingest import ingest_command
+from unsupft.stages.ingest import ingest_command
 from tests.test_foreign_shards import SMALL, local_shards, shards, unsupft  # noqa: F401  (fixtures)
 
 
@@ -122,7 +122,7 @@ def test_webdataset_and_pretrain_read_the_ingested_set(local_shards: Path, tmp_p
     assert len(samples) == 160 and all(s["jpg"].shape == (8, 8) and 0 <= s["cls"] <= 9 for s in samples)
     run = tmp_path / "run"
     unsupft("pretrain", "--data", tmp_path / "set", "--out", run, "--steps", 2, *SMALL)  # image_size from the manifest
-    assert json.loads((run / "config.json").read_text())["samples_per_epoch"] == 160
+    assert json.loads((run / "config.json").read_text())["resolved"]["samples_per_epoch"] == 160
 
 
 @pytest.mark.parametrize("case,message", [

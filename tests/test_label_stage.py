@@ -24,7 +24,7 @@ pytest.importorskip("unsupft.train.transfer", reason="needs unsupft.train.transf
 def digits(tmp_path_factory):
     from click.testing import CliRunner
 
-    from unsupft.data.ingest import ingest_command
+    from unsupft.stages.ingest import ingest_command
 
     root = tmp_path_factory.mktemp("digits")
     for name, extra in (("train", ["--limit", "300", "--seed", "0"]), ("test", ["--limit", "200", "--seed", "1"])):

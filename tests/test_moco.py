@@ -9,7 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from unsupft.data.augment import moco_v2_augment, to_input
+from unsupft.data.augment import moco_v2_augment
+from unsupft.preprocess import to_input
 from unsupft.data.mixing import cutmix, mixup, rebalanced, replay_subset, with_replay
 from unsupft.losses import infonce_loss, mixed_query_loss
 from unsupft.models import build_backbone

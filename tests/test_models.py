@@ -7,7 +7,7 @@ import torch
 
 from unsupft import checkpoint
 from unsupft.errors import UserError
-from unsupft.eval.features import extract_features
+from unsupft.models.features import extract_features
 from unsupft.models import ARCHS, Preprocess, build_backbone, load, load_backbone, save_model
 from unsupft._torchvision import torchvision
 

@@ -16,7 +16,8 @@ from PIL import Image
 from unsupft import store
 from unsupft.data import load_arrays, open_samples, read_info
 from unsupft.data.index import cache_dir
-from unsupft.data.samples import Fitted, batches_of, fit
+from unsupft.data.samples import Fitted, batches_of
+from unsupft.preprocess import fit
 from unsupft.errors import UserError
 
 

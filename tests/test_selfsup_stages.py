@@ -54,7 +54,7 @@ def test_pretrain_writes_the_stage_outputs_and_chains(digits, tmp_path):
     unsupft("pretrain", "--data", digits / "src", "--target", digits / "tgt", "--target-ratio", 0.5, "--init", out,
             "--freeze", "bn-only", "--out", nxt, "--steps", 3, *SMALL)
     config = json.loads((nxt / "config.json").read_text())
-    assert config["head"] == "loaded" and config["samples_per_epoch"] == 300 + 150
+    assert config["resolved"]["head"] == "loaded" and config["resolved"]["samples_per_epoch"] == 300 + 150
     after, _ = load_backbone(str(nxt))
     for name, value in backbone.state_dict().items():
         same = torch.equal(value, after.state_dict()[name])
@@ -64,7 +64,8 @@ def test_pretrain_writes_the_stage_outputs_and_chains(digits, tmp_path):
     unsupft("adapt", "--init", nxt, "--target", digits / "tgt", "--replay-source", digits / "src", "--out", adapted,
             "--steps", 3, *SMALL)
     config = json.loads((adapted / "config.json").read_text())
-    assert config["replayed_images"] == 30 and config["mix"] == "cutmix" and config["samples_per_epoch"] == 230
+    assert config["resolved"]["replayed_images"] == 30 and config["mix"] == "cutmix"
+    assert config["resolved"]["samples_per_epoch"] == 230
     assert "mix" in json.loads((adapted / "metrics.jsonl").read_text().splitlines()[-1])
 
     bn = tmp_path / "bn"
@@ -150,3 +151,27 @@ def test_pretrain_to_s3_and_skip_when_done(digits, s3_uri):
     assert [json.loads(x)["step"] for x in store.read_text(f"{s3_uri}/metrics.jsonl").splitlines()] == [4]
     again = unsupft(*args)
     assert "already done" in again.stderr
+
+
+def test_a_finished_stage_skips_before_reading_its_inputs_and_a_changed_input_reruns(digits, tmp_path):
+    # The config hash covers the options and the inputs' manifests, not facts read from the data, so
+    # the done check needs neither the images nor the init's weights (issue 15).
+    import shutil
+
+    target = tmp_path / "tgt"
+    shutil.copytree(digits / "tgt", target)
+    base, adapted = tmp_path / "base", tmp_path / "adapted"
+    unsupft("pretrain", "--data", digits / "src", "--out", base, "--steps", 2, *SMALL)
+    args = ["adapt", "--init", base, "--target", target, "--out", adapted, "--steps", 2, *SMALL]
+    unsupft(*args)
+    for weights in ("model.pt", "moco.pt", "checkpoint.pt"):
+        (base / weights).unlink()
+    for shard in target.glob("*.tar"):
+        shard.unlink()
+    again = unsupft(*args)
+    assert "already done" in again.stderr
+    # the same target URI holding other images: its manifest changed, so the output is another config's
+    shutil.rmtree(target)
+    unsupft("ingest", "sklearn:digits", target, "--classes", "5,6,7,8,9", "--limit", "150")
+    changed = unsupft(*args, check=False)
+    assert changed.returncode == 2 and "another config (input_manifests" in changed.stderr, changed.stderr

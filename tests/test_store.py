@@ -193,7 +193,7 @@ def test_killed_writer_leaves_nothing_visible(store_uri: str, cli_env) -> None:
 
 
 def test_uri_forms_normalize_to_one_place(tmp_path, monkeypatch):
-    """A plain path, file:///abs and file://./rel (DESIGN.md's default store) name the same place."""
+    """A plain path, file:///abs and file://./rel (the default store of the pipeline examples) name the same place."""
     monkeypatch.chdir(tmp_path)
     expected = str(tmp_path / "runs")
     assert store.normalize("runs") == expected

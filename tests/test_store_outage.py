@@ -17,7 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from unsupft import checkpoint, seaweedfs, store
+from unsupft import checkpoint, store
+
+from tests import seaweedfs
 from unsupft.errors import EXIT_INFRA
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -13,7 +13,8 @@ from torch import nn
 
 from unsupft.models import build_backbone
 from unsupft.train.batches import LoaderBatches, StepBatchSampler, Shuffled
-from unsupft.train.loop import LoopConfig, TrainTask, lr_factor, seed_everything, train, unwrap
+from unsupft.train.loop import LoopConfig, TrainTask, lr_factor, train, unwrap
+from unsupft.seeding import seed_everything
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -154,7 +155,7 @@ def test_batches_are_a_function_of_the_step():
 def test_more_local_processes_than_gpus_is_a_clear_error(monkeypatch):
     """torchrun --nproc-per-node 2 on a one-GPU node: rank 1 must not die on a missing cuda:1."""
     from unsupft.errors import UserError
-    from unsupft.train import distributed
+    from unsupft import distributed
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")

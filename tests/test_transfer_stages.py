@@ -13,11 +13,11 @@ from click.testing import CliRunner
 
 from unsupft.data import load_arrays
 from unsupft.errors import UserError
-from unsupft.eval.evaluate import evaluate_command
+from unsupft.stages.evaluate import evaluate_command
 from unsupft.models import build_backbone, load_backbone, save_model
-from unsupft.train.fewshot import draw_shots
+from unsupft.eval.fewshot import draw_shots
 from unsupft.train.transfer import TransferModel, predict
-from unsupft.train.transfer_stage import transfer_command
+from unsupft.stages.transfer import transfer_command
 
 
 @pytest.fixture(scope="module")

@@ -105,11 +105,11 @@ def generate() -> dict[str, dict[str, dict[str, Any]]]:
     """The table of every stage command (imports the stages: torch and all)."""
     import importlib
 
-    from unsupft.cli import STAGES
+    from unsupft.registry import STAGES
 
     table = {}
-    for kind, target in sorted(STAGES.items()):
-        module_name, attr = target.split(":")
+    for kind, spec in sorted(STAGES.items()):
+        module_name, attr = spec.command.split(":")
         table[kind] = describe(getattr(importlib.import_module(module_name), attr))
     return json.loads(json.dumps(table))  # tuples -> lists, as read back from the file
 

@@ -1,8 +1,21 @@
-"""The stage contract shared by every `unsupft <stage>` command (see DESIGN.md, "A stage is a command").
+"""The stage contract shared by every `unsupft <stage>` command (docs/architecture.md, "The stage contract").
 
-A stage writes into its output URI: `config.json` (its resolved config) first, its artifacts, and
-last `_DONE.json` (config hash, inputs, outputs, versions, timings). A stage whose `_DONE.json`
-exists with the same config hash is complete; the controller skips it on a re-run.
+A stage writes into its output URI: `config.json` first, its artifacts, and last `_DONE.json`
+(config hash, inputs, outputs, versions, timings). Every stage goes through it the same way:
+
+    run = stage.start("transfer", out, options, inputs={"init": init, "train": train})
+    if run is None:
+        return                       # done under this config: nothing was read
+    ...read and check the inputs...
+    run.claim(image_size=size)       # config.json, with what was resolved from the data
+    ...train, write artifacts...
+    run.finish(trained_on=n)         # _DONE.json: the outputs are the files in --out
+
+The config hash covers the options and the manifests of the inputs (a stage output's config
+hash, a data set's `dataset.json`), never facts read from the data (image size, samples per
+epoch: recorded under "resolved" in config.json), so a finished stage skips before it opens its
+data or loads a model, and a stage whose input changed at the same URI runs again. The controller
+skips a stage whose `_DONE.json` holds the config hash it recorded.
 
 Outputs are owned, here once for every stage:
 - By one config. `is_done` and `write_config` refuse an output that holds another config's files,
@@ -21,7 +34,8 @@ import hashlib
 import json
 import platform
 import time
-from typing import Any, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Sequence
 
 import click
 
@@ -30,7 +44,9 @@ from unsupft.errors import UserError
 
 DONE = "_DONE.json"
 CONFIG = "config.json"
-METRICS = "metrics.jsonl"
+METRICS_FILE = "metrics.jsonl"
+DATASET_MANIFEST = "dataset.json"  # what identifies a data set input (written by unsupft.data.shards)
+RESOLVED = "resolved"  # the config.json key of facts read from the data: recorded, not hashed
 
 # This process's claims: output URI -> (its lease, the config hash it writes under).
 _claims: dict[str, tuple[lease.Lease, str]] = {}
@@ -49,9 +65,13 @@ overwrite_option: Callable[[Any], Any] = click.option(
     help="Empty --out first when it holds another config's (or a partial foreign) output, instead of refusing it.")
 
 
+def _identity(config: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in config.items() if k != RESOLVED}
+
+
 def config_hash(config: dict[str, Any]) -> str:
-    """Stable hash of a stage's resolved config (keys sorted, JSON-encoded)."""
-    blob = json.dumps(config, sort_keys=True, separators=(",", ":"), default=str)
+    """Stable hash of a stage's config (keys sorted, JSON-encoded), without what was resolved."""
+    blob = json.dumps(_identity(config), sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -63,6 +83,7 @@ def versions() -> dict[str, str]:
 
 def differences(old: dict[str, Any], new: dict[str, Any]) -> str:
     """`seed 0 -> 1, steps 100 -> 200` for the keys whose values differ (at most 6 named)."""
+    old, new = _identity(old), _identity(new)
     keys = sorted(k for k in set(old) | set(new) if old.get(k, "(absent)") != new.get(k, "(absent)"))
 
     def short(value: Any) -> str:
@@ -179,3 +200,51 @@ def write_done(
     store.write_json(store.join(out, DONE), manifest)
     _release(out)
     return manifest
+
+
+def input_manifest(uri: str) -> str | None:
+    """What identifies an input's content without reading its data: a stage output's config hash,
+    the hash of a data set's manifest; None for anything else (a checkpoint file, shards named by
+    a pattern), which is known by its URI alone."""
+    done = read_done(uri)
+    if done is not None:
+        return done.get("config_hash")
+    manifest = store.join(uri, DATASET_MANIFEST)
+    return hashlib.sha256(store.read_bytes(manifest)).hexdigest()[:16] if store.exists(manifest) else None
+
+
+@dataclass
+class StageRun:
+    """One stage invocation on its output, made by `start` once the output was found not done."""
+
+    name: str
+    out: str
+    config: dict[str, Any]
+    inputs: dict[str, str]
+    started: float = field(default_factory=time.time)
+
+    def claim(self, **resolved: Any) -> None:
+        """Take the output (writer lease, ownership check) and write config.json, with the facts
+        resolved from the data under "resolved". Call it before the first write to the output."""
+        if resolved:
+            self.config[RESOLVED] = resolved
+        write_config(self.out, self.config)
+
+    def finish(self, **extra: Any) -> dict[str, Any]:
+        """Write `_DONE.json`: the stage is complete, its outputs are the files in the output."""
+        outputs = [n for n in store.list_prefix(self.out) if n not in (lease.LEASE, DONE)]
+        return write_done(self.out, self.name, self.config, self.inputs, outputs, self.started, **extra)
+
+
+def start(name: str, out: str, options: dict[str, Any],
+          inputs: dict[str, str | Sequence[str] | None]) -> StageRun | None:
+    """The stage `name` with these options on `out`, or None (after saying so) when `out` is done
+    under them. `inputs` are the options naming data sets, models or files (None: not given)."""
+    uris = {k: [v] if isinstance(v, str) else list(v) for k, v in inputs.items() if v}
+    config = {"stage": name, **options,
+              "input_manifests": {k: [input_manifest(u) for u in given] for k, given in uris.items()}}
+    if is_done(out, config):
+        click.echo(f"{out}: already done (same config)", err=True)
+        return None
+    return StageRun(name, out, config, {k: ",".join(given) for k, given in uris.items()})
+

@@ -23,10 +23,10 @@ from pathlib import Path
 from typing import IO, Callable
 
 from unsupft import store
-from unsupft.cli import option_env_prefixes
 from unsupft.ctl import state as st
 from unsupft.ctl.spec import Pipeline
 from unsupft.errors import EXIT_WAITING_FOR_LABELS
+from unsupft.registry import option_env_prefixes
 from unsupft.trust import TRUST_ENV
 
 POLL_S = 0.2

@@ -2,7 +2,7 @@
 
 A stage is its `kind` plus parameters that map one to one onto the stage command's options
 (`replay_fraction: 0.1` -> `--replay-fraction 0.1`). Only which parameters are *inputs* is known
-per kind (`INPUTS`): their values name a data set or an earlier stage (or are literal URIs), and
+per kind (`unsupft.registry`): their values name a data set or an earlier stage (or are literal URIs), and
 they define the DAG. Every error names the file, the field and the line, so a typo in a 200-line
 pipeline is found at once, before anything runs.
 
@@ -28,18 +28,7 @@ import yaml
 
 from unsupft import store
 from unsupft.errors import UserError
-
-KINDS = ("pretrain", "bn-adapt", "adapt", "transfer", "label", "evaluate")
-
-# kind -> the parameters whose values refer to data sets or stages (the edges of the DAG).
-INPUTS: dict[str, tuple[str, ...]] = {
-    "pretrain": ("data", "target", "init"),
-    "bn-adapt": ("init", "data"),
-    "adapt": ("init", "target", "replay_source"),
-    "transfer": ("init", "train", "labels"),
-    "label": ("init", "data", "test"),
-    "evaluate": ("model", "train", "test"),
-}
+from unsupft.registry import PIPELINE_KINDS, STAGES
 
 # Names become Kubernetes object names and store folders: keep them DNS-label shaped.
 NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,38}[a-z0-9])?$")
@@ -130,12 +119,6 @@ class Pipeline:
     datasets: dict[str, str]
     stages: dict[str, Stage]  # in DAG order (every stage after the stages it needs)
     source: dict[str, Any]  # the document as written, frozen into run.json
-
-    def run_uri(self, run_id: str) -> str:
-        return store.join(self.store, "runs", run_id)
-
-    def stage_uri(self, run_id: str, stage: str) -> str:
-        return store.join(self.run_uri(run_id), stage)
 
 
 # Bounds of a pipeline file: far above any real pipeline, far below what hurts.
@@ -305,8 +288,8 @@ def _stage(where: _Where, sname: str, body: Any, datasets: dict[str, str], stage
     path = ("stages", sname)
     _expect(where, path, body, dict, "a mapping with 'kind' and the stage's parameters")
     kind = body.get("kind")
-    if kind not in KINDS:
-        raise where.error(path + ("kind",), f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    if kind not in PIPELINE_KINDS:
+        raise where.error(path + ("kind",), f"kind must be one of {', '.join(PIPELINE_KINDS)}, got {kind!r}")
     params: dict[str, Any] = {}
     lines: dict[str, int] = {}
     needs: set[str] = set()
@@ -319,7 +302,7 @@ def _stage(where: _Where, sname: str, body: Any, datasets: dict[str, str], stage
         key = key.replace("-", "_")
         if key == "out":
             raise where.error(ppath, "the controller sets each stage's output; remove 'out'")
-        if key in INPUTS[kind]:
+        if key in STAGES[kind].inputs:
             value = _resolve_inputs(where, ppath, value, datasets, stages, needs, sname)
         else:
             _check_value(where, ppath, value)

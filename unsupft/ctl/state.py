@@ -33,7 +33,6 @@ from unsupft.lease import process_alive, process_start  # noqa: F401 (the backen
 PENDING, RUNNING, WAITING, SUCCEEDED, FAILED, CANCELLED = (
     "pending", "running", "waiting-for-labels", "succeeded", "failed", "cancelled",
 )
-FINAL = (SUCCEEDED, FAILED, CANCELLED)
 RUN_FILE = "run.json"
 CANCEL_FILE = "_CANCEL"
 LOGS = "_logs"

@@ -1,4 +1,4 @@
-"""MoCo v2 augmentations (torchvision.transforms.v2), scaled for small images, and input scaling.
+"""MoCo v2 augmentations (torchvision.transforms.v2), scaled for small images.
 
 The MoCo v2 recipe is random resized crop (scale 0.2-1), colour jitter (0.4, 0.4, 0.4, 0.1; p=0.8),
 random grayscale (p=0.2), Gaussian blur (sigma 0.1-2, p=0.5) and horizontal flip. The blur kernel
@@ -12,31 +12,12 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import torch
-
 import unsupft._torchvision  # noqa: F401  (must precede torchvision imports)
 from torchvision.transforms import v2
 
 from unsupft.errors import UserError
 
 DEFAULT_AUGMENTS = ("crop", "jitter", "gray", "blur", "flip")
-_MEAN = {3: (0.485, 0.456, 0.406), 1: (0.449,)}
-_STD = {3: (0.229, 0.224, 0.225), 1: (0.226,)}
-
-
-def normalization(channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """(mean, std) per channel of the backbones' input: ImageNet's, averaged for 1 channel."""
-    return _MEAN[channels], _STD[channels]
-
-
-def to_input(images: torch.Tensor) -> torch.Tensor:
-    """uint8 images [..., C, H, W] -> normalised float input of the backbones (ImageNet statistics)."""
-    c = images.shape[-3]
-    mean = torch.tensor(_MEAN[c], device=images.device).view(c, 1, 1)
-    std = torch.tensor(_STD[c], device=images.device).view(c, 1, 1)
-    return (images.float() / 255 - mean) / std
-
-
 def moco_v2_augment(image_size: Sequence[int], augments: Sequence[str] = DEFAULT_AUGMENTS) -> v2.Compose:
     """A random view of a uint8 [C, H, W] image, still uint8 (apply `to_input` after)."""
     unknown = set(augments) - set(DEFAULT_AUGMENTS)

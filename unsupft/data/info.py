@@ -11,9 +11,10 @@ from pathlib import PurePosixPath
 
 from unsupft import store
 from unsupft.errors import UserError
+from unsupft.stage import DATASET_MANIFEST
 
 FORMAT = "unsupft-shards/1"
-INFO_NAME = "dataset.json"
+INFO_NAME = DATASET_MANIFEST  # a data set is known by it, also as a stage input (unsupft.stage)
 
 
 @dataclass(frozen=True)

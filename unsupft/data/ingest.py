@@ -27,7 +27,7 @@ import click
 import numpy as np
 from PIL import Image
 
-from unsupft import options, store
+from unsupft import store
 from unsupft.data.encode import (DEFAULT_QUALITY, FORMATS, KEEP, Encoding, UnreadableImage, encode_array, encode_bytes,
                                   encode_file, stored_size)
 from unsupft.data.index import SampleIndex
@@ -35,7 +35,7 @@ from unsupft.data.info import INFO_NAME
 from unsupft.data.samples import Samples, image_format, open_samples
 from unsupft.data.shards import CorruptShard, Sample, write_dataset
 from unsupft.data.sources import SourceData, is_shard_source, open_source
-from unsupft.errors import UserError, report_user_errors
+from unsupft.errors import UserError
 
 
 def resolve_classes(requested: str, classes: list[str]) -> list[int]:
@@ -154,40 +154,12 @@ def check_options(resize: int | None, fmt: str, quality: int, test_fraction: flo
         raise UserError(f"--quality: {quality} is not in 1..100")
 
 
-@click.command("ingest")
-@click.argument("source")
-@click.argument("out_uri")
-@click.option("--labels", "labels_file", metavar="FILE", help="IDX labels file for an IDX image SOURCE (gzip or not).")
-@click.option("--split", "test_fraction", type=float, metavar="FRACTION",
-              help="Share of each class that goes to OUT_URI/test; the rest goes to OUT_URI/train.")
-@click.option("--classes", metavar="LIST", help="Comma list of class names or ids to keep (renumbered 0..k-1).")
-@click.option("--limit", type=click.IntRange(min=1), help="Keep at most this many samples (a seeded random subset).")
-@click.option("--shard-size", type=click.IntRange(min=1), default=10000, show_default=True, help="Samples per shard.")
-@click.option("--unlabeled", is_flag=True, help="Drop the labels (an unlabeled data set).")
-@click.option("--seed", type=options.SEED, default=0, show_default=True, help="Seed of the subset, order and split.")
-@click.option("--resize", type=int, metavar="SHORT_SIDE",
-              help="Shrink images whose short side is longer to SHORT_SIDE pixels, keeping the aspect ratio.")
-@click.option("--format", "fmt", default=KEEP, show_default=True, metavar="[keep|jpg|png|webp]",
-              help="Stored image format; keep: a JPEG/PNG/WebP file stays in its format (its very bytes when "
-                   "it needs no change), arrays and other formats become PNG.")
-@click.option("--quality", type=int, default=DEFAULT_QUALITY, show_default=True,
-              help="JPEG/WebP quality of re-encoded images (1..100).")
-@click.option("--skip-corrupt", is_flag=True,
-              help="Leave out unreadable image files (counted and named) instead of stopping at the first.")
-@click.option("--overwrite", is_flag=True,
-              help="Replace a complete data set at OUT_URI (it stays readable until the new one is complete).")
-@report_user_errors
-def ingest_command(source: str, out_uri: str, labels_file: str | None, test_fraction: float | None,
-                   classes: str | None, limit: int | None, shard_size: int, unlabeled: bool, seed: int,
-                   resize: int | None, fmt: str, quality: int, skip_corrupt: bool, overwrite: bool) -> None:
-    """Write SOURCE as WebDataset shards plus dataset.json under OUT_URI.
-
-    SOURCE is a folder of class sub-folders of images (or a flat folder of images: unlabeled), an
-    IDX image file (with --labels), an .npz (arrays images/x, labels/y, optional class_names) or
-    sklearn:digits (8x8, kept at native size), or WebDataset shards: an unsupft data set, a .tar, a
-    folder or S3 prefix of tars, a brace pattern (images copied byte for byte; classes from their .cls
-    or .json labels). A folder's file paths are kept in sources.tsv.
-    """
+def ingest(source: str, out_uri: str, *, labels_file: str | None = None, test_fraction: float | None = None,
+           classes: str | None = None, limit: int | None = None, shard_size: int = 10000, unlabeled: bool = False,
+           seed: int = 0, resize: int | None = None, fmt: str = KEEP, quality: int = DEFAULT_QUALITY,
+           skip_corrupt: bool = False, overwrite: bool = False) -> None:
+    """Write `source` as WebDataset shards plus dataset.json under `out_uri` (or its train/ and test/
+    halves with `test_fraction`); the options are those of `unsupft ingest`."""
     check_options(resize, fmt, quality, test_fraction)
     out_uri = store.normalize(out_uri)
     part_uris = [out_uri] if test_fraction is None else [store.join(out_uri, "train"), store.join(out_uri, "test")]

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from unsupft.train.batches import mix_seed
+from unsupft.seeding import mix_seed
 
 
 @dataclass(frozen=True)

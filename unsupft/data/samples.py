@@ -25,13 +25,11 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-import unsupft._torchvision  # noqa: F401  (must precede torchvision imports)
-from torchvision.transforms.v2 import functional as TF
-
 from unsupft import store
 from unsupft.data.index import SampleIndex, open_index
 from unsupft.data.shards import CorruptShard
 from unsupft.errors import UserError
+from unsupft.preprocess import fit
 
 
 _OPEN_SHARDS = 64  # local shard files a process keeps open (an epoch's order visits them all)
@@ -53,17 +51,6 @@ def decode_image(data: bytes, channels: int, where: Callable[[], str]) -> torch.
         raise CorruptShard(f"{where()}: undecodable image ({exc})") from exc
     image = torch.from_numpy(pixels)
     return image.unsqueeze(0) if image.ndim == 2 else image.permute(2, 0, 1).contiguous()
-
-
-def fit(image: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    """Resize so the image covers `size` (H, W) keeping its aspect ratio, then centre-crop to it."""
-    height, width = (int(s) for s in size)
-    h, w = image.shape[-2:]
-    if (h, w) == (height, width):
-        return image
-    scale = max(height / h, width / w)
-    resized = TF.resize(image, [max(height, round(h * scale)), max(width, round(w * scale))], antialias=True)
-    return TF.center_crop(resized, [height, width])
 
 
 class Samples:

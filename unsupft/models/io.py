@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from unsupft import checkpoint
-from unsupft.data.augment import normalization
+from unsupft.preprocess import normalization
 from unsupft.errors import UserError
 from unsupft.models.backbones import ARCHS, build_backbone, guess_arch
 

@@ -28,15 +28,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from unsupft import checkpoint
+from unsupft import checkpoint, distributed
 from unsupft.losses import infonce_loss, mixed_query_loss, moco_logits
+from unsupft.models.heads import momentum_update, projection_head
 from unsupft.models.io import MOCO_FORMAT
-from unsupft.train import distributed
 
 
-def projection_head(in_dim: int, dim: int = 128) -> nn.Sequential:
-    """MoCo v2's 2-layer MLP head."""
-    return nn.Sequential(nn.Linear(in_dim, in_dim), nn.ReLU(inplace=True), nn.Linear(in_dim, dim))
 
 
 class MoCo(nn.Module):
@@ -54,30 +51,13 @@ class MoCo(nn.Module):
 
     def reset_key_encoder(self) -> None:
         """Key encoder := query encoder (at the start, and after loading new query weights)."""
-        for q, k in zip(self._query_params(), self._key_params()):
-            k.data.copy_(q.data)
-            k.requires_grad_(False)
-        for q, k in zip(self._query_buffers(), self._key_buffers()):
-            k.copy_(q)
+        for query, key in ((self.backbone, self.key_backbone), (self.head, self.key_head)):
+            key.load_state_dict(query.state_dict())
+            key.requires_grad_(False)
 
-    def _query_params(self):
-        return [*self.backbone.parameters(), *self.head.parameters()]
-
-    def _key_params(self):
-        return [*self.key_backbone.parameters(), *self.key_head.parameters()]
-
-    def _query_buffers(self):
-        return [*self.backbone.buffers(), *self.head.buffers()]
-
-    def _key_buffers(self):
-        return [*self.key_backbone.buffers(), *self.key_head.buffers()]
-
-    @torch.no_grad()
     def momentum_update(self) -> None:
-        """k <- m*k + (1-m)*q for every key-encoder parameter."""
-        keys, queries = self._key_params(), self._query_params()
-        torch._foreach_mul_(keys, self.momentum)
-        torch._foreach_add_(keys, queries, alpha=1 - self.momentum)
+        """The key encoder follows the query encoder (`unsupft.models.heads`: parameters only)."""
+        momentum_update((self.backbone, self.head), (self.key_backbone, self.key_head), self.momentum)
 
     def _in_splits(self, fn, x: torch.Tensor) -> torch.Tensor:
         if distributed.world_size() > 1 or self.bn_splits <= 1 or len(x) < 2 * self.bn_splits:

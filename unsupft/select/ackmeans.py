@@ -29,7 +29,7 @@ from typing import Literal, Sequence
 import torch
 import torch.nn.functional as F
 
-from unsupft.eval.features import default_device
+from unsupft.distributed import default_device
 
 Metric = Literal["l2", "cosine"]
 

@@ -27,7 +27,7 @@ from urllib.parse import unquote
 import click
 
 from unsupft import store
-from unsupft.errors import UserError, report_user_errors
+from unsupft.errors import UserError
 from unsupft.select.annotators import (
     UNSURE,
     classes_uri,
@@ -295,13 +295,3 @@ def serve_round(out: str, round_index: int, port: int = 0) -> str:
     answer = labels_uri(out, round_index)
     click.echo(f"wrote {answer}; resume with `unsupft label --resume --out {out}` (or let the controller retry)")
     return answer
-
-
-@click.command("annotate")
-@click.argument("run_or_uri")
-@click.option("--port", type=click.IntRange(0, 65535), default=0, show_default=True, help="0 = any free port")
-@report_user_errors
-def annotate_command(run_or_uri: str, port: int) -> None:
-    """Label the waiting round of a label stage (its --out URI, or a run prefix containing one)."""
-    out, round_index = find_waiting_round(store.normalize(run_or_uri))
-    serve_round(out, round_index, port)

@@ -26,18 +26,21 @@ from __future__ import annotations
 import csv
 import io
 import json
-import sys
-import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol, Sequence
 
 import click
 import torch
 
-from unsupft import checkpoint, options, stage, store
-from unsupft.errors import EXIT_WAITING_FOR_LABELS, UserError, report_user_errors
+from unsupft import store
+from unsupft.data.samples import Fitted, image_size_of, open_samples
+from unsupft.errors import UserError
+from unsupft.models import load, load_backbone, save_model
+from unsupft.models.features import extract_features
+from unsupft.models.io import describe
 from unsupft.select.ackmeans import ackmeans
-from unsupft.select.annotators import Annotator, ManualAnnotator, OracleAnnotator, WaitingForLabels
+from unsupft.select.annotators import Annotator, ManualAnnotator, OracleAnnotator
+from unsupft.train.transfer import finetune, predict
 
 STATE = "state.json"
 
@@ -87,6 +90,11 @@ class LabelConfig:
     epochs: int = 30
     seed: int = 0
     metric: str = "cosine"
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], out: str) -> "LabelConfig":
+        """The run a stored config.json describes, in `out` (its other keys are the contract's)."""
+        return cls(**{k: v for k, v in config.items() if k in cls.__dataclass_fields__ and k != "out"}, out=out)
 
     def as_dict(self) -> dict[str, Any]:
         """The stage config (config.json, its hash): where the run lives is not part of it, so a
@@ -235,59 +243,46 @@ def run_label(
 
 class TransferEngine:
     """The real engine: `unsupft.models` backbones, `unsupft.train.transfer.finetune`, and
-    `unsupft.eval.features.extract_features`."""
+    `unsupft.models.features.extract_features`."""
 
     def __init__(self) -> None:
-        try:
-            from unsupft.eval.features import extract_features
-            from unsupft.models import load_backbone, save_model
-            from unsupft.models.io import describe
-            from unsupft.train.transfer import finetune, predict
-        except ImportError as exc:  # a partial build: say what is missing instead of a traceback
-            raise UserError(f"the label stage needs finetuning and feature extraction: {exc}") from exc
-        self._extract, self._load, self._save = extract_features, load_backbone, save_model
-        self._finetune, self._predict, self._describe = finetune, predict, describe
         self._described: set[str] = set()  # the init line is printed once per process, not per round
 
     def features(self, model_uri: str, images: Any) -> torch.Tensor:
-        backbone, meta = self._load(model_uri)
-        return self._extract(backbone, images, image_size=meta.get("image_size"))
+        backbone, meta = load_backbone(model_uri)
+        return extract_features(backbone, images, image_size=meta.get("image_size"))
 
     def check_init(self, init: str, channels: int) -> None:
         """Load `init` once before anything is written: a missing or foreign model is refused early."""
-        self._load(init, in_channels=channels)
+        load_backbone(init, in_channels=channels)
 
     def guesses(self, model_uri: str, images: torch.Tensor) -> list[int]:
         """The classes a finetuned `model.pt` predicts for a round's (few) images."""
-        from unsupft.models import load
-
         model, preprocess = load(model_uri)
         with torch.no_grad():
             return model(preprocess(images)).argmax(1).tolist()
 
     def image_size(self, model_uri: str) -> list[int] | None:
         """The input size recorded with a model (None when it has none)."""
-        return self._load(model_uri)[1].get("image_size")
+        return load_backbone(model_uri)[1].get("image_size")
 
     def finetune(self, init, images, labels, classes, out, *, method, epochs, seed, test):
-        backbone, meta = self._load(init)
+        backbone, meta = load_backbone(init)
         if init not in self._described:
             self._described.add(init)
-            click.echo(f"init: {self._describe(meta)}", err=True)
-        model = self._finetune(backbone, meta, images, labels, len(classes), method=method, epochs=epochs,
-                               seed=seed, out=out)
-        self._save(store.join(out, "model.pt"), model.backbone, meta["arch"], meta["in_channels"],
+            click.echo(f"init: {describe(meta)}", err=True)
+        model = finetune(backbone, meta, images, labels, len(classes), method=method, epochs=epochs,
+                         seed=seed, out=out)
+        save_model(store.join(out, "model.pt"), model.backbone, meta["arch"], meta["in_channels"],
                    meta.get("image_size") or list(images.shape[-2:]), classifier=model.fc, classes=list(classes))
         if test is None:
             return None
-        return float((self._predict(model, test[0]) == test[1]).float().mean())
+        return float((predict(model, test[0]) == test[1]).float().mean())
 
 
 def load_target(uri: str, image_size: Sequence[int] | None) -> Target:
     """The target, read lazily at `image_size` (the model's, else the manifest's): features are
     extracted batch by batch, and only the labeled samples are ever loaded together."""
-    from unsupft.data.samples import Fitted, image_size_of, open_samples
-
     samples = open_samples(uri)
     if not samples.classes:
         raise UserError(f"{uri}: the label stage needs the class names in dataset.json")
@@ -308,68 +303,3 @@ def make_annotator(cfg: LabelConfig, target: Target, engine: Engine | None = Non
         return {k: target.classes[i] for k, i in zip(keys, ids)}
 
     return ManualAnnotator(cfg.out, target.classes, lambda key: target.images[index[key]], guesses)
-
-
-@click.command("label")
-@click.option("--init", help="Model to start from (model.pt, moco.pt or a stage output URI).")
-@click.option("--data", help="Target data set URI (shards; labels used only by --annotator oracle).")
-@click.option("--test", default=None, help="Labeled test set URI: per-round accuracy in rounds.jsonl.")
-@click.option("--budget", type=options.number(0, 10_000), default=1.0, show_default=True,
-              help="Extra labels per class on average (epsilon): epsilon*C labels beyond the initial set.")
-@click.option("--per-round", type=options.count(1, 10_000), default=1, show_default=True,
-              help="b: K = b*C new centers (labels) per round; the last round takes what is left.")
-@click.option("--initial", default="seeded", show_default=True,
-              help="'seeded': one per class chosen by --seed (manual: the C ACKMeans eigen-samples), "
-                   "or a CSV of keys (optional label column).")
-@click.option("--annotator", type=click.Choice(["oracle", "manual"]), default="oracle", show_default=True)
-@click.option("--selector", type=click.Choice(["ackmeans", "random"]), default="ackmeans", show_default=True)
-@click.option("--method", type=click.Choice(["ce", "coin", "bituning"]), default="ce", show_default=True)
-@click.option("--epochs", type=options.EPOCHS, default=30, show_default=True)
-@click.option("--seed", type=options.SEED, default=0, show_default=True)
-@click.option("--out", required=True, help="Output URI (state, requests, labels, models).")
-@click.option("--resume", is_flag=True, help="Continue the run in --out with its stored config (other options may be left out).")
-@checkpoint.trust_option
-@stage.overwrite_option
-@report_user_errors
-def label_command(resume: bool, **options: Any) -> None:
-    """Progressive few-label transfer: ACKMeans selection, annotation and finetuning, round by round."""
-    started = time.time()
-    out = store.normalize(options["out"])
-    stored = store.join(out, stage.CONFIG)
-    if resume:
-        if not store.exists(stored):
-            raise UserError(f"{out}: nothing to resume (no {stage.CONFIG})")
-        cfg = LabelConfig(**{**store.read_json(stored), "out": out})
-    else:
-        missing = [name for name in ("init", "data") if not options[name]]
-        if missing:
-            raise UserError(f"missing --{' and --'.join(missing)} (or pass --resume to continue a run)")
-        cfg = LabelConfig(**{**options, "out": out})
-        if store.exists(stored) and store.read_json(stored) != cfg.as_dict():
-            raise UserError(f"{out}: holds a label run with another config; use --resume or another --out")
-    if stage.is_done(out, cfg.as_dict()):
-        click.echo(f"{out}: already done")
-        return
-    # Every input is read and checked before the first write (a refused run leaves --out untouched).
-    engine = TransferEngine()
-    target = load_target(cfg.data, engine.image_size(cfg.init))
-    test = None
-    if cfg.test:
-        from unsupft.data.samples import Fitted, open_samples
-
-        t = open_samples(cfg.test, target.images.samples.channels)
-        test = (Fitted(t, target.images.size), t.labels)
-    engine.check_init(cfg.init, target.images.samples.channels)
-    if cfg.initial != "seeded":
-        initial_keys(cfg, target, engine)  # the key file: readable, known keys and classes
-    stage.write_config(out, cfg.as_dict())
-    try:
-        state = run_label(cfg, target, make_annotator(cfg, target, engine), engine, test,
-                          log=lambda line: click.echo(line, err=True))
-    except WaitingForLabels as waiting:
-        click.echo(str(waiting))
-        sys.exit(EXIT_WAITING_FOR_LABELS)
-    final = model_uri(out, state.round)
-    store.write_bytes(store.join(out, "model.pt"), store.read_bytes(final))
-    stage.write_done(out, "label", cfg.as_dict(), {"init": cfg.init, "data": cfg.data, "test": cfg.test or ""},
-                     ["model.pt", "labels.csv", "rounds.jsonl", STATE], started, labels=len(state.labeled))

@@ -18,16 +18,7 @@ from typing import Any, Callable, Iterator, Protocol, Sequence
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-_SEED_MIX = 0x9E3779B97F4A7C15  # golden-ratio constant: spreads (seed, position) pairs apart
-
-
-def mix_seed(*parts: int) -> int:
-    """A 63-bit seed from integers (stable across runs and platforms)."""
-    h = 0
-    for p in parts:
-        h = (h * 6364136223846793005 + (int(p) ^ _SEED_MIX) + 1442695040888963407) % (1 << 64)
-    return h >> 1
-
+from unsupft.seeding import mix_seed
 
 class EpochOrder(Protocol):
     """What a training epoch consists of: a fixed number of indices, reordered per epoch."""

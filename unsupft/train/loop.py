@@ -7,7 +7,8 @@ API
 ---
 ::
 
-    from unsupft.train.loop import LoopConfig, TrainTask, train, seed_everything
+    from unsupft.train.loop import LoopConfig, TrainTask, train
+    from unsupft.seeding import seed_everything
 
     class MyTask(TrainTask):
         def __init__(self, backbone, fc):
@@ -46,12 +47,10 @@ API
   scalar tensor) and a dict of scalar metrics (floats or 0-d tensors). The loop calls `backward`,
   clips (only when `cfg.grad_clip` is set), steps the optimizer, and sets every group's lr for the
   next step. `step` counts from 0 and is never repeated or skipped across a resume.
-- Batches: `data` is either a *BatchSource* -- an object with
+- Batches: `data` is a *BatchSource*, an object with
   `batches(start_step, steps, rank, world_size) -> iterator of batches` that yields exactly the
   batches of steps `start_step..steps-1` for this rank (see `unsupft.train.batches.LoaderBatches`,
-  which does this deterministically, so a resumed run sees the same data as an uninterrupted one) --
-  or any iterable of batches (iterated afresh from its start on resume and whenever it runs out,
-  so the data order then differs from an uninterrupted run). A
+  which does this deterministically, so a resumed run sees the same data as an uninterrupted one). A
   batch may be a tensor or any nesting of tuples/lists/dicts of tensors; tensors are moved to the
   device (4-d float tensors to channels-last when enabled).
 - Schedule: linear warm-up over `warmup_steps` from lr/warmup_steps to lr, then cosine to
@@ -96,10 +95,10 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from unsupft import checkpoint, stage, store
+from unsupft import checkpoint, distributed, stage, store
 from unsupft.errors import UserError
-from unsupft.stage import METRICS
-from unsupft.train import distributed
+from unsupft.seeding import seed_everything
+from unsupft.stage import METRICS_FILE
 
 CHECKPOINT = "checkpoint.pt"
 CHECKPOINT_FORMAT = "unsupft-train/1"
@@ -155,13 +154,6 @@ class TrainTask:
 def unwrap(model: nn.Module) -> nn.Module:
     """The module inside a DDP wrapper (or the module itself)."""
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch (all devices)."""
-    random.seed(seed)
-    np.random.seed(seed % (1 << 32))
-    torch.manual_seed(seed)
 
 
 def cpu_has_native_bf16() -> bool:
@@ -263,7 +255,7 @@ class _MetricsLog:
     """metrics.jsonl (rank 0): appended locally line by line, rewritten whole on S3 at checkpoints."""
 
     def __init__(self, out: str, resume_step: int | None, enabled: bool) -> None:
-        self.uri = store.join(out, METRICS)
+        self.uri = store.join(out, METRICS_FILE)
         self.enabled = enabled
         self.local = store.local_path(self.uri)
         self.lines: list[str] = []
@@ -406,8 +398,7 @@ def train(task: TrainTask, data: Any, cfg: LoopConfig) -> TrainResult:
 
     last: dict[str, float] = {}
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-    batches: Iterator[Any] = (
-        data.batches(start, cfg.steps, d.rank, d.world_size) if hasattr(data, "batches") else iter(data))
+    batches: Iterator[Any] = data.batches(start, cfg.steps, d.rank, d.world_size)
     tick, samples = time.perf_counter(), 0
     try:
         for step in range(start, cfg.steps):
@@ -416,12 +407,7 @@ def train(task: TrainTask, data: Any, cfg: LoopConfig) -> TrainResult:
             try:
                 batch = next(batches)
             except StopIteration:
-                if hasattr(data, "batches"):
-                    raise RuntimeError(f"batch source ended before step {step}") from None
-                batches = iter(data)  # a plain iterable's next pass (a DataLoader reshuffles)
-                batch = next(batches, None)
-                if batch is None:
-                    raise RuntimeError("the data yielded no batches") from None
+                raise RuntimeError(f"batch source ended before step {step}") from None
             samples += _batch_len(batch)
             batch = _to_device(batch, device, channels_last)
             with autocast:

@@ -10,7 +10,7 @@ per sample in the DataLoader workers; `labels` long [N].
 The returned `TransferModel` holds the finetuned `backbone` and a linear `fc`; the stage saves both
 with `unsupft.models.save_model`. Training runs in the one loop, `unsupft.train.loop.train`
 (checkpoint/resume, metrics, device, AMP), over `LoaderBatches` (seeded per-sample augmentation).
-Methods (DESIGN.md, "transfer"):
+Methods:
 - `ce`: a new linear classifier at lr 3.0 over the backbone at lr 1e-4, SGD with momentum 0.9, no
   weight decay (the few-shot protocol of the seeds), cosine decay over the run, random crop +
   horizontal flip;
@@ -42,9 +42,12 @@ from torch.utils.data import Dataset
 from unsupft import losses
 from unsupft.data.samples import batches_of, default_workers
 from unsupft.errors import UserError
-from unsupft.eval.features import extract_features, preprocess
+from unsupft.models.features import extract_features
+from unsupft.models.heads import momentum_update, projection_head
+from unsupft.preprocess import preprocess
 from unsupft.train.batches import LoaderBatches
-from unsupft.train.loop import LoopConfig, TrainTask, seed_everything, train, unwrap
+from unsupft.train.loop import LoopConfig, TrainTask, train, unwrap
+from unsupft.seeding import seed_everything
 
 METHODS = ("ce", "coin", "bituning", "linear")
 COIN_SUPCON_WEIGHT = 0.1
@@ -61,11 +64,6 @@ class TransferModel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.backbone(x))
-
-
-def projector(in_dim: int, out_dim: int = 128) -> nn.Module:
-    """The MLP head that contrastive losses act on (features for the classifier stay untouched)."""
-    return nn.Sequential(nn.Linear(in_dim, in_dim), nn.ReLU(inplace=True), nn.Linear(in_dim, out_dim))
 
 
 def augment(x: torch.Tensor) -> torch.Tensor:
@@ -131,7 +129,7 @@ class _FinetuneTask(TrainTask):
                  queue_per_class: int, momentum: float, images: Dataset | torch.Tensor, y_all: torch.Tensor) -> None:
         heads = nn.ModuleDict()
         if method in ("coin", "bituning"):
-            heads["proj"] = projector(model.backbone.out_dim)
+            heads["proj"] = projection_head(model.backbone.out_dim)
         if method == "linear":
             model.backbone.requires_grad_(False)
         self.method, self.steps_per_epoch, self.contrastive_epochs = method, steps_per_epoch, contrastive_epochs
@@ -171,15 +169,6 @@ class _FinetuneTask(TrainTask):
             self.queues.keys = {k: v.clone() for k, v in state["queue_keys"].items()}
             self.queues.pointer = state["queue_pointer"].clone()
 
-    @torch.no_grad()
-    def _momentum_update(self) -> None:
-        m = unwrap(self.model)
-        for online, key in ((m.model.backbone, m.heads["key_backbone"]), (m.heads["proj"], m.heads["key_proj"])):
-            for p, k in zip(online.parameters(), key.parameters()):
-                k.mul_(self.momentum).add_(p.detach(), alpha=1 - self.momentum)
-            for b, kb in zip(online.buffers(), key.buffers()):
-                kb.copy_(b)
-
     def training_step(self, batch: Any, step: int) -> tuple[torch.Tensor, dict[str, Any]]:
         m = unwrap(self.model)
         parts: dict[str, torch.Tensor] = {}
@@ -200,7 +189,8 @@ class _FinetuneTask(TrainTask):
             feats = self.model(view).float()
             logits = m.model.fc(feats).float()
             z_q = F.normalize(m.heads["proj"](feats).float(), dim=1)
-            self._momentum_update()
+            momentum_update((m.model.backbone, m.heads["proj"]), (m.heads["key_backbone"], m.heads["key_proj"]),
+                            self.momentum)
             with torch.no_grad():
                 h_k = m.heads["key_backbone"](key_view).float()
                 z_k = F.normalize(m.heads["key_proj"](h_k).float(), dim=1)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import json
-import time
 from typing import Any
 
 import click
@@ -26,13 +25,13 @@ from unsupft import checkpoint, options, stage, store
 from unsupft.data.samples import Fitted, Samples, image_size_of, open_samples, subset
 from unsupft.errors import UserError, report_user_errors
 from unsupft.eval import metrics, report
-from unsupft.eval.features import extract_features
+from unsupft.models.features import extract_features
 from unsupft.models import ARCHS, load_backbone
 from unsupft.models.io import describe
-from unsupft.train.fewshot import draw_shots
+from unsupft.eval.fewshot import draw_shots
 from unsupft.train.transfer import METHODS, finetune, predict
 
-METRICS = ("fewshot", "retrieval", "clustering", "sdbw", "linear", "map")
+METRIC_NAMES = ("fewshot", "retrieval", "clustering", "sdbw", "linear", "map")
 
 
 def parse_models(specs: tuple[str, ...]) -> dict[str, str]:
@@ -129,7 +128,7 @@ def evaluate_model(backbone: torch.nn.Module, meta: dict[str, Any], train: Sampl
 @click.option("--method", type=click.Choice(METHODS), default="ce", show_default=True, help="Few-shot finetuning method.")
 @click.option("--epochs", type=options.EPOCHS, default=100, show_default=True,
               help="Few-shot finetuning epochs (one step each at small K: few-shot runs need many).")
-@click.option("--metrics", "metrics_list", default=",".join(METRICS), show_default=True,
+@click.option("--metrics", "metrics_list", default=",".join(METRIC_NAMES), show_default=True,
               help="Comma list of metrics to compute.")
 @click.option("--batch-size", type=options.BATCH, default=64, show_default=True)
 @click.option("--arch", type=click.Choice(ARCHS), default=None, help="Architecture of plain torchvision checkpoints.")
@@ -142,19 +141,17 @@ def evaluate_command(model_specs: tuple[str, ...], train_uri: str, test_uri: str
                      method: str, epochs: int, metrics_list: str, batch_size: int, arch: str | None, seed: int,
                      out: str) -> None:
     """Few-shot transfer, retrieval, clustering, S_Dbw and linear probe of each --model; writes a report."""
-    started = time.time()
-    out = store.normalize(out)
     models = parse_models(model_specs)
-    enabled = parse_list(metrics_list, "--metrics", METRICS)
+    enabled = parse_list(metrics_list, "--metrics", METRIC_NAMES)
     try:
         shot_list = sorted({int(s) for s in parse_list(shots, "--shots")})
     except ValueError:
         raise UserError(f"--shots '{shots}': expected a comma list of integers") from None
-    config: dict[str, Any] = {"stage": "evaluate", "models": models, "train": train_uri, "test": test_uri,
-                              "shots": shot_list, "trials": trials, "method": method, "epochs": epochs,
-                              "metrics": enabled, "batch_size": batch_size, "arch": arch, "seed": seed}
-    if stage.is_done(out, config):
-        click.echo(f"{out}: already done (same config); nothing to do", err=True)
+    run = stage.start("evaluate", store.normalize(out), {
+        "models": models, "train": train_uri, "test": test_uri, "shots": shot_list, "trials": trials, "method": method,
+        "epochs": epochs, "metrics": enabled, "batch_size": batch_size, "arch": arch, "seed": seed},
+        inputs={"train": train_uri, "test": test_uri, **models})
+    if run is None:
         return
     train = open_samples(train_uri)
     test = open_samples(test_uri, train.channels)
@@ -168,7 +165,7 @@ def evaluate_command(model_specs: tuple[str, ...], train_uri: str, test_uri: str
         meta["image_size"] = image_size_of(train, meta.get("image_size"), f"a model with a recorded image size ({name})")
         loaded[name] = (backbone, meta)
 
-    stage.write_config(out, config)
+    run.claim()
     results: dict[str, Any] = {}
     maps: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     lines = []
@@ -179,10 +176,9 @@ def evaluate_command(model_specs: tuple[str, ...], train_uri: str, test_uri: str
             maps[name] = coords
         lines.append(json.dumps({"model": name, **results[name]}, sort_keys=True) + "\n")
         click.echo(f"{name}: " + json.dumps({k: v for k, v in results[name].items() if k != "fewshot"}), err=True)
-    store.write_text(store.join(out, stage.METRICS), "".join(lines))
-    full = {"models": results, "inputs": {"train": train_uri, "test": test_uri, **models}, "config": config,
+    store.write_text(store.join(run.out, stage.METRICS_FILE), "".join(lines))
+    full = {"models": results, "inputs": {"train": train_uri, "test": test_uri, **models}, "config": run.config,
             "classes": list(train.classes), "versions": stage.versions()}
-    written = report.write_report(out, full, maps, list(train.classes))
-    stage.write_done(out, "evaluate", config, {"train": train_uri, "test": test_uri, **models},
-                     ["config.json", stage.METRICS, *written], started)
-    click.echo(f"{out}: report written ({', '.join(written)})", err=True)
+    written = report.write_report(run.out, full, maps, list(train.classes))
+    run.finish()
+    click.echo(f"{run.out}: report written ({', '.join(written)})", err=True)

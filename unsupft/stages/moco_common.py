@@ -9,21 +9,23 @@ output URI.
 from __future__ import annotations
 
 import math
-import time
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import click
 import torch
 
 from unsupft import checkpoint, options, stage, store
-from unsupft.data.augment import DEFAULT_AUGMENTS, moco_v2_augment, to_input
+from unsupft.data.augment import DEFAULT_AUGMENTS, moco_v2_augment, parse_augments
+from unsupft.preprocess import to_input
 from unsupft.data.mixing import cutmix, mixup
-from unsupft.data.samples import Mixture, default_workers, fit
+from unsupft.data.samples import Mixture, default_workers
+from unsupft.preprocess import fit
 from unsupft.errors import UserError
 from unsupft.models import ARCHS, build_backbone, load_backbone, save_model
 from unsupft.models.io import describe
 from unsupft.models.moco import MoCo, save_moco
-from unsupft.train import distributed
+from unsupft import distributed
 from unsupft.train.batches import EpochOrder, LoaderBatches
 from unsupft.train.loop import LoopConfig, TrainTask, train, unwrap
 
@@ -35,7 +37,7 @@ def init_moco(init: str | None, arch: str | None, in_channels: int, *, dim: int,
     """MoCo around a new backbone or the one in `init`; the projection head is taken over when
     `init` has one (a stage output with moco.pt, a moco.pt file, a facebookresearch checkpoint),
     otherwise initialised afresh. Returns (moco, arch, notes for the config)."""
-    notes: dict[str, Any] = {"init": init, "head": "new"}
+    notes: dict[str, Any] = {"head": "new"}
     if init is None:
         backbone = build_backbone(arch or "tiny", in_channels)
     else:
@@ -107,7 +109,39 @@ def steps_for(steps: int | None, epochs: float | None, samples_per_epoch: int, b
     return max(1, math.ceil(epochs * samples_per_epoch / batch_size))
 
 
-def moco_options(default_lr_per_256: float, default_epochs: float):
+DEFAULT_EPOCHS = 200.0  # training length when neither --steps nor --epochs is given
+
+
+@dataclass(frozen=True)
+class MoCoOptions:
+    """The options `pretrain` and `adapt` share (`moco_options`), as given on the command line."""
+
+    out: str
+    arch: str | None
+    steps: int | None
+    epochs: float | None
+    batch_size: int
+    lr: float | None
+    seed: int
+    queue_size: int
+    temperature: float
+    key_momentum: float
+    image_size: int | None
+    augment: str
+    checkpoint_every: int
+    amp: str
+    workers: int | None
+
+    def identity(self) -> dict[str, Any]:
+        """The options that decide what is trained (part of the config hash): not where to, how
+        often to checkpoint, the precision nor how many loader processes."""
+        return {"arch": self.arch, "steps": self.steps, "epochs": self.epochs, "batch_size": self.batch_size,
+                "lr": self.lr, "seed": self.seed, "queue_size": self.queue_size, "temperature": self.temperature,
+                "key_momentum": self.key_momentum, "image_size": self.image_size,
+                "augment": list(parse_augments(self.augment))}
+
+
+def moco_options(default_lr_per_256: float):
     """The options `pretrain` and `adapt` share (click decorators)."""
     declared = [
         click.option("--out", required=True, help="Output URI (directory or s3://bucket/prefix)."),
@@ -116,7 +150,7 @@ def moco_options(default_lr_per_256: float, default_epochs: float):
                      help="Backbone (default: the --init's, else tiny)."),
         click.option("--steps", type=options.STEPS, default=None, help="Training length in optimizer steps."),
         click.option("--epochs", type=options.number(0, 100_000, min_open=True), default=None,
-                     help=f"Training length in epochs (default {default_epochs:g} when --steps is not given)."),
+                     help=f"Training length in epochs (default {DEFAULT_EPOCHS:g} when --steps is not given)."),
         click.option("--batch-size", type=options.BATCH, default=256, show_default=True, help="Global batch (all processes)."),
         click.option("--lr", type=options.LEARNING_RATE, default=None,
                      help=f"Peak SGD learning rate (default {default_lr_per_256} * batch / 256)."),
@@ -142,44 +176,34 @@ def moco_options(default_lr_per_256: float, default_epochs: float):
     return decorate
 
 
-def validate_common(batch_size: int, queue_size: int, temperature: float, key_momentum: float,
-                    image_size: int | None) -> None:
-    if batch_size < 1 or queue_size < 1 or temperature <= 0 or not 0 <= key_momentum < 1:
-        raise UserError("--batch-size and --queue-size must be positive, --temperature above 0, --key-momentum in [0, 1)")
-    if image_size is not None and image_size < 8:
-        raise UserError(f"--image-size must be at least 8 (got {image_size})")
+def start_moco(name: str, own: dict[str, Any], inputs: dict[str, Any], shared: MoCoOptions) -> stage.StageRun | None:
+    """Start the stage (None: done under these options); the ranges are checked by the options' types."""
+    return stage.start(name, store.normalize(shared.out), {**own, **shared.identity()}, inputs)
 
 
-def run_moco(name: str, out: str, inputs: dict[str, str], config: dict[str, Any], task: MoCoTask,
-             images: Mixture, size: list[int], order: EpochOrder | None, augments: Sequence[str], *, steps: int | None,
-             epochs: float | None, batch_size: int, lr: float | None, lr_per_256: float, seed: int,
-             checkpoint_every: int, amp: str, workers: int | None) -> None:
-    """Resolve length and lr, skip a finished stage, train, and write the stage outputs: config.json
-    first, metrics.jsonl and checkpoint.pt by the loop, then model.pt, moco.pt and _DONE.json last."""
+def run_moco(run: stage.StageRun, task: MoCoTask, images: Mixture, size: list[int], order: EpochOrder | None,
+             shared: MoCoOptions, lr_per_256: float, resolved: dict[str, Any]) -> None:
+    """Resolve length and lr, train, and write the stage outputs: config.json first, metrics.jsonl
+    and checkpoint.pt by the loop, then model.pt, moco.pt and _DONE.json last."""
     epoch_size = order.size if order else len(images)
-    steps = steps_for(steps, 200.0 if steps is None and epochs is None else epochs, epoch_size, batch_size)
-    lr = lr if lr is not None else lr_per_256 * batch_size / 256
+    batch_size = shared.batch_size
+    steps = steps_for(shared.steps, DEFAULT_EPOCHS if shared.steps is None and shared.epochs is None else shared.epochs,
+                      epoch_size, batch_size)
+    lr = shared.lr if shared.lr is not None else lr_per_256 * batch_size / 256
     moco: MoCo = task.model
-    config = {"stage": name, **config, "in_channels": moco.backbone.in_channels, "image_size": size, "steps": steps,
-              "batch_size": batch_size, "lr": lr, "seed": seed, "queue_size": moco.queue.shape[0],
-              "temperature": moco.temperature, "momentum": moco.momentum, "augment": list(augments),
-              "samples_per_epoch": epoch_size}
-    if stage.is_done(out, config):
-        click.echo(f"{out}: already done (same config)", err=True)
-        return
-    batches = two_view_batches(images, size, augments, per_rank_batch(batch_size), seed, order,
-                               default_workers() if workers is None else workers)
-    loop = LoopConfig(out=out, steps=steps, lr=lr, weight_decay=1e-4, momentum=0.9,
-                      checkpoint_every=checkpoint_every, seed=seed, amp=amp)
-    started = time.time()
+    augments = parse_augments(shared.augment)
+    batches = two_view_batches(images, size, augments, per_rank_batch(batch_size), shared.seed, order,
+                               default_workers() if shared.workers is None else shared.workers)
+    loop = LoopConfig(out=run.out, steps=steps, lr=lr, weight_decay=1e-4, momentum=0.9,
+                      checkpoint_every=shared.checkpoint_every, seed=shared.seed, amp=shared.amp)
     main = distributed.env_dist().is_main
     if main:
-        stage.write_config(out, config)
+        run.claim(**resolved, in_channels=moco.backbone.in_channels, image_size=size, steps=steps, lr=lr,
+                  samples_per_epoch=epoch_size)
     result = train(task, batches, loop)
     if main:
         moco = unwrap(task.model).cpu()
-        arch, in_channels = config["arch"], moco.backbone.in_channels
-        save_model(store.join(out, "model.pt"), moco.backbone, arch, in_channels, size)
-        save_moco(store.join(out, "moco.pt"), moco, arch, in_channels, size)
-        stage.write_done(out, name, config, inputs, ["model.pt", "moco.pt", stage.METRICS, stage.CONFIG,
-                                                     "checkpoint.pt"], started, final_metrics=result.metrics)
+        arch, in_channels = resolved["arch"], moco.backbone.in_channels
+        save_model(store.join(run.out, "model.pt"), moco.backbone, arch, in_channels, size)
+        save_moco(store.join(run.out, "moco.pt"), moco, arch, in_channels, size)
+        run.finish(final_metrics=result.metrics)

@@ -113,3 +113,8 @@ def mean_across_ranks(values: dict[str, float]) -> dict[str, float]:
         t = t.cuda()
     dist.all_reduce(t)
     return {k: v / world_size() for k, v in zip(keys, t.tolist())}
+
+
+def default_device() -> torch.device:
+    """The device a single-process stage computes on: the first GPU when there is one."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import click
 
-from unsupft import options, store
-from unsupft.data.augment import parse_augments
+from unsupft import options
 from unsupft.data.mixing import replay_subset, with_replay
 from unsupft.data.samples import Mixture, image_size_of, open_samples
 from unsupft.errors import UserError, report_user_errors
-from unsupft.train.loop import seed_everything
-from unsupft.train.moco_stage import MIXES, MoCoTask, init_moco, moco_options, run_moco, validate_common
+from unsupft.seeding import seed_everything
+from unsupft.stages.moco_common import MIXES, MoCoOptions, MoCoTask, init_moco, moco_options, run_moco, start_moco
 
 
 @click.command("adapt")
@@ -27,37 +26,30 @@ from unsupft.train.moco_stage import MIXES, MoCoTask, init_moco, moco_options, r
               help="Share of --replay-source replayed (0 = no replay).")
 @click.option("--mix", type=click.Choice(MIXES), default="cutmix", show_default=True)
 @click.option("--mix-alpha", type=options.number(0, 100, min_open=True), default=1.0, show_default=True, help="lam ~ Beta(alpha, alpha).")
-@moco_options(default_lr_per_256=0.015, default_epochs=200)
+@moco_options(default_lr_per_256=0.015)
 @report_user_errors
-def adapt_command(init, target, replay_source, replay_fraction, mix, mix_alpha, out, arch, steps, epochs, batch_size,
-                  lr, seed, queue_size, temperature, key_momentum, image_size, augment, checkpoint_every, amp, workers) -> None:
+def adapt_command(init, target, replay_source, replay_fraction, mix, mix_alpha, **shared_options) -> None:
     """Unsupervised finetuning (MoCo v2 with source replay and mixed queries) from --init on --target."""
-    if not 0.0 <= replay_fraction < 1.0:
-        raise UserError(f"--replay-fraction must be in [0, 1) (got {replay_fraction})")
-    if mix_alpha <= 0:
-        raise UserError(f"--mix-alpha must be positive (got {mix_alpha})")
-    validate_common(batch_size, queue_size, temperature, key_momentum, image_size)
-    augments = parse_augments(augment)
-    out = store.normalize(out)
+    shared = MoCoOptions(**shared_options)
+    run = start_moco("adapt", {"init": init, "target": target, "replay_source": replay_source,
+                               "replay_fraction": replay_fraction if replay_source else 0.0, "mix": mix,
+                               "mix_alpha": mix_alpha},
+                     {"init": init, "target": target, "replay_source": replay_source}, shared)
+    if run is None:
+        return
     tgt = open_samples(target)
-    size = image_size_of(tgt, image_size, "give --image-size")
+    size = image_size_of(tgt, shared.image_size, "give --image-size")
     images, order, replayed = Mixture([(tgt, None)]), None, 0
     if replay_source is not None and replay_fraction > 0:
         # the replayed subset is chosen by index from the source's size alone: nothing is decoded
         source = open_samples(replay_source, tgt.channels)
-        subset = replay_subset(len(source), replay_fraction, seed)
+        subset = replay_subset(len(source), replay_fraction, shared.seed)
         if len(subset) == 0:
             raise UserError(f"--replay-fraction {replay_fraction} of {replay_source} selects no image")
         images = Mixture([(tgt, None), (source, subset.numpy())])
-        order, replayed = with_replay(len(tgt), subset, seed), len(subset)
-    seed_everything(seed)
-    moco, arch, notes = init_moco(init, arch, tgt.channels, dim=128, queue_size=queue_size,
-                                  temperature=temperature, momentum=key_momentum)
-    config = {"init": init, "target": target, "replay_source": replay_source,
-              "replay_fraction": replay_fraction if replay_source else 0.0, "replayed_images": replayed,
-              "mix": mix, "mix_alpha": mix_alpha, "arch": arch, **notes}
-    inputs = {"init": init, "target": target, **({"replay_source": replay_source} if replay_source else {})}
-    run_moco("adapt", out, inputs, config, MoCoTask(moco, mix, mix_alpha), images, size, order, augments,
-             steps=steps,
-             epochs=epochs, batch_size=batch_size, lr=lr, lr_per_256=0.015, seed=seed,
-             checkpoint_every=checkpoint_every, amp=amp, workers=workers)
+        order, replayed = with_replay(len(tgt), subset, shared.seed), len(subset)
+    seed_everything(shared.seed)
+    moco, arch, notes = init_moco(init, shared.arch, tgt.channels, dim=128, queue_size=shared.queue_size,
+                                  temperature=shared.temperature, momentum=shared.key_momentum)
+    run_moco(run, MoCoTask(moco, mix, mix_alpha), images, size, order, shared, lr_per_256=0.015,
+             resolved={"arch": arch, "replayed_images": replayed, **notes})

@@ -9,8 +9,6 @@ loop's, every epoch: a rerun after a crash resumes from it; another config is re
 
 from __future__ import annotations
 
-import time
-from typing import Any
 
 import click
 import numpy as np
@@ -19,9 +17,9 @@ import torch
 from unsupft import checkpoint, options, stage, store
 from unsupft.data.samples import Samples, image_size_of, open_samples, subset
 from unsupft.errors import UserError, report_user_errors
+from unsupft.eval.fewshot import draw_shots, read_label_list
 from unsupft.models import ARCHS, load_backbone, save_model
 from unsupft.models.io import describe
-from unsupft.train.fewshot import draw_shots, read_label_list
 from unsupft.train.transfer import METHODS, finetune
 
 
@@ -70,17 +68,13 @@ def transfer_command(init: str, train_uri: str, shots: int | None, seed: int, la
                      epochs: int, coin_alpha: float, batch_size: int, lr_head: float, lr_backbone: float,
                      arch: str | None, out: str) -> None:
     """Finetune --init on labeled --train images (all, --shots K per class, or --labels FILE)."""
-    started = time.time()
     if shots is not None and labels_file is not None:
         raise UserError("give either --shots or --labels, not both")
-    out = store.normalize(out)
-    config: dict[str, Any] = {
-        "stage": "transfer", "init": init, "train": train_uri, "shots": shots, "seed": seed, "labels": labels_file,
-        "method": method, "epochs": epochs, "coin_alpha": coin_alpha, "batch_size": batch_size,
-        "lr_head": lr_head, "lr_backbone": lr_backbone, "arch": arch,
-    }
-    if stage.is_done(out, config):
-        click.echo(f"{out}: already done (same config); nothing to do", err=True)
+    run = stage.start("transfer", store.normalize(out), {
+        "init": init, "train": train_uri, "shots": shots, "seed": seed, "labels": labels_file, "method": method,
+        "epochs": epochs, "coin_alpha": coin_alpha, "batch_size": batch_size, "lr_head": lr_head,
+        "lr_backbone": lr_backbone, "arch": arch}, inputs={"init": init, "train": train_uri, "labels": labels_file})
+    if run is None:
         return
     data = open_samples(train_uri)
     backbone, meta = load_backbone(init, arch=arch, in_channels=data.channels)
@@ -88,14 +82,12 @@ def transfer_command(init: str, train_uri: str, shots: int | None, seed: int, la
     indices, labels = select_training_set(data, shots, seed, labels_file)
     meta["image_size"] = image_size_of(data, meta.get("image_size"), "give an --init with a recorded image size")
 
-    stage.write_config(out, config)
+    run.claim(image_size=meta["image_size"])
     model = finetune(backbone, meta, subset(data, meta["image_size"], indices), labels, len(data.classes), method=method,
-                     epochs=epochs, seed=seed, out=out, batch_size=batch_size, coin_alpha=coin_alpha,
+                     epochs=epochs, seed=seed, out=run.out, batch_size=batch_size, coin_alpha=coin_alpha,
                      lr_head=lr_head, lr_backbone=lr_backbone)
-    store.write_text(store.join(out, "train_keys.txt"), "".join(data.key(int(i)) + "\n" for i in indices))
-    save_model(store.join(out, "model.pt"), model.backbone, meta["arch"], meta["in_channels"], meta["image_size"],
+    store.write_text(store.join(run.out, "train_keys.txt"), "".join(data.key(int(i)) + "\n" for i in indices))
+    save_model(store.join(run.out, "model.pt"), model.backbone, meta["arch"], meta["in_channels"], meta["image_size"],
                classifier=model.fc, classes=list(data.classes))
-    stage.write_done(out, "transfer", config, {"init": init, "train": train_uri, **({"labels": labels_file} if labels_file else {})},
-                     ["config.json", "metrics.jsonl", "train_keys.txt", "model.pt"], started,
-                     trained_on=int(len(indices)))
-    click.echo(f"{out}: finetuned with {method} on {len(indices)} labeled images", err=True)
+    run.finish(trained_on=int(len(indices)))
+    click.echo(f"{run.out}: finetuned with {method} on {len(indices)} labeled images", err=True)

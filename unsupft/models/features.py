@@ -1,8 +1,8 @@
-"""Images in, features out: the one preprocessing every transfer and evaluation path shares.
+"""Images in, features out: a backbone's pooled features of a data set, read batch by batch.
 
-Training (`unsupft.train.transfer`) and evaluation both go through `preprocess`, so a backbone
-always sees images the same way: resized to the model's `image_size` (bilinear) when the data set
-has another size, then normalised by `unsupft.data.augment.to_input` exactly as pretraining does.
+Training (`unsupft.train.transfer`), selection (ACKMeans) and evaluation all go through
+`unsupft.preprocess.preprocess`, so a backbone always sees images the same way (fitted to the
+model's `image_size`, normalised as in pretraining).
 """
 
 from __future__ import annotations
@@ -10,24 +10,11 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from unsupft.data.augment import to_input
 from unsupft.data.samples import batches_of
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def preprocess(images: torch.Tensor, image_size: Sequence[int] | None = None) -> torch.Tensor:
-    """uint8 [N, C, H, W] -> normalised float backbone input (resized to `image_size` if given)."""
-    x = to_input(images)
-    if image_size is not None and tuple(x.shape[-2:]) != tuple(int(s) for s in image_size):
-        x = F.interpolate(x, size=tuple(int(s) for s in image_size), mode="bilinear", align_corners=False)
-    return x
+from unsupft.preprocess import preprocess
 
 
 @torch.no_grad()
