@@ -6,7 +6,7 @@ each checkout), and the line count of the package.
     git archive main | tar -x -C /tmp/base
     python bench/structure_cost.py --baseline /tmp/base
 
-Each checkout runs with its own code first on PYTHONPATH (the same interpreter and packages).
+Both checkouts validate the pipelines of this one's jobs/ (the same files). Each checkout runs with its own code first on PYTHONPATH (the same interpreter and packages).
 Peak RSS is GNU time's %M of the python process (the small `time` process forks it, so the bench's
 own memory is not counted).
 """
@@ -32,22 +32,35 @@ def env_for(code: Path) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(code)}
 
 
-def validate_cost(code: Path) -> dict[str, object]:
-    """Median seconds and peak RSS (MiB) of `unsupft-ctl validate` over the pipelines in jobs/."""
-    seconds, peaks, imported = [], [], set()
-    for pipeline in sorted((code / "jobs").glob("*.yaml")):
+def validate_once(code: Path, pipeline: Path) -> tuple[float, float]:
+    """(seconds, peak RSS MiB) of one `unsupft-ctl validate` with the code of `code`."""
+    out = subprocess.run(["/usr/bin/time", "-f", "%e %M", sys.executable, "-m", "unsupft.ctl", "validate",
+                          str(pipeline)], env=env_for(code), cwd=code, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    wall, rss_kib = out.stderr.strip().splitlines()[-1].split()
+    return float(wall), int(rss_kib) / 1024
+
+
+def imported_by_validate(code: Path, pipeline: Path) -> list[str]:
+    probe = subprocess.run([sys.executable, "-c", IMPORTED, str(pipeline)], env=env_for(code), cwd=code,
+                           capture_output=True, text=True)
+    return json.loads(probe.stdout.strip().splitlines()[-1].replace("'", '"'))
+
+
+def validate_cost(codes: dict[str, Path]) -> dict[str, dict[str, object]]:
+    """Median seconds, peak RSS and imports of `unsupft-ctl validate` over the pipelines in jobs/,
+    the checkouts taking turns (so a change in the machine's load hits both alike)."""
+    runs: dict[str, list[tuple[float, float]]] = {name: [] for name in codes}
+    imported: dict[str, set[str]] = {name: set() for name in codes}
+    for pipeline in sorted((ROOT / "jobs").glob("*.yaml")):
         for _ in range(REPEATS):
-            out = subprocess.run(["/usr/bin/time", "-f", "%e %M", sys.executable, "-m", "unsupft.ctl", "validate",
-                                  str(pipeline)], env=env_for(code), cwd=code, capture_output=True, text=True)
-            assert out.returncode == 0, out.stderr
-            wall, rss_kib = out.stderr.strip().splitlines()[-1].split()
-            seconds.append(float(wall))
-            peaks.append(int(rss_kib) / 1024)
-        probe = subprocess.run([sys.executable, "-c", IMPORTED, str(pipeline)], env=env_for(code), cwd=code,
-                               capture_output=True, text=True)
-        imported |= set(json.loads(probe.stdout.strip().splitlines()[-1].replace("'", '"')))
-    return {"median_s": round(statistics.median(seconds), 2), "max_rss_mib": round(max(peaks), 1),
-            "imports": sorted(imported), "runs": len(seconds)}
+            for name, code in codes.items():
+                runs[name].append(validate_once(code, pipeline))
+        for name, code in codes.items():
+            imported[name] |= set(imported_by_validate(code, pipeline))
+    return {name: {"median_s": round(statistics.median(s for s, _ in runs[name]), 2),
+                   "max_rss_mib": round(max(m for _, m in runs[name]), 1), "imports": sorted(imported[name]),
+                   "runs": len(runs[name])} for name in codes}
 
 
 def driver_cost(code: Path) -> dict[str, float]:
@@ -66,10 +79,10 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--baseline", type=Path, required=True, help="a checkout of the previous version")
     args = parser.parse_args()
-    report = {}
-    for name, code in (("before", args.baseline.resolve()), ("after", ROOT)):
-        report[name] = {"validate": validate_cost(code), "driver_max_rss_mib": driver_cost(code),
-                        "unsupft_lines": package_lines(code)}
+    codes = {"before": args.baseline.resolve(), "after": ROOT}
+    validate = validate_cost(codes)
+    report = {name: {"validate": validate[name], "driver_max_rss_mib": driver_cost(code),
+                     "unsupft_lines": package_lines(code)} for name, code in codes.items()}
     print(json.dumps(report, indent=1))
 
 
