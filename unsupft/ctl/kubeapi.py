@@ -48,6 +48,7 @@ class Api:
         self.custom = client.CustomObjectsApi(self.client)
         self.core = client.CoreV1Api(self.client)
         self.retries, self.backoff_s, self.max_backoff_s, self.sleep = retries, backoff_s, max_backoff_s, sleep
+        self.retried = 0  # calls that needed a retry (for tests and logs)
 
     # ------------------------------------------------------------------------- retrying ---
     def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -70,6 +71,7 @@ class Api:
                 if attempt == self.retries:
                     raise ApiUnavailable(f"Kubernetes API unreachable after {attempt + 1} tries: {exc}") from None
                 delay = self._backoff(attempt)
+            self.retried += 1
             self.sleep(min(delay, self.max_backoff_s))
         raise AssertionError("unreachable")
 
