@@ -41,9 +41,10 @@ EXAMPLES: dict[str, str] = {
     "bn-adapt": "unsupft bn-adapt --init runs/base --data data/tgt/train --out runs/bn",
     "adapt": "unsupft adapt --init runs/base --target data/tgt/train --replay-source data/src/train "
              "--mix cutmix --steps 60 --batch-size 64 --out runs/adapt",
-    "transfer": "unsupft transfer --init runs/adapt --train data/tgt/train --shots 4 --method coin --out runs/coin",
+    "transfer": ("unsupft transfer --init runs/adapt --train data/tgt/train --shots 4 --method coin "
+                 "--test data/tgt/test --out runs/coin"),
     "evaluate": "unsupft evaluate --model base=runs/base --model adapt=runs/adapt --train data/tgt/train "
-                "--test data/tgt/test --shots 1,4 --out runs/eval",
+                "--test data/tgt/test --shots 1,4 --baseline base --label label=runs/label --out runs/eval",
     "annotate": "unsupft annotate runs/label",
     "label": "unsupft label --init runs/adapt --data data/tgt/train --test data/tgt/test --budget 2 "
              "--annotator manual --out runs/label",

@@ -36,9 +36,9 @@ INPUTS: dict[str, tuple[str, ...]] = {
     "pretrain": ("data", "target", "init"),
     "bn-adapt": ("init", "data"),
     "adapt": ("init", "target", "replay_source"),
-    "transfer": ("init", "train", "labels"),
+    "transfer": ("init", "train", "labels", "test"),
     "label": ("init", "data", "test"),
-    "evaluate": ("model", "train", "test"),
+    "evaluate": ("model", "train", "test", "label"),
 }
 
 # Names become Kubernetes object names and store folders: keep them DNS-label shaped.
