@@ -163,6 +163,19 @@ def feature_map_png(maps: dict[str, tuple[np.ndarray, np.ndarray]], classes: lis
     return data
 
 
+def _accuracy_plot_png(plt, fig, ax, xlabel: str, ylabel: str, title: str) -> bytes:
+    """Finish a plot of accuracies (0 to 1) against labels and return it as PNG bytes."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title(title)
+    data = _figure_png(fig)
+    plt.close(fig)
+    return data
+
+
 def curves_png(models: dict[str, dict[str, Any]]) -> bytes:
     """Few-shot top-1 (mean +- std over trials) against labels per class, all models on one plot."""
     plt = _pyplot()
@@ -180,15 +193,7 @@ def curves_png(models: dict[str, dict[str, Any]]) -> bytes:
     ax.set_xscale("log", base=2)
     ax.set_xticks(sorted(all_shots), [str(k) for k in sorted(all_shots)])
     ax.minorticks_off()
-    ax.set_xlabel("labeled images per class")
-    ax.set_ylabel("top-1 accuracy")
-    ax.set_ylim(0, 1)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    ax.set_title("few-shot transfer")
-    data = _figure_png(fig)
-    plt.close(fig)
-    return data
+    return _accuracy_plot_png(plt, fig, ax, "labeled images per class", "top-1 accuracy", "few-shot transfer")
 
 
 def label_curves_png(curves: dict[str, list[dict[str, Any]]]) -> bytes:
@@ -200,15 +205,8 @@ def label_curves_png(curves: dict[str, list[dict[str, Any]]]) -> bytes:
         ax.plot([r["labels"] for r in rounds], [r["test_top1"] for r in rounds], marker="o", label=name)
         spent.update(r["labels"] for r in rounds)
     ax.set_xticks(sorted(spent))
-    ax.set_xlabel("labels spent (all rounds so far)")
-    ax.set_ylabel("test top-1 accuracy")
-    ax.set_ylim(0, 1)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    ax.set_title("progressive labeling: accuracy per round")
-    data = _figure_png(fig)
-    plt.close(fig)
-    return data
+    return _accuracy_plot_png(plt, fig, ax, "labels spent (all rounds so far)", "test top-1 accuracy",
+                              "progressive labeling: accuracy per round")
 
 
 def _fmt(value: Any) -> str:
