@@ -16,7 +16,9 @@ import torch
 from click.testing import CliRunner
 
 from unsupft.data import load_arrays
+from unsupft.eval.classifier import confusion_matrix, score_classifier, scores_from_confusion
 from unsupft.eval.evaluate import evaluate_command
+from unsupft.eval.features import preprocess
 from unsupft.models import build_backbone, load, load_backbone, save_model
 from unsupft.select.progressive import label_command
 from unsupft.train.transfer_stage import transfer_command
@@ -56,6 +58,38 @@ def runs(tmp_path_factory, ingest):
         torch.set_num_threads(before)
     return {"root": root, "train": train, "test": test, "ft": root / "ft", "label": root / "label",
             "ev": root / "ev", "init": root / "init"}
+
+
+class ByBrightness(torch.nn.Module):
+    """A classifier with a known answer: the class is the bucket of the image's mean (4 buckets)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(()))  # what scoring reads the device from
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bucket = ((x.mean(dim=(1, 2, 3)) + 2).clamp(0, 3.99)).long()
+        return torch.nn.functional.one_hot(bucket, 4).float() + self.anchor
+
+
+def test_confusion_and_scores_by_hand():
+    confusion = confusion_matrix(np.array([0, 1, 1, 2]), np.array([0, 0, 1, 2]), 4)
+    assert confusion.tolist() == [[1, 1, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 0]]
+    scores = scores_from_confusion(confusion, ["a", "b", "c", "d"])
+    assert scores["top1"] == 0.75 and scores["per_class"] == {"a": 0.5, "b": 1.0, "c": 1.0}  # no "d" in the test
+    assert scores["mean_class"] == pytest.approx(2.5 / 3) and scores["test_samples"] == 4
+
+
+def test_scoring_in_batches_counts_every_image_once():
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (23, 1, 4, 4), generator=g, dtype=torch.uint8)
+    truth = ByBrightness()(preprocess(images)).argmax(1).numpy()
+    labels = truth.copy()
+    labels[:5] = (labels[:5] + 1) % 4  # five wrong on purpose
+    whole = score_classifier(ByBrightness(), images, labels, list("abcd"), batch_size=64)
+    batched = score_classifier(ByBrightness(), images, labels, list("abcd"), batch_size=4)  # 6 batches, the last of 3
+    assert batched == whole and np.sum(whole["confusion"]) == 23
+    assert whole["top1"] == pytest.approx(18 / 23)
 
 
 def class_counts(test_uri: str) -> list[int]:
