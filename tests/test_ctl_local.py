@@ -181,11 +181,14 @@ def test_results_table_lists_each_model_with_its_headline_numbers():
     report = {"models": {
         "adapt": {"fewshot": {"1": {"top1_mean": 0.5}, "4": {"top1_mean": 0.75}}, "retrieval_top5": 0.6},
         "naive": {"fewshot": {"4": {"top1_mean": 0.7}}, "retrieval_top5": 0.55, "linear_top1": 0.9},
+        "label": {"classifier": {"top1": 0.8}, "fewshot": {"4": {"top1_mean": 0.72}}, "cluster_bcubed_f": 0.4},
     }}
     lines = _results_table(report).splitlines()
-    assert lines[0].split() == ["MODEL", "1-SHOT", "TOP1", "4-SHOT", "TOP1", "RETRIEVAL_TOP5", "LINEAR_TOP1"]
-    assert lines[1].split() == ["adapt", "0.500", "0.750", "0.600", "-"]
-    assert lines[2].split() == ["naive", "-", "0.700", "0.550", "0.900"]
+    assert lines[0].split() == ["MODEL", "OWN", "TOP1", "1-SHOT", "TOP1", "4-SHOT", "TOP1", "RETRIEVAL_TOP5",
+                                "CLUSTER_BCUBED_F", "LINEAR_TOP1"]
+    assert lines[1].split() == ["adapt", "-", "0.500", "0.750", "0.600", "-", "-"]
+    assert lines[2].split() == ["naive", "-", "-", "0.700", "0.550", "-", "0.900"]
+    assert lines[3].split() == ["label", "0.800", "-", "0.720", "-", "0.400", "-"]
 
 
 def test_stages_see_only_what_the_pipeline_says(monkeypatch):

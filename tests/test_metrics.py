@@ -51,6 +51,38 @@ def slow_bcubed_precision(clusters, labels):
     return total / n
 
 
+def slow_bcubed_recall(clusters, labels):
+    """Per item, the share of the items with its label that share its cluster: the precision loop
+    with the two roles swapped (the hand-worked cases below check it on its own)."""
+    return slow_bcubed_precision(labels, clusters)
+
+
+def slow_bcubed_f(clusters, labels):
+    p, r = slow_bcubed_precision(clusters, labels), slow_bcubed_recall(clusters, labels)
+    return 2 * p * r / (p + r)
+
+
+def test_bcubed_recall_hand_worked():
+    # One cluster holds everything: every item finds all of its class there -> recall 1.
+    assert metrics.bcubed_recall(np.array([0, 0, 0, 0]), np.array([0, 0, 1, 1])) == 1.0
+    # Singletons split each class of 2: each item finds 1 of its 2 -> 0.5; precision 1, F 2/3.
+    singletons, pairs = np.arange(4), np.array([0, 0, 1, 1])
+    assert metrics.bcubed_recall(singletons, pairs) == 0.5
+    assert metrics.bcubed_f(metrics.bcubed_precision(singletons, pairs), 0.5) == pytest.approx(2 / 3)
+    # Clusters {a, a, b}, {b}: items a find 2/2, the b in the big cluster 1/2, the lone b 1/2 -> 3/4.
+    assert metrics.bcubed_recall(np.array([0, 0, 0, 1]), np.array([0, 0, 1, 1])) == 0.75
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_bcubed_recall_and_f_match_loop(seed):
+    g = rng(seed)
+    clusters, labels = g.integers(0, 6, 90), g.integers(3, 8, 90)
+    recall = metrics.bcubed_recall(clusters, labels)
+    assert recall == pytest.approx(slow_bcubed_recall(clusters, labels))
+    f = metrics.bcubed_f(metrics.bcubed_precision(clusters, labels), recall)
+    assert f == pytest.approx(slow_bcubed_f(clusters, labels))
+
+
 def test_bcubed_precision_hand_worked():
     # One pure cluster -> 1.
     assert metrics.bcubed_precision(np.array([0, 0, 1, 1]), np.array([5, 5, 7, 7])) == 1.0
@@ -73,7 +105,8 @@ def test_kmeans_is_seeded_and_recovers_separated_clusters():
     labels = np.repeat(np.arange(4), 30)
     directions = np.eye(8)[:4]
     feats = directions[labels] + rng(1).normal(scale=0.05, size=(120, 8))
-    assert metrics.clustering_bcubed_precision(feats, labels, seed=0) == 1.0
+    scores = metrics.clustering_bcubed(feats, labels, seed=0)
+    assert scores == {"cluster_bcubed_precision": 1.0, "cluster_bcubed_recall": 1.0, "cluster_bcubed_f": 1.0}
     noise = rng(2).normal(size=(200, 8))
     assert np.array_equal(metrics.kmeans(noise, 5, seed=3), metrics.kmeans(noise, 5, seed=3))
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import struct
 
 import pytest
 import torch
@@ -102,6 +103,46 @@ def test_resume_continues_the_same_run(tmp_path, digits):
         assert torch.allclose(a, b, atol=1e-6), name
     steps = [json.loads(x)["step"] for x in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [5, 10, 15, 20]  # the record of step 10 (past the checkpoint) is not repeated
+
+
+def read_scalars(out: str, tag: str) -> dict[int, list[float]]:
+    """The `tag` scalars TensorBoard would show, per step, from the event files under
+    `out`/tensorboard, parsed from their TFRecord framing; a session start (a resume's purge_step)
+    drops the events at and past its step, as TensorBoard does."""
+    event_pb2 = pytest.importorskip("tensorboardX.proto.event_pb2", reason="tensorboardX not installed")
+    from unsupft import store
+
+    folder = store.join(out, "tensorboard")
+    scalars: dict[int, list[float]] = {}
+    for name in sorted(store.list_prefix(folder)):
+        data, pos = store.read_bytes(store.join(folder, name)), 0
+        while pos < len(data):
+            (length,) = struct.unpack("<Q", data[pos:pos + 8])
+            event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
+            pos += 12 + length + 4  # length, its crc, the record, its crc
+            if event.HasField("session_log") and event.session_log.status == event.session_log.START:
+                scalars = {step: v for step, v in scalars.items() if step < event.step}
+            for value in event.summary.value:
+                if value.tag == tag:
+                    scalars.setdefault(event.step, []).append(value.simple_value)
+    return scalars
+
+
+def test_tensorboard_scalars_are_the_metrics_lines_across_a_resume(store_uri, digits):
+    pytest.importorskip("tensorboardX", reason="tensorboardX not installed (pip install unsupft[tensorboard])")
+    from unsupft import store
+
+    seed_everything(0)
+    with pytest.raises(Interrupt):
+        train(Classify(), Interrupted(digit_batches(digits), at=13), config(store_uri, steps=20, checkpoint_every=8))
+    assert read_scalars(store_uri, "loss").keys() == {5, 10}
+    train(Classify(), digit_batches(digits), config(store_uri, steps=20, checkpoint_every=8))
+    records = [json.loads(x) for x in store.read_text(store.join(store_uri, "metrics.jsonl")).splitlines()]
+    for tag in ("loss", "acc", "lr", "samples_per_s"):  # the resumed run's step 10 replaces the first run's
+        shown = read_scalars(store_uri, tag)
+        assert shown.keys() == {5, 10, 15, 20} and all(len(values) == 1 for values in shown.values()), shown
+        assert {step: values[0] for step, values in shown.items()} == pytest.approx(
+            {r["step"]: r[tag] for r in records}, rel=1e-6)
 
 
 def test_frozen_parameters_and_no_weight_decay_on_bn_and_bias(tmp_path, digits):

@@ -126,7 +126,7 @@ def test_evaluate_writes_full_report(digits, tmp_path, one_thread):
     # Same weights -> same deterministic feature metrics.
     a, b = report["models"]["scratch"], report["models"]["again"]
     assert a["retrieval_top5"] == b["retrieval_top5"] and a["fewshot"] == b["fewshot"]
-    assert "<table>" in (out / "report.html").read_text()
+    assert "<table id=\"metrics\">" in (out / "report.html").read_text()
 
 
 def run_cli(cli_env, *args):

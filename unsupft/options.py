@@ -68,6 +68,7 @@ SEED = count(0, 2**32 - 1)
 LEARNING_RATE = number(0, 100, min_open=True)
 BATCH = count(1, 65536)
 EPOCHS = count(1, 100_000)
+IMAGE_SIZE = count(1, 4096)  # side of a square model input, in pixels
 STEPS = count(1, 100_000_000)
 
 

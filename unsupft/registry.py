@@ -47,16 +47,17 @@ STAGES: dict[str, StageSpec] = {spec.name: spec for spec in (
               "--mix cutmix --steps 60 --batch-size 64 --out runs/adapt",
               inputs=("init", "target", "replay_source")),
     StageSpec("transfer", "unsupft.stages.transfer:transfer_command",
-              "unsupft transfer --init runs/adapt --train data/tgt/train --shots 4 --method coin --out runs/coin",
-              inputs=("init", "train", "labels")),
+              "unsupft transfer --init runs/adapt --train data/tgt/train --shots 4 --method coin "
+              "--test data/tgt/test --out runs/coin",
+              inputs=("init", "train", "labels", "test")),
     StageSpec("label", "unsupft.stages.label:label_command",
               "unsupft label --init runs/adapt --data data/tgt/train --test data/tgt/test --budget 2 "
               "--annotator manual --out runs/label",
               inputs=("init", "data", "test")),
     StageSpec("evaluate", "unsupft.stages.evaluate:evaluate_command",
               "unsupft evaluate --model base=runs/base --model adapt=runs/adapt --train data/tgt/train "
-              "--test data/tgt/test --shots 1,4 --out runs/eval",
-              inputs=("model", "train", "test")),
+              "--test data/tgt/test --shots 1,4 --baseline base --label label=runs/label --out runs/eval",
+              inputs=("model", "train", "test", "label")),
     StageSpec("annotate", "unsupft.stages.annotate:annotate_command", "unsupft annotate runs/label"),
 )}
 

@@ -137,13 +137,15 @@ def _results_table(report: dict) -> str:
     """The evaluate report's headline numbers, one row per model, for the end of a run."""
     models = report.get("models", {})
     shots = sorted({k for m in models.values() for k in m.get("fewshot", {})}, key=int)
-    scalars = [k for k in ("retrieval_top5", "cluster_bcubed_precision", "linear_top1", "sdbw")
+    scalars = [k for k in ("retrieval_top5", "cluster_bcubed_f", "linear_top1", "sdbw")
                if any(k in m for m in models.values())]
-    header = ["MODEL"] + [f"{k}-SHOT TOP1" for k in shots] + [k.upper() for k in scalars]
+    own = any("classifier" in m for m in models.values())
+    header = ["MODEL"] + ["OWN TOP1"] * own + [f"{k}-SHOT TOP1" for k in shots] + [k.upper() for k in scalars]
     rows = [header]
     for name, m in models.items():
+        classifier = [f"{m['classifier']['top1']:.3f}" if "classifier" in m else "-"] * own
         fewshot = [f"{m['fewshot'][k]['top1_mean']:.3f}" if k in m.get("fewshot", {}) else "-" for k in shots]
-        rows.append([name] + fewshot + [f"{m[k]:.3f}" if k in m else "-" for k in scalars])
+        rows.append([name] + classifier + fewshot + [f"{m[k]:.3f}" if k in m else "-" for k in scalars])
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
 

@@ -65,20 +65,42 @@ def kmeans(features: np.ndarray, clusters: int, seed: int = 0, iterations: int =
     return assignment[:, 0]
 
 
-def bcubed_precision(clusters: np.ndarray, labels: np.ndarray) -> float:
-    """BCubed precision (Bagga & Baldwin 1998): for each item, the share of the items in its cluster
-    that have its label, averaged over items. From the cluster x label contingency table n_ij:
-    sum_ij n_ij^2 / n_i / N."""
+def _contingency(clusters: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """n_ij: how many items of cluster i carry label j."""
     _, cluster_ids = np.unique(clusters, return_inverse=True)
     _, label_ids = np.unique(labels, return_inverse=True)
     table = np.zeros((cluster_ids.max() + 1, label_ids.max() + 1), dtype=np.float64)
     np.add.at(table, (cluster_ids, label_ids), 1)
-    return float(np.sum(table**2 / table.sum(axis=1, keepdims=True)) / len(cluster_ids))
+    return table
 
 
-def clustering_bcubed_precision(features: np.ndarray, labels: np.ndarray, seed: int = 0) -> float:
-    """KMeans with as many clusters as classes, scored by BCubed precision against the labels."""
-    return bcubed_precision(kmeans(features, len(np.unique(labels)), seed=seed), labels)
+def bcubed_precision(clusters: np.ndarray, labels: np.ndarray) -> float:
+    """BCubed precision (Bagga & Baldwin 1998): for each item, the share of the items in its cluster
+    that have its label, averaged over items. From the cluster x label contingency table n_ij:
+    sum_ij n_ij^2 / n_i / N."""
+    table = _contingency(clusters, labels)
+    return float(np.sum(table**2 / table.sum(axis=1, keepdims=True)) / table.sum())
+
+
+def bcubed_recall(clusters: np.ndarray, labels: np.ndarray) -> float:
+    """BCubed recall: for each item, the share of the items with its label that are in its cluster,
+    averaged over items: sum_ij n_ij^2 / n_j / N (precision with clusters and labels swapped)."""
+    table = _contingency(clusters, labels)
+    return float(np.sum(table**2 / table.sum(axis=0, keepdims=True)) / table.sum())
+
+
+def bcubed_f(precision: float, recall: float) -> float:
+    """BCubed F: the harmonic mean of BCubed precision and recall (Amigo et al. 2009)."""
+    return 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
+
+
+def clustering_bcubed(features: np.ndarray, labels: np.ndarray, seed: int = 0) -> dict[str, float]:
+    """KMeans with as many clusters as classes, scored against the labels: BCubed precision,
+    recall and F (precision alone rewards many small clusters, recall one big one)."""
+    clusters = kmeans(features, len(np.unique(labels)), seed=seed)
+    precision, recall = bcubed_precision(clusters, labels), bcubed_recall(clusters, labels)
+    return {"cluster_bcubed_precision": precision, "cluster_bcubed_recall": recall,
+            "cluster_bcubed_f": bcubed_f(precision, recall)}
 
 
 def s_dbw(features: np.ndarray, labels: np.ndarray) -> float:

@@ -1,11 +1,18 @@
-"""The evaluation report: `report.json`, two pictures and a one-page `report.html`.
+"""The evaluation report: `report.json`, its pictures and a one-page `report.html`.
 
-A person compares models by looking, so besides the numbers the report draws
-- `feature_map.png`: the test features of each model in 2-D (t-SNE; PCA for tiny sets), coloured
-  by class, one panel per model;
-- `fewshot_curves.png`: few-shot top-1 accuracy against labels per class, every model on one plot,
-  with the spread over trials as error bars;
-and `report.html` shows the table and both pictures (embedded, so the file works on its own).
+The page answers "how good is my model" in sections, each a function here:
+- `card_html`: per model, what it is (architecture, input size, what was loaded) and where it came
+  from: its init chain with each stage's training length, data sizes and unsupft version
+  (`unsupft.eval.cards`);
+- `table_html`: every metric per model, the best value of each column marked, and with a baseline
+  (`evaluate --baseline NAME`) each model's difference against it (`differences`);
+- `confusion_html`: for models with their own classifier (transfer/label outputs), its confusion
+  matrix on the test set with each class's count and accuracy;
+- pictures: `feature_map.png`, the test features of each model in 2-D (t-SNE; PCA for tiny sets,
+  and the page says which), coloured by class; `fewshot_curves.png`, few-shot top-1 against labels
+  per class with the spread over trials; `label_curves.png`, a label stage's test top-1 per round
+  against the labels spent (`evaluate --label NAME=URI`), with the points as a table beside it.
+Pictures are embedded, so the file works on its own.
 """
 
 from __future__ import annotations
@@ -13,7 +20,8 @@ from __future__ import annotations
 import base64
 import html
 import io
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import numpy as np
 
@@ -21,6 +29,7 @@ from unsupft import store
 
 FEATURE_MAP = "feature_map.png"
 CURVES = "fewshot_curves.png"
+LABEL_CURVES = "label_curves.png"
 REPORT_JSON = "report.json"
 REPORT_HTML = "report.html"
 # t-SNE is quadratic-ish and the picture gains nothing from more points.
@@ -28,22 +37,83 @@ MAX_MAP_POINTS = 2000
 # Below this, t-SNE's perplexity has too few neighbours to be meaningful: use PCA.
 MIN_TSNE_POINTS = 60
 
-# (report key, column title) of the per-model scalar metrics, in table order.
+
+@dataclass(frozen=True)
+class Column:
+    """One metric column of the table: where its value sits in a model's result and which way is better."""
+
+    key: str
+    title: str
+    value: Callable[[dict[str, Any]], float | None]
+    higher_is_better: bool = True
+
+
+def _scalar(key: str) -> Callable[[dict[str, Any]], float | None]:
+    return lambda result: result.get(key)
+
+
+def _classifier(key: str) -> Callable[[dict[str, Any]], float | None]:
+    return lambda result: (result.get("classifier") or {}).get(key)
+
+
+def _fewshot(shots: str, key: str) -> Callable[[dict[str, Any]], float | None]:
+    return lambda result: ((result.get("fewshot") or {}).get(shots) or {}).get(key)
+
+
+# (result key, column title, higher is better) of the per-model scalar metrics, in table order.
 SCALAR_COLUMNS = [
-    ("retrieval_top5", "retrieval top-5"),
-    ("cluster_bcubed_precision", "clustering BCubed P"),
-    ("sdbw", "S_Dbw (lower better)"),
-    ("linear_top1", "linear probe top-1"),
+    ("retrieval_top5", "retrieval top-5", True),
+    ("cluster_bcubed_precision", "clustering BCubed P", True),
+    ("cluster_bcubed_recall", "clustering BCubed R", True),
+    ("cluster_bcubed_f", "clustering BCubed F", True),
+    ("sdbw", "S_Dbw (lower better)", False),
+    ("linear_top1", "linear probe top-1", True),
 ]
 
 
+def columns(models: dict[str, dict[str, Any]]) -> list[Column]:
+    """The table's columns that at least one model has a value for."""
+    shots = sorted({k for r in models.values() for k in (r.get("fewshot") or {})}, key=int)
+    every = [Column("classifier_top1", "own classifier top-1", _classifier("top1")),
+             Column("classifier_mean_class", "own classifier mean-class", _classifier("mean_class"))]
+    every += [Column(f"fewshot_{k}_top1", f"{k}-shot top-1", _fewshot(k, "top1_mean")) for k in shots]
+    every += [Column(f"fewshot_{k}_mean_class", f"{k}-shot mean-class", _fewshot(k, "mean_class_mean")) for k in shots]
+    every += [Column(key, title, _scalar(key), higher) for key, title, higher in SCALAR_COLUMNS]
+    return [c for c in every if any(c.value(r) is not None for r in models.values())]
+
+
+def best_per_column(models: dict[str, dict[str, Any]], table: list[Column]) -> dict[str, list[str]]:
+    """The model(s) with the best value of each column (ties all marked)."""
+    best: dict[str, list[str]] = {}
+    for column in table:
+        values = {name: column.value(r) for name, r in models.items() if column.value(r) is not None}
+        top = max(values.values()) if column.higher_is_better else min(values.values())
+        best[column.key] = [name for name, v in values.items() if v == top]
+    return best
+
+
+def differences(models: dict[str, dict[str, Any]], table: list[Column], baseline: str) -> dict[str, dict[str, float]]:
+    """Each model's value minus the baseline model's, per column both have."""
+    base = models[baseline]
+    out: dict[str, dict[str, float]] = {}
+    for name, result in models.items():
+        out[name] = {c.key: float(c.value(result) - c.value(base)) for c in table
+                     if c.value(result) is not None and c.value(base) is not None}
+    return out
+
+
+def map_method(n: int) -> str:
+    """The method that draws the feature map of n points (the page names it)."""
+    return "t-SNE" if n >= MIN_TSNE_POINTS else "PCA"
+
+
 def embed_2d(features: np.ndarray, seed: int = 0) -> np.ndarray:
-    """2-D coordinates [N, 2] of `features` for the feature map (t-SNE, or PCA when N is tiny)."""
+    """2-D coordinates [N, 2] of `features` for the feature map (`map_method`: t-SNE, or PCA when N is tiny)."""
     from sklearn.decomposition import PCA
     from sklearn.manifold import TSNE
 
     x = np.asarray(features, dtype=np.float32)
-    if len(x) < MIN_TSNE_POINTS:
+    if map_method(len(x)) == "PCA":
         return PCA(n_components=2, random_state=seed).fit_transform(x) if len(x) > 2 else np.zeros((len(x), 2))
     perplexity = min(30.0, (len(x) - 1) / 3)
     return TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(x)
@@ -56,19 +126,25 @@ def subsample(n: int, seed: int = 0) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(n, MAX_MAP_POINTS, replace=False))
 
 
+def _pyplot():
+    """matplotlib's pyplot drawing off-screen (stages run without a display)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def _figure_png(fig) -> bytes:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
     return buffer.getvalue()
 
 
-def feature_map_png(maps: dict[str, tuple[np.ndarray, np.ndarray]], classes: list[str]) -> bytes:
-    """One scatter panel per model: `maps[name] = (coords [N, 2], labels [N])`."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def feature_map_png(maps: dict[str, tuple[np.ndarray, np.ndarray]], classes: list[str], method: str) -> bytes:
+    """One scatter panel per model: `maps[name] = (coords [N, 2], labels [N])`, drawn by `method`."""
+    plt = _pyplot()
     cmap = plt.get_cmap("tab10" if len(classes) <= 10 else "tab20")
     fig, axes = plt.subplots(1, len(maps), figsize=(4.2 * len(maps), 4.4), squeeze=False)
     for ax, (name, (coords, labels)) in zip(axes[0], maps.items()):
@@ -80,8 +156,21 @@ def feature_map_png(maps: dict[str, tuple[np.ndarray, np.ndarray]], classes: lis
         ax.set_yticks([])
     handles, names = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, names, loc="center right", markerscale=2.5, fontsize=8, title="class")
-    fig.suptitle("test features (2-D map), coloured by class")
+    fig.suptitle(f"test features, 2-D {method} map, coloured by class")
     fig.subplots_adjust(right=0.88)
+    data = _figure_png(fig)
+    plt.close(fig)
+    return data
+
+
+def _accuracy_plot_png(plt, fig, ax, xlabel: str, ylabel: str, title: str) -> bytes:
+    """Finish a plot of accuracies (0 to 1) against labels and return it as PNG bytes."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title(title)
     data = _figure_png(fig)
     plt.close(fig)
     return data
@@ -89,11 +178,7 @@ def feature_map_png(maps: dict[str, tuple[np.ndarray, np.ndarray]], classes: lis
 
 def curves_png(models: dict[str, dict[str, Any]]) -> bytes:
     """Few-shot top-1 (mean +- std over trials) against labels per class, all models on one plot."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4.2))
     all_shots: set[int] = set()
     for name, result in models.items():
@@ -108,52 +193,149 @@ def curves_png(models: dict[str, dict[str, Any]]) -> bytes:
     ax.set_xscale("log", base=2)
     ax.set_xticks(sorted(all_shots), [str(k) for k in sorted(all_shots)])
     ax.minorticks_off()
-    ax.set_xlabel("labeled images per class")
-    ax.set_ylabel("top-1 accuracy")
-    ax.set_ylim(0, 1)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    ax.set_title("few-shot transfer")
-    data = _figure_png(fig)
-    plt.close(fig)
-    return data
+    return _accuracy_plot_png(plt, fig, ax, "labeled images per class", "top-1 accuracy", "few-shot transfer")
+
+
+def label_curves_png(curves: dict[str, list[dict[str, Any]]]) -> bytes:
+    """Test top-1 after each label round against the labels spent so far, one line per label run."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    spent: set[int] = set()
+    for name, rounds in curves.items():
+        ax.plot([r["labels"] for r in rounds], [r["test_top1"] for r in rounds], marker="o", label=name)
+        spent.update(r["labels"] for r in rounds)
+    ax.set_xticks(sorted(spent))
+    return _accuracy_plot_png(plt, fig, ax, "labels spent (all rounds so far)", "test top-1 accuracy",
+                              "progressive labeling: accuracy per round")
 
 
 def _fmt(value: Any) -> str:
     return f"{value:.3f}" if isinstance(value, (int, float)) else "–"
 
 
-def render_html(report: dict[str, Any], pictures: dict[str, bytes]) -> str:
-    """The one-page report: a table of every metric per model and the pictures (inline PNGs)."""
-    models = report["models"]
-    shots = sorted({k for r in models.values() for k in (r.get("fewshot") or {})}, key=int)
-    head = ["model"] + [f"{k}-shot top-1" for k in shots] + [f"{k}-shot mean-class" for k in shots]
-    head += [title for key, title in SCALAR_COLUMNS]
+def _esc(value: Any) -> str:
+    return html.escape(str(value))
+
+
+def card_html(name: str, card: dict[str, Any]) -> str:
+    """A model's card: what it is and the chain of stages (newest first) that made it."""
+    size = card.get("image_size")
+    shape = f"{card.get('in_channels')} channel(s), {'x'.join(map(str, size))} input" if size else \
+        f"{card.get('in_channels')} channel(s)"
+    links = []
+    for link in card.get("chain", []):
+        settings = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in link.items()
+                             if k not in ("stage", "uri", "data", "unsupft"))
+        data = ", ".join(f"{k} {v} images" for k, v in (link.get("data") or {}).items())
+        parts = [p for p in (settings, f"data: {data}" if data else "") if p]
+        links.append(f'<li><b>{_esc(link["stage"])}</b> {_esc("; ".join(parts))} '
+                     f'<span class="uri">{_esc(link["uri"])}</span></li>')
+    return (f'<div class="card" data-model="{_esc(name)}"><h3>{_esc(name)}</h3><dl>'
+            f"<dt>architecture</dt><dd>{_esc(card.get('architecture'))}, {_esc(shape)}</dd>"
+            f"<dt>loaded</dt><dd>{_esc(card.get('loaded'))}</dd>"
+            f"<dt>unsupft</dt><dd>{_esc(card.get('unsupft') or 'unknown (no manifest)')}</dd></dl>"
+            f'<p>init chain, newest first:</p><ol class="chain">{"".join(links)}</ol></div>')
+
+
+def table_html(report: dict[str, Any]) -> str:
+    """Every metric per model; the best of each column bold, differences against the baseline beside."""
+    models, best = report["models"], report["best"]
+    diffs = report.get("differences") or {}
+    table = columns(models)
+    head = "<th>model</th>" + "".join(f"<th>{_esc(c.title)}</th>" for c in table)
     rows = []
-    for name, r in models.items():
-        fs = r.get("fewshot") or {}
-        cells = [html.escape(name)]
-        cells += [f"{_fmt(fs[k]['top1_mean'])} ± {_fmt(fs[k]['top1_std'])}" if k in fs else "–" for k in shots]
-        cells += [f"{_fmt(fs[k]['mean_class_mean'])} ± {_fmt(fs[k]['mean_class_std'])}" if k in fs else "–" for k in shots]
-        cells += [_fmt(r.get(key)) for key, _ in SCALAR_COLUMNS]
-        rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
-    images = "".join(
-        f'<figure><img alt="{html.escape(name)}" src="data:image/png;base64,{base64.b64encode(data).decode()}">'
-        f"<figcaption>{html.escape(name)}</figcaption></figure>"
-        for name, data in pictures.items()
-    )
-    inputs = html.escape(", ".join(f"{k}={v}" for k, v in report.get("inputs", {}).items()))
+    for name, result in models.items():
+        cells = [f'<td class="name">{_esc(name)}</td>']
+        for c in table:
+            value = c.value(result)
+            text = _fmt(value)
+            if c.key.startswith("fewshot_") and value is not None:  # the spread over trials
+                shots, kind = c.key.split("_")[1], "top1" if c.key.endswith("top1") else "mean_class"
+                text += f" ± {_fmt(result['fewshot'][shots][f'{kind}_std'])}"
+            if c.key in diffs.get(name, {}) and name != report.get("baseline"):
+                text += f' <span class="diff">({diffs[name][c.key]:+.3f})</span>'
+            marked = name in best.get(c.key, [])
+            cells.append(f'<td data-column="{c.key}"{" class=best" if marked else ""}>'
+                         f'{"<strong>" + text + "</strong>" if marked else text}</td>')
+        rows.append(f'<tr data-model="{_esc(name)}">{"".join(cells)}</tr>')
+    return f'<table id="metrics"><tr>{head}</tr>{"".join(rows)}</table>'
+
+
+def confusion_html(name: str, score: dict[str, Any]) -> str:
+    """A classifier's confusion matrix (rows: true class, columns: predicted) with each class's
+    test count and accuracy; cells shaded by their share of the row."""
+    classes, confusion = score["classes"], np.asarray(score["confusion"])
+    head = "".join(f"<th>{_esc(c)}</th>" for c in classes)
+    rows = []
+    for i, true in enumerate(classes):
+        total = int(confusion[i].sum())
+        cells = "".join(
+            f'<td class="n" style="background:rgba(31,119,180,{(n / total if total else 0):.2f})">{int(n)}</td>'
+            for n in confusion[i])
+        accuracy = _fmt(score["per_class"].get(true)) if total else "–"
+        rows.append(f'<tr data-class="{_esc(true)}"><th>{_esc(true)}</th>{cells}'
+                    f'<td class="count">{total}</td><td class="accuracy">{accuracy}</td></tr>')
+    return (f'<figure class="confusion-block"><table class="confusion" data-model="{_esc(name)}">'
+            f"<tr><th>true ↓ predicted →</th>{head}<th>count</th><th>accuracy</th></tr>{''.join(rows)}</table>"
+            f"<figcaption>{_esc(name)}: top-1 {_fmt(score['top1'])}, mean-class {_fmt(score['mean_class'])} "
+            f"on {score['test_samples']} test images</figcaption></figure>")
+
+
+def label_rounds_html(name: str, rounds: list[dict[str, Any]]) -> str:
+    """The points of a label run's curve as a table (round, labels spent, test top-1)."""
+    rows = "".join(f"<tr><td>{r['round']}</td><td>{r['labels']}</td><td>{_fmt(r['test_top1'])}</td></tr>"
+                   for r in rounds)
+    return (f'<table class="label-rounds" data-run="{_esc(name)}"><caption>{_esc(name)}</caption>'
+            f"<tr><th>round</th><th>labels</th><th>test top-1</th></tr>{rows}</table>")
+
+
+def _picture(name: str, data: bytes, caption: str) -> str:
+    return (f'<figure><img alt="{_esc(name)}" src="data:image/png;base64,{base64.b64encode(data).decode()}">'
+            f"<figcaption>{_esc(caption)}</figcaption></figure>")
+
+
+def render_html(report: dict[str, Any], pictures: dict[str, bytes]) -> str:
+    """The one-page report: cards, the metric table, confusion matrices, label curves, pictures."""
+    models, config = report["models"], report.get("config", {})
+    cards = "".join(card_html(name, card) for name, card in (report.get("cards") or {}).items())
+    baseline = report.get("baseline")
+    note = "bold: the best value of each column"
+    if baseline:
+        note += f"; (±x): difference against the baseline model {_esc(baseline)}"
+    sections = [f'<h2>Models</h2><div class="cards">{cards}</div>',
+                f'<h2>Metrics</h2><p class="small">{note}</p>{table_html(report)}']
+    scored = {name: r["classifier"] for name, r in models.items() if r.get("classifier")}
+    if scored:
+        sections.append('<h2 id="classifiers">Own classifiers on the test set</h2>'
+                        + "".join(confusion_html(name, score) for name, score in scored.items()))
+    if LABEL_CURVES in pictures:
+        sections.append('<h2 id="labeling">Progressive labeling</h2>'
+                        + _picture(LABEL_CURVES, pictures[LABEL_CURVES], "test top-1 after each round")
+                        + "".join(label_rounds_html(n, r) for n, r in report["label_curves"].items()))
+    if FEATURE_MAP in pictures:
+        method = report.get("map_method", "t-SNE")
+        sections.append(f'<h2 id="map">Feature map ({_esc(method)})</h2>'
+                        + _picture(FEATURE_MAP, pictures[FEATURE_MAP],
+                                   f"test features of each model, embedded in 2-D by {method}, coloured by class"))
+    if CURVES in pictures:
+        sections.append('<h2 id="fewshot">Few-shot transfer</h2>'
+                        + _picture(CURVES, pictures[CURVES], "top-1 against labeled images per class (mean ± std)"))
+    inputs = _esc(", ".join(f"{k}={v}" for k, v in report.get("inputs", {}).items()))
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>unsupft evaluation</title>
-<style>body{{font-family:sans-serif;margin:2em;max-width:1400px}}table{{border-collapse:collapse}}
-td,th{{border:1px solid #bbb;padding:4px 8px;text-align:right}}td:first-child{{text-align:left}}
-th{{background:#eee}}img{{max-width:100%}}figure{{display:inline-block;margin:1em 1em 0 0}}
-.small{{color:#666;font-size:90%}}</style></head><body>
+<style>body{{font-family:sans-serif;margin:2em;max-width:1400px}}table{{border-collapse:collapse;margin:0.5em 1em 0.5em 0}}
+td,th{{border:1px solid #bbb;padding:4px 8px;text-align:right}}td.name{{text-align:left}}
+th{{background:#eee}}img{{max-width:100%}}figure{{display:inline-block;margin:1em 1em 0 0;vertical-align:top}}
+td.best{{background:#e3f4e1}}.diff{{color:#555;font-size:85%}}.small{{color:#666;font-size:90%}}
+.cards{{display:flex;flex-wrap:wrap;gap:1em}}.card{{border:1px solid #ccc;border-radius:6px;padding:0.5em 1em;
+max-width:440px}}.card h3{{margin:0.2em 0}}.card dl{{display:grid;grid-template-columns:auto 1fr;gap:2px 8px;margin:0}}
+.card dt{{color:#666}}.card dd{{margin:0}}.chain{{margin:0;padding-left:1.4em;font-size:90%}}
+.uri{{color:#888;font-size:85%;word-break:break-all}}table.label-rounds{{display:inline-table;vertical-align:top}}</style>
+</head><body>
 <h1>unsupft evaluation</h1>
-<p class="small">{inputs}<br>few-shot method: {html.escape(str(report.get("config", {}).get("method", "")))};
-trials per K: {html.escape(str(report.get("config", {}).get("trials", "")))} (mean ± std)</p>
-<table><tr>{"".join(f"<th>{html.escape(h)}</th>" for h in head)}</tr>{"".join(rows)}</table>
-{images}
+<p class="small">{inputs}<br>few-shot method: {_esc(config.get("method", ""))};
+trials per K: {_esc(config.get("trials", ""))} (mean ± std)</p>
+{"".join(sections)}
 </body></html>
 """
 
@@ -164,12 +346,21 @@ def write_report(
     maps: dict[str, tuple[np.ndarray, np.ndarray]],
     classes: list[str],
 ) -> list[str]:
-    """Write report.json, the pictures that have data and report.html under `out`; returns their names."""
+    """Complete `report` (best per column, differences against `report["baseline"]`, the map method),
+    then write report.json, the pictures that have data and report.html under `out`; returns their names."""
+    models = report["models"]
+    table = columns(models)
+    report["best"] = best_per_column(models, table)
+    if report.get("baseline"):
+        report["differences"] = differences(models, table, report["baseline"])
     pictures: dict[str, bytes] = {}
     if maps:
-        pictures[FEATURE_MAP] = feature_map_png(maps, classes)
-    if any(r.get("fewshot") for r in report["models"].values()):
-        pictures[CURVES] = curves_png(report["models"])
+        report["map_method"] = map_method(len(next(iter(maps.values()))[0]))
+        pictures[FEATURE_MAP] = feature_map_png(maps, classes, report["map_method"])
+    if any(r.get("fewshot") for r in models.values()):
+        pictures[CURVES] = curves_png(models)
+    if report.get("label_curves"):
+        pictures[LABEL_CURVES] = label_curves_png(report["label_curves"])
     store.write_json(store.join(out, REPORT_JSON), report)
     for name, data in pictures.items():
         store.write_bytes(store.join(out, name), data)

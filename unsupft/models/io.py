@@ -271,6 +271,13 @@ def load_backbone(
     return model, meta
 
 
+def classifier_layer(classifier: dict[str, torch.Tensor]) -> nn.Linear:
+    """The linear classifier a `model.pt` carries ({"weight", "bias"}) as a layer."""
+    fc = nn.Linear(classifier["weight"].shape[1], classifier["weight"].shape[0])
+    fc.load_state_dict(classifier)
+    return fc
+
+
 def load(uri: str, *, trust: bool | None = None) -> tuple[nn.Module, Preprocess]:
     """A ready torchvision ResNet (eval mode) from any checkpoint `load_backbone` reads, and how to
     feed it. With a classifier (a `transfer`/`label` model) it returns logits over `model.classes`;
@@ -282,8 +289,7 @@ def load(uri: str, *, trust: bool | None = None) -> tuple[nn.Module, Preprocess]
     backbone, meta = load_backbone(uri, trust=trust)
     classifier = meta.get("classifier")
     if classifier is not None:
-        backbone.fc = nn.Linear(classifier["weight"].shape[1], classifier["weight"].shape[0])
-        backbone.fc.load_state_dict(classifier)
+        backbone.fc = classifier_layer(classifier)
     backbone.classes = list(meta.get("classes") or [])
     recorded = meta.get("preprocess")
     if recorded:  # what the model was trained with, even if unsupft's defaults change later

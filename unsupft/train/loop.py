@@ -71,6 +71,11 @@ API
   step are dropped on resume). On a terminal a tqdm bar shows them with the elapsed time, ETA and
   epoch (from a BatchSource's `samples_per_epoch` and `batch_size`); otherwise each record is also
   printed as a JSON line on stdout (the job's log).
+- TensorBoard: when `tensorboardX` is importable (`pip install unsupft[tensorboard]`) and
+  `cfg.tensorboard` is on, rank 0 also writes each record's scalars to `<out>/tensorboard/` (event
+  files; on S3 they are uploaded at every checkpoint and at the end). metrics.jsonl stays the
+  source of truth; a resumed run purges the events past its checkpoint step (TensorBoard's
+  `purge_step`), as metrics.jsonl drops those lines.
 - AMP: `amp="auto"` uses bf16 autocast on CUDA, and on CPUs whose oneDNN has native bf16
   (AVX512-BF16/AMX); `"bf16"` forces it, `"off"` disables it. On this machine's AVX2 CPU bf16
   autocast made the tiny ResNet over 10x slower, so auto leaves it off there (BENCHMARKS.md).
@@ -86,8 +91,10 @@ import json
 import math
 import random
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterator, Literal
 
 import numpy as np
@@ -123,6 +130,7 @@ class LoopConfig:
     channels_last: bool = True
     find_unused_parameters: bool = False       # DDP: set when some trainable params skip a step
     progress: bool | None = None               # progress bar; None = when stderr is a terminal
+    tensorboard: bool = True                   # event files in <out>/tensorboard when tensorboardX is installed
 
 
 @dataclass
@@ -281,6 +289,56 @@ class _MetricsLog:
             store.write_text(self.uri, "".join(self.lines))
 
 
+TENSORBOARD_DIR = "tensorboard"
+
+
+class _TensorBoard:
+    """TensorBoard scalars of the metrics records (rank 0), written with tensorboardX when it is
+    installed: it needs only protobuf (about 3 MB), where `torch.utils.tensorboard` needs the whole
+    `tensorboard` package and its server dependencies just to write. Outputs on S3 are written to a
+    local folder first and uploaded at `flush` (event files are appended to, which S3 cannot do)."""
+
+    def __init__(self, out: str, resume_step: int | None, enabled: bool) -> None:
+        self.writer, self.staging, self.uri = None, None, store.join(out, TENSORBOARD_DIR)
+        if not enabled:
+            return
+        try:
+            from tensorboardX import SummaryWriter
+        except ImportError:  # the optional extra is not installed: metrics.jsonl alone
+            return
+        local = store.local_path(self.uri)
+        if local is None:
+            self.staging = tempfile.TemporaryDirectory(prefix="unsupft-tb-")
+            local = Path(self.staging.name)
+        # tensorboardX names files by the second: a run resumed within the same second would
+        # overwrite its predecessor's file; the nanoseconds keep them apart and in order
+        self.writer = SummaryWriter(str(local), purge_step=resume_step, flush_secs=30,
+                                    filename_suffix=f".{time.time_ns():020d}")
+
+    def add(self, record: dict[str, Any]) -> None:
+        if self.writer is None:
+            return
+        for name, value in record.items():
+            if name not in ("step", "time") and isinstance(value, (int, float)):
+                self.writer.add_scalar(name, value, global_step=record["step"], walltime=record["time"])
+
+    def flush(self) -> None:
+        if self.writer is None:
+            return
+        self.writer.flush()
+        if self.staging is not None:
+            for path in Path(self.staging.name).iterdir():
+                store.upload_file(path, store.join(self.uri, path.name))
+
+    def close(self) -> None:
+        if self.writer is None:
+            return
+        self.flush()
+        self.writer.close()
+        if self.staging is not None:
+            self.staging.cleanup()
+
+
 class _Progress:
     """On a terminal a tqdm bar on stderr (steps, elapsed, ETA, rate, epoch, the last metrics); JSON
     lines on stdout otherwise (a job's log, which people and tools read line by line)."""
@@ -364,6 +422,7 @@ def train(task: TrainTask, data: Any, cfg: LoopConfig) -> TrainResult:
     del state
 
     metrics_log = _MetricsLog(cfg.out, resumed_from, d.is_main)
+    board = _TensorBoard(cfg.out, resumed_from, d.is_main and cfg.tensorboard)
     epoch_size, per_rank = getattr(data, "samples_per_epoch", None), getattr(data, "batch_size", None)
     progress = _Progress(cfg.steps, d.is_main and cfg.progress is not False, cfg.progress, start,
                          epoch_size / (per_rank * d.world_size) if epoch_size and per_rank else None)
@@ -381,6 +440,7 @@ def train(task: TrainTask, data: Any, cfg: LoopConfig) -> TrainResult:
                 "optimizer": optimizer.state_dict(), "extra": task.extra_state(), "rng": rng,
                 "world_size": d.world_size, "config": dataclasses.asdict(cfg), "owner": owner})
             metrics_log.flush()
+            board.flush()
 
     first_bad = torch.full((), -1, dtype=torch.long, device=device)  # first step with a non-finite loss
 
@@ -430,11 +490,13 @@ def train(task: TrainTask, data: Any, cfg: LoopConfig) -> TrainResult:
                         "samples_per_s": samples * d.world_size / max(now - tick, 1e-9), "time": time.time()}
                 tick, samples = now, 0
                 metrics_log.append(last)
+                board.add(last)
                 progress.show(last)
             if checkpoint_now:
                 save(done)
                 saved_at = done
     finally:
         progress.close()
+        board.close()
         task.model = model
     return TrainResult(step=cfg.steps, resumed_from=resumed_from, metrics=last)

@@ -268,7 +268,7 @@ def finetune(
         cfg = LoopConfig(out=target, steps=epochs * steps_per_epoch, lr=lr_head, schedule="cosine",
                          momentum=0.9, weight_decay=0.0, log_every=steps_per_epoch, seed=seed,
                          checkpoint_every=steps_per_epoch if out is not None else 0,
-                         progress=False if out is None else None)
+                         progress=False if out is None else None, tensorboard=out is not None)
         train(task, data, cfg)
     if method == "linear":
         model.backbone.requires_grad_(True)
