@@ -28,6 +28,7 @@ STAGES: dict[str, str] = {
     "bn-adapt": "unsupft.train.pretrain:bn_adapt_command",
     "adapt": "unsupft.train.adapt:adapt_command",
     "transfer": "unsupft.train.transfer_stage:transfer_command",
+    "semi": "unsupft.train.semi:semi_command",
     "evaluate": "unsupft.eval.evaluate:evaluate_command",
     "annotate": "unsupft.select.annotate_web:annotate_command",
     "label": "unsupft.select.progressive:label_command",
@@ -42,6 +43,8 @@ EXAMPLES: dict[str, str] = {
     "adapt": "unsupft adapt --init runs/base --target data/tgt/train --replay-source data/src/train "
              "--mix cutmix --steps 60 --batch-size 64 --out runs/adapt",
     "transfer": "unsupft transfer --init runs/adapt --train data/tgt/train --shots 4 --method coin --out runs/coin",
+    "semi": "unsupft semi --init runs/adapt --train data/tgt/train --shots 4 --unlabeled data/tgt/train "
+            "--test data/tgt/test --steps 500 --out runs/semi",
     "evaluate": "unsupft evaluate --model base=runs/base --model adapt=runs/adapt --train data/tgt/train "
                 "--test data/tgt/test --shots 1,4 --out runs/eval",
     "annotate": "unsupft annotate runs/label",

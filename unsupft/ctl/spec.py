@@ -29,7 +29,7 @@ import yaml
 from unsupft import store
 from unsupft.errors import UserError
 
-KINDS = ("pretrain", "bn-adapt", "adapt", "transfer", "label", "evaluate")
+KINDS = ("pretrain", "bn-adapt", "adapt", "transfer", "semi", "label", "evaluate")
 
 # kind -> the parameters whose values refer to data sets or stages (the edges of the DAG).
 INPUTS: dict[str, tuple[str, ...]] = {
@@ -37,6 +37,7 @@ INPUTS: dict[str, tuple[str, ...]] = {
     "bn-adapt": ("init", "data"),
     "adapt": ("init", "target", "replay_source"),
     "transfer": ("init", "train", "labels"),
+    "semi": ("init", "train", "unlabeled", "test", "labels"),
     "label": ("init", "data", "test"),
     "evaluate": ("model", "train", "test"),
 }
