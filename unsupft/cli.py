@@ -29,6 +29,7 @@ STAGES: dict[str, str] = {
     "adapt": "unsupft.train.adapt:adapt_command",
     "transfer": "unsupft.train.transfer_stage:transfer_command",
     "semi": "unsupft.train.semi:semi_command",
+    "select-source": "unsupft.train.select_source:select_source_command",
     "evaluate": "unsupft.eval.evaluate:evaluate_command",
     "annotate": "unsupft.select.annotate_web:annotate_command",
     "label": "unsupft.select.progressive:label_command",
@@ -45,6 +46,8 @@ EXAMPLES: dict[str, str] = {
     "transfer": "unsupft transfer --init runs/adapt --train data/tgt/train --shots 4 --method coin --out runs/coin",
     "semi": "unsupft semi --init runs/adapt --train data/tgt/train --shots 4 --unlabeled data/tgt/train "
             "--test data/tgt/test --steps 500 --out runs/semi",
+    "select-source": "unsupft select-source --init runs/base --candidate a=data/src-a/train --candidate b=data/src-b/train "
+                     "--probe-train data/tgt/train --probe-test data/tgt/test --steps 200 --out runs/select",
     "evaluate": "unsupft evaluate --model base=runs/base --model adapt=runs/adapt --train data/tgt/train "
                 "--test data/tgt/test --shots 1,4 --out runs/eval",
     "annotate": "unsupft annotate runs/label",

@@ -29,7 +29,7 @@ import yaml
 from unsupft import store
 from unsupft.errors import UserError
 
-KINDS = ("pretrain", "bn-adapt", "adapt", "transfer", "semi", "label", "evaluate")
+KINDS = ("pretrain", "bn-adapt", "adapt", "transfer", "semi", "select-source", "label", "evaluate")
 
 # kind -> the parameters whose values refer to data sets or stages (the edges of the DAG).
 INPUTS: dict[str, tuple[str, ...]] = {
@@ -38,6 +38,7 @@ INPUTS: dict[str, tuple[str, ...]] = {
     "adapt": ("init", "target", "replay_source"),
     "transfer": ("init", "train", "labels"),
     "semi": ("init", "train", "unlabeled", "test", "labels"),
+    "select-source": ("init", "candidate", "target", "probe_train", "probe_test"),
     "label": ("init", "data", "test"),
     "evaluate": ("model", "train", "test"),
 }

@@ -35,14 +35,15 @@ from unsupft.train.transfer import METHODS, finetune, predict
 METRICS = ("fewshot", "retrieval", "clustering", "sdbw", "linear", "map")
 
 
-def parse_models(specs: tuple[str, ...]) -> dict[str, str]:
+def parse_models(specs: tuple[str, ...], option: str = "--model") -> dict[str, str]:
+    """NAME=URI specs of a repeatable `option` -> {name: uri}, names unique."""
     models: dict[str, str] = {}
     for spec in specs:
         name, sep, uri = spec.partition("=")
         if not sep or not name or not uri:
-            raise UserError(f"--model '{spec}': expected NAME=URI")
+            raise UserError(f"{option} '{spec}': expected NAME=URI")
         if name in models:
-            raise UserError(f"--model: the name '{name}' is given twice")
+            raise UserError(f"{option}: the name '{name}' is given twice")
         models[name] = uri
     return models
 
