@@ -7,6 +7,8 @@ loop transcription of its definition in tests/.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
@@ -139,3 +141,39 @@ def mixed_query_loss(mixed_query: torch.Tensor, key_a: torch.Tensor, key_b: torc
     loss_a = infonce_loss(mixed_query, key_a, queue, tau, reduction="none")
     loss_b = infonce_loss(mixed_query, key_b, queue, tau, reduction="none")
     return (lam * loss_a + (1 - lam) * loss_b).mean()
+
+
+# --------------------------------------------------------------------------------------------
+# Semi-supervised loss (FixMatch)
+# --------------------------------------------------------------------------------------------
+
+
+class FixMatchLoss(NamedTuple):
+    total: torch.Tensor       # supervised + unlabeled_weight * unlabeled
+    supervised: torch.Tensor  # CE on the labeled batch
+    unlabeled: torch.Tensor   # the consistency term, unweighted (as logged)
+    mask: torch.Tensor        # [U] float 0/1: which pseudo labels passed the threshold
+
+
+def fixmatch_loss(labeled_logits: torch.Tensor, labels: torch.Tensor, weak_logits: torch.Tensor,
+                  strong_logits: torch.Tensor, threshold: float = 0.95,
+                  unlabeled_weight: float = 1.0) -> FixMatchLoss:
+    """FixMatch (Sohn et al. 2020, Eq. 4): `supervised + unlabeled_weight * unlabeled`.
+
+    `labeled_logits` [B, C] with `labels` [B]; `weak_logits`, `strong_logits` [U, C] are the weakly
+    and strongly augmented views of the same U unlabeled images. Each weak view's arg-max is a hard
+    pseudo label, kept where its softmax probability reaches `threshold` (`mask`); the strong view
+    learns it by cross-entropy:
+
+        unlabeled = 1/U * sum_u mask_u * CE(strong_u, argmax softmax(weak_u))
+
+    The mean runs over all U images, not only the confident ones, so the unlabeled term grows as
+    more pseudo labels pass the threshold. No gradient flows through the weak view (the pseudo
+    label is a target). `mask.mean()` is the pseudo-label rate.
+    """
+    supervised = F.cross_entropy(labeled_logits, labels)
+    with torch.no_grad():
+        confidence, pseudo = torch.softmax(weak_logits.detach(), dim=1).max(dim=1)
+        mask = (confidence >= threshold).to(strong_logits.dtype)
+    unlabeled = (F.cross_entropy(strong_logits, pseudo, reduction="none") * mask).mean()
+    return FixMatchLoss(supervised + unlabeled_weight * unlabeled, supervised, unlabeled, mask)

@@ -50,6 +50,14 @@ STAGES: dict[str, StageSpec] = {spec.name: spec for spec in (
               "unsupft transfer --init runs/adapt --train data/tgt/train --shots 4 --method coin "
               "--test data/tgt/test --out runs/coin",
               inputs=("init", "train", "labels", "test")),
+    StageSpec("semi", "unsupft.stages.semi:semi_command",
+              "unsupft semi --init runs/adapt --train data/tgt/train --shots 4 --unlabeled data/tgt/train "
+              "--test data/tgt/test --steps 500 --out runs/semi",
+              inputs=("init", "train", "unlabeled", "test", "labels")),
+    StageSpec("select-source", "unsupft.stages.select_source:select_source_command",
+              "unsupft select-source --init runs/base --candidate a=data/src-a/train --candidate b=data/src-b/train "
+              "--probe-train data/tgt/train --probe-test data/tgt/test --steps 200 --out runs/select",
+              inputs=("init", "candidate", "target", "probe_train", "probe_test")),
     StageSpec("label", "unsupft.stages.label:label_command",
               "unsupft label --init runs/adapt --data data/tgt/train --test data/tgt/test --budget 2 "
               "--annotator manual --out runs/label",

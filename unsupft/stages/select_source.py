@@ -1,0 +1,147 @@
+"""`unsupft select-source`: which candidate source data set to pretrain on, chosen as HPT does.
+
+HPT picks its source "using the top-linear-analysis": a short MoCo pretrain from the base model
+on each candidate, the same budget for all, then a linear probe on the labeled target; the best
+probe wins. Each candidate's run is an ordinary `unsupft pretrain` output inside this stage's
+output (`<out>/candidates/<name>`, the command itself run in-process), so a killed selection
+skips the candidates that finished and resumes the one that was running from its checkpoint.
+With `--target`, every candidate run is TUP-style (`pretrain --target`: the candidate with the
+unlabeled target re-balanced into it), as the source would later be used.
+
+The probe: logistic regression on frozen features (`unsupft.eval.metrics.linear_probe_accuracy`)
+fit on `--probe-train` (all of it, or `--shots` K per class) and scored on `--probe-test` (or, with
+`--shots` and no `--probe-test`, on the rest of `--probe-train`). The base model is probed too, as
+the row every candidate should beat. Outputs: `config.json`, `candidates/<name>/...`,
+`ranking.json`, `ranking.md` (the table), `_DONE.json` last with `chosen: {name, uri}`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+import click
+import numpy as np
+import torch
+
+from unsupft import checkpoint, options, stage, store
+from unsupft.data.samples import Fitted, Samples, image_size_of, open_samples
+from unsupft.errors import UserError, report_user_errors
+from unsupft.stages.evaluate import align_test_labels, parse_named
+from unsupft.models.features import extract_features
+from unsupft.eval.metrics import linear_probe_accuracy
+from unsupft.models import load_backbone
+from unsupft.eval.fewshot import draw_shots
+from unsupft.stages.pretrain import pretrain_command
+
+CANDIDATE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")  # a folder name on every store
+
+
+def probe_sets(train: Samples, test: Samples | None, shots: int | None, seed: int
+               ) -> tuple[np.ndarray, np.ndarray, Samples, np.ndarray, np.ndarray]:
+    """(train indices, their labels, the test set, test indices, their labels in train's class ids)."""
+    if train.labels is None:
+        raise UserError(f"{train.uri}: the probe needs a labeled data set")
+    labels = train.labels.numpy()
+    chosen = draw_shots(labels, shots, seed, train.classes) if shots is not None else np.arange(len(train))
+    if test is None:
+        if shots is None:
+            raise UserError("give --probe-test, or --shots K to probe on K per class of --probe-train and test on the rest")
+        rest = np.setdiff1d(np.arange(len(train)), chosen)
+        if len(rest) == 0:
+            raise UserError(f"--shots {shots} leaves no image of {train.uri} to test the probe on")
+        return chosen, labels[chosen], train, rest, labels[rest]
+    test_labels = align_test_labels(train, test).numpy()
+    return chosen, labels[chosen], test, np.arange(len(test)), test_labels
+
+
+def probe(model_uri: str, train: Samples, train_idx: np.ndarray, train_y: np.ndarray, test: Samples,
+          test_idx: np.ndarray, test_y: np.ndarray) -> float:
+    """Linear-probe top-1 of `model_uri`'s frozen features (read batch by batch: only features stay)."""
+    backbone, meta = load_backbone(model_uri, in_channels=train.channels)
+    size = image_size_of(train, meta.get("image_size"), "a model with a recorded image size")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    backbone.to(device)
+    f_train = extract_features(backbone, Fitted(train, size, train_idx), image_size=size).numpy()
+    f_test = extract_features(backbone, Fitted(test, size, test_idx), image_size=size).numpy()
+    return linear_probe_accuracy(f_train, train_y, f_test, test_y)
+
+
+def ranking_table(rows: list[dict[str, Any]], base: float) -> str:
+    lines = ["| rank | candidate | linear probe top-1 | URI |", "|---|---|---|---|"]
+    lines += [f"| {r['rank']} | {r['name']} | {r['linear_top1']:.4f} | {r['uri']} |" for r in rows]
+    lines.append(f"| - | (base, no source pretraining) | {base:.4f} | |")
+    return "\n".join(lines) + "\n"
+
+
+@click.command("select-source")
+@click.option("--init", required=True, help="The base model every candidate's short pretrain starts from.")
+@click.option("--candidate", "candidate_specs", multiple=True, required=True, metavar="NAME=URI",
+              help="A candidate source data set (repeatable, at least 2).")
+@click.option("--target", default=None, help="Unlabeled target, re-balanced into each candidate's pretrain (TUP).")
+@click.option("--probe-train", "probe_train_uri", required=True, help="Labeled target images the linear probe fits on.")
+@click.option("--probe-test", "probe_test_uri", default=None, help="Labeled target images the probe is scored on.")
+@click.option("--shots", type=options.count(1, 100_000), default=None,
+              help="Fit the probe on K per class of --probe-train (without --probe-test: score it on the rest).")
+@click.option("--steps", type=options.STEPS, default=200, show_default=True, help="Pretraining steps per candidate (the same for all).")
+@click.option("--batch-size", type=options.BATCH, default=128, show_default=True)
+@click.option("--lr", type=options.LEARNING_RATE, default=None, help="Pretraining peak learning rate (default: pretrain's, 0.03 * batch / 256).")
+@click.option("--queue-size", type=options.count(1, 1 << 20), default=1024, show_default=True)
+@click.option("--seed", type=options.SEED, default=0, show_default=True)
+@click.option("--checkpoint-every", type=options.count(0, 100_000_000), default=100, show_default=True)
+@click.option("--workers", type=options.count(0, 64), default=None, help="DataLoader workers (default: half the cores).")
+@click.option("--out", required=True, help="Output URI.")
+@checkpoint.trust_option
+@stage.overwrite_option
+@report_user_errors
+def select_source_command(init: str, candidate_specs: tuple[str, ...], target: str | None, probe_train_uri: str,
+                          probe_test_uri: str | None, shots: int | None, steps: int, batch_size: int,
+                          lr: float | None, queue_size: int, seed: int, checkpoint_every: int, workers: int | None, out: str) -> None:
+    """Rank --candidate source data sets by a short pretrain from --init and a linear probe on the target."""
+    candidates = parse_named(candidate_specs, "--candidate")
+    if len(candidates) < 2:
+        raise UserError(f"give at least 2 --candidate NAME=URI to choose from (got {len(candidates)})")
+    for name in candidates:
+        if not CANDIDATE_NAME.match(name):
+            raise UserError(f"--candidate '{name}': names are lower-case letters, digits, '-' and '_' (a folder name)")
+    run = stage.start("select-source", store.normalize(out), {
+        "init": init, "candidates": candidates, "target": target,
+        "probe_train": probe_train_uri, "probe_test": probe_test_uri, "shots": shots, "steps": steps,
+        "batch_size": batch_size, "lr": lr, "queue_size": queue_size, "seed": seed},
+        inputs={"init": init, "candidate": list(candidates.values()), "target": target,
+                "probe_train": probe_train_uri, "probe_test": probe_test_uri})
+    if run is None:
+        return
+    probe_train = open_samples(probe_train_uri)
+    for uri in [*candidates.values(), *([target] if target else [])]:
+        if len(open_samples(uri, probe_train.channels)) == 0:
+            raise UserError(f"{uri}: no images")
+    probe_test = open_samples(probe_test_uri, probe_train.channels) if probe_test_uri else None
+    sets = probe_sets(probe_train, probe_test, shots, seed)
+    load_backbone(init, in_channels=probe_train.channels)  # a missing or foreign --init: before any write
+
+    run.claim()
+    base = probe(init, probe_train, sets[0], sets[1], *sets[2:])
+    rows = []
+    for name, uri in candidates.items():
+        candidate_out = store.join(run.out, "candidates", name)
+        args = ["--data", uri, "--init", init, "--steps", str(steps), "--batch-size", str(batch_size),
+                *(["--lr", str(lr)] if lr is not None else []), "--queue-size", str(queue_size), "--seed", str(seed), "--checkpoint-every", str(checkpoint_every),
+                *(["--target", target] if target else []), *(["--workers", str(workers)] if workers is not None else []),
+                "--out", candidate_out]
+        click.echo(f"candidate {name}: pretraining {steps} steps on {uri}", err=True)
+        pretrain_command.main(args, prog_name="unsupft pretrain", standalone_mode=False)
+        rows.append({"name": name, "uri": uri, "run": candidate_out,
+                     "linear_top1": probe(candidate_out, probe_train, sets[0], sets[1], *sets[2:])})
+    rows.sort(key=lambda r: -r["linear_top1"])  # stable: ties keep the order given
+    for rank, row in enumerate(rows, 1):
+        row["rank"] = rank
+    chosen = {"name": rows[0]["name"], "uri": rows[0]["uri"]}
+    store.write_text(store.join(run.out, "ranking.json"), json.dumps(
+        {"ranking": rows, "base_linear_top1": base, "chosen": chosen, "steps": steps}, indent=1) + "\n")
+    table = ranking_table(rows, base)
+    store.write_text(store.join(run.out, "ranking.md"), table)
+    click.echo(table, err=True)
+    run.finish(chosen=chosen)
+    click.echo(f"{run.out}: chose '{chosen['name']}' ({chosen['uri']})", err=True)
