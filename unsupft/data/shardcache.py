@@ -181,14 +181,14 @@ class ShardCache:
 
 
 _cache: ShardCache | None = None
-_cache_for: tuple[int, Path, int] = (0, Path(), 0)
+_cache_for: tuple[int, str | None, str | None] = (0, None, None)
 
 
 def shard_cache() -> ShardCache:
     """This process's `ShardCache` for the current settings (a forked DataLoader worker makes its
-    own: descriptors are per process)."""
+    own: descriptors are per process). Called per sample: it compares raw settings only."""
     global _cache, _cache_for
-    wanted = (os.getpid(), cache_folder(), budget_bytes())
+    wanted = (os.getpid(), os.environ.get("UNSUPFT_CACHE"), os.environ.get(CACHE_ENV))
     if _cache is None or _cache_for != wanted:
-        _cache, _cache_for = ShardCache(wanted[1], wanted[2]), wanted
+        _cache, _cache_for = ShardCache(cache_folder(), budget_bytes()), wanted
     return _cache
