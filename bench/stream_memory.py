@@ -265,12 +265,12 @@ def write(args, sizes, rows, speed, rates: dict[str, float]) -> None:
             "Reading: from S3 the stages read each shard whole into the node's shard cache (on disk and in the",
             "page cache, not in the processes' memory), so the peaks stay flat in the data set's size; they sit",
             "above the local section's by about what boto3's S3 client takes in the stage and in its worker.",
-            "What grows is, as locally, the index and the epoch order. `old` read a ranged GET per sample, which",
-            "held pretrain's one worker below what the step consumes (the samples/s line). The loader line puts",
-            "S3 beside the local copy in the same rounds: what separates both from the in-memory path is the",
-            "decode of each PNG, not the store. 1M from S3 was not",
-            "run here: 100 uploads of the shard and a 100-shard first scan would take the run past 10 minutes on",
-            "these shared cores.",
+            "What grows is, as locally, the index and the epoch order. `old` read a ranged GET per sample (~8 ms",
+            "each), which slowed pretrain's one worker (the samples/s line; with 20 steps of 64 on these shared",
+            "cores the step itself is near that rate, so the ratio is a floor). The loader line puts S3 beside",
+            "the local copy in the same rounds: most of what separates both from the in-memory path is the",
+            "decode of each PNG; S3 adds the shard's download. 1M from S3 was not run here: 100 uploads of the",
+            "shard and a 100-shard first scan would take the run past 10 minutes on these shared cores.",
             "",
         ]
         publish(lines, args.write, "## Streaming from S3")
