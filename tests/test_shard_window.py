@@ -122,3 +122,16 @@ def test_a_bad_cache_or_window_setting_is_one_line(name: str, monkeypatch) -> No
     monkeypatch.setenv(name, "lots")
     with pytest.raises(UserError, match=rf"^{name}='lots': expected MiB"):
         budget_bytes() if name.endswith("CACHE_MB") else window_bytes()
+
+
+def test_an_unwritable_cache_folder_falls_back_to_ranged_reads(digits_on_s3, tmp_path, monkeypatch) -> None:
+    local, s3 = digits_on_s3
+    samples = open_samples(s3)  # the index is cached where UNSUPFT_CACHE pointed until now
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    monkeypatch.setenv("UNSUPFT_CACHE", str(blocker))
+    expected = (local / "shard-000000.tar").read_bytes()
+    for i in range(10):
+        offset, size = int(samples.index.offset[i]), int(samples.index.size[i])
+        assert samples.encoded(i) == expected[offset:offset + size]
+    assert shard_cache().fetched == 0

@@ -306,7 +306,11 @@ def read_into(uri: str, out: IO[bytes]) -> str:
         out.truncate()
         response = _s3_client().get_object(Bucket=bucket, Key=key)
         with contextlib.closing(response["Body"]) as body:
-            shutil.copyfileobj(body, out, 1 << 20)
+            while chunk := body.read(1 << 20):
+                try:
+                    out.write(chunk)
+                except OSError as exc:  # the local disk (full?), not the server: no retry
+                    raise InfraError(f"{uri}: cannot write its local copy ({exc})") from exc
         return f"{response['ContentLength']}:{response.get('ETag', '')}"
 
     return _missing_bucket_named(uri, lambda: _retrying(uri, copy))

@@ -82,7 +82,7 @@ def _open_existing(path: Path) -> int | None:
     """A descriptor of the cached file, its mtime set to now (the eviction order), or None."""
     try:
         fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return None
     with contextlib.suppress(OSError):
         os.utime(fd)
@@ -118,7 +118,10 @@ class ShardCache:
             if self.budget == 0 or (self._ranged[key] < FETCH_AFTER_READS and not self._path(key).exists()):
                 self._ranged[key] += 1
                 return store.read_range(uri, offset, size)
-            held = self._hold(key, self._acquire(uri, version))
+            fd = self._acquire(uri, version)
+            if fd is None:  # no usable cache folder: read sample by sample
+                return store.read_range(uri, offset, size)
+            held = self._hold(key, fd)
         self._held.move_to_end(key)
         return os.pread(held[0], size, offset)
 
@@ -133,14 +136,21 @@ class ShardCache:
             os.close(self._held.popitem(last=False)[1][0])
         return held
 
-    def _acquire(self, uri: str, version: str) -> int:
-        """A descriptor of the shard's cached file, downloaded first unless another process has."""
+    def _acquire(self, uri: str, version: str) -> int | None:
+        """A descriptor of the shard's cached file, downloaded first unless another process has;
+        None when the cache folder cannot be written (a read-only `$UNSUPFT_CACHE`): the cache is
+        then off for this process."""
         path = self._path((uri, version))
         fd = _open_existing(path)
         if fd is not None:
             return fd
-        self.folder.mkdir(parents=True, exist_ok=True)
-        with open(path.with_suffix(".lock"), "a") as lock:  # one small lock file per shard, kept
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            lock = open(path.with_suffix(".lock"), "a")  # one small lock file per shard, kept
+        except OSError:
+            self.budget = 0
+            return None
+        with lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             fd = _open_existing(path)
             return fd if fd is not None else self._download(uri, version, path)
@@ -181,14 +191,14 @@ class ShardCache:
 
 
 _cache: ShardCache | None = None
-_cache_for: tuple[int, Path, int] = (0, Path(), 0)
+_cache_for: tuple[int, str | None, str | None] = (0, None, None)
 
 
 def shard_cache() -> ShardCache:
     """This process's `ShardCache` for the current settings (a forked DataLoader worker makes its
-    own: descriptors are per process)."""
+    own: descriptors are per process). Called per sample: it compares raw settings only."""
     global _cache, _cache_for
-    wanted = (os.getpid(), cache_folder(), budget_bytes())
+    wanted = (os.getpid(), os.environ.get("UNSUPFT_CACHE"), os.environ.get(CACHE_ENV))
     if _cache is None or _cache_for != wanted:
-        _cache, _cache_for = ShardCache(wanted[1], wanted[2]), wanted
+        _cache, _cache_for = ShardCache(cache_folder(), budget_bytes()), wanted
     return _cache
