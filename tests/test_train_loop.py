@@ -106,16 +106,15 @@ def test_resume_continues_the_same_run(tmp_path, digits):
 
 
 def read_scalars(out: str, tag: str) -> dict[int, list[float]]:
-    """The `tag` scalars TensorBoard would show, per step, from the event files under
-    `out`/tensorboard, parsed from their TFRecord framing; a session start (a resume's purge_step)
+    """The `tag` scalars TensorBoard would show, per step, from the event files in `out`, parsed
+    from their TFRecord framing; a session start (a resume's purge_step)
     drops the events at and past its step, as TensorBoard does."""
     event_pb2 = pytest.importorskip("tensorboardX.proto.event_pb2", reason="tensorboardX not installed")
     from unsupft import store
 
-    folder = store.join(out, "tensorboard")
     scalars: dict[int, list[float]] = {}
-    for name in sorted(store.list_prefix(folder)):
-        data, pos = store.read_bytes(store.join(folder, name)), 0
+    for name in sorted(n for n in store.list_prefix(out) if n.startswith("events.out.tfevents.")):
+        data, pos = store.read_bytes(store.join(out, name)), 0
         while pos < len(data):
             (length,) = struct.unpack("<Q", data[pos:pos + 8])
             event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])

@@ -72,10 +72,11 @@ API
   epoch (from a BatchSource's `samples_per_epoch` and `batch_size`); otherwise each record is also
   printed as a JSON line on stdout (the job's log).
 - TensorBoard: when `tensorboardX` is importable (`pip install unsupft[tensorboard]`) and
-  `cfg.tensorboard` is on, rank 0 also writes each record's scalars to `<out>/tensorboard/` (event
-  files; on S3 they are uploaded at every checkpoint and at the end). metrics.jsonl stays the
-  source of truth; a resumed run purges the events past its checkpoint step (TensorBoard's
-  `purge_step`), as metrics.jsonl drops those lines.
+  `cfg.tensorboard` is on, rank 0 also writes each record's scalars as event files
+  (`<out>/events.out.tfevents.*`, beside metrics.jsonl, so `tensorboard --logdir runs` names each
+  run by its stage's folder; on S3 they are uploaded at every checkpoint and at the end).
+  metrics.jsonl stays the source of truth; a resumed run purges the events past its checkpoint
+  step (TensorBoard's `purge_step`), as metrics.jsonl drops those lines.
 - AMP: `amp="auto"` uses bf16 autocast on CUDA, and on CPUs whose oneDNN has native bf16
   (AVX512-BF16/AMX); `"bf16"` forces it, `"off"` disables it. On this machine's AVX2 CPU bf16
   autocast made the tiny ResNet over 10x slower, so auto leaves it off there (BENCHMARKS.md).
@@ -130,7 +131,7 @@ class LoopConfig:
     channels_last: bool = True
     find_unused_parameters: bool = False       # DDP: set when some trainable params skip a step
     progress: bool | None = None               # progress bar; None = when stderr is a terminal
-    tensorboard: bool = True                   # event files in <out>/tensorboard when tensorboardX is installed
+    tensorboard: bool = True                   # event files in <out> when tensorboardX is installed
 
 
 @dataclass
@@ -289,9 +290,6 @@ class _MetricsLog:
             store.write_text(self.uri, "".join(self.lines))
 
 
-TENSORBOARD_DIR = "tensorboard"
-
-
 class _TensorBoard:
     """TensorBoard scalars of the metrics records (rank 0), written with tensorboardX when it is
     installed: it needs only protobuf (about 3 MB), where `torch.utils.tensorboard` needs the whole
@@ -299,14 +297,14 @@ class _TensorBoard:
     local folder first and uploaded at `flush` (event files are appended to, which S3 cannot do)."""
 
     def __init__(self, out: str, resume_step: int | None, enabled: bool) -> None:
-        self.writer, self.staging, self.uri = None, None, store.join(out, TENSORBOARD_DIR)
+        self.writer, self.staging, self.out = None, None, out
         if not enabled:
             return
         try:
             from tensorboardX import SummaryWriter
         except ImportError:  # the optional extra is not installed: metrics.jsonl alone
             return
-        local = store.local_path(self.uri)
+        local = store.local_path(out)
         if local is None:
             self.staging = tempfile.TemporaryDirectory(prefix="unsupft-tb-")
             local = Path(self.staging.name)
@@ -328,7 +326,7 @@ class _TensorBoard:
         self.writer.flush()
         if self.staging is not None:
             for path in Path(self.staging.name).iterdir():
-                store.upload_file(path, store.join(self.uri, path.name))
+                store.upload_file(path, store.join(self.out, path.name))
 
     def close(self) -> None:
         if self.writer is None:
