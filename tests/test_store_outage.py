@@ -116,8 +116,10 @@ def test_a_shard_fetched_whole_during_an_outage_is_retried_then_given_up_with_ex
     for i in range(FETCH_AFTER_READS):
         samples.encoded(i)
     weed.stop()
-    threading.Timer(3, weed.start).start()
+    restart = threading.Timer(3, weed.start)
+    restart.start()
     data = samples.encoded(FETCH_AFTER_READS)
+    restart.join()  # back up before the next outage begins (else the timer could end that one)
     assert shard_cache().fetched == 1
     offset, size = int(samples.index.offset[FETCH_AFTER_READS]), int(samples.index.size[FETCH_AFTER_READS])
     assert data == expected[0][offset:offset + size]
