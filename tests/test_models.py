@@ -10,6 +10,7 @@ from unsupft.errors import UserError
 from unsupft.models.features import extract_features
 from unsupft.models import ARCHS, Preprocess, build_backbone, load, load_backbone, save_model
 from unsupft._torchvision import torchvision
+from unsupft.preprocess import fit, preprocess, to_input
 
 
 @pytest.mark.parametrize("arch,dim", [("tiny", 128), ("resnet18", 512)])
@@ -85,6 +86,19 @@ def test_missing_and_foreign_files(tmp_path):
         load_backbone(str(tmp_path / "junk.pt"))
 
 
+def test_images_at_another_size_reach_a_model_as_training_fits_them():
+    """One resize path: `preprocess` (feature extraction, evaluation, prediction) and `load`'s
+    preprocessing resize like the training view (`fit`: antialiased uint8, short side, centre crop),
+    not by stretching a wide image to the model's square."""
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (3, 1, 20, 40), dtype=torch.uint8)  # wider, larger than the model's 12 x 12
+    fitted = to_input(fit(images, (12, 12)))
+    assert torch.equal(preprocess(images, (12, 12)), fitted)
+    recorded = Preprocess.for_model(1, (12, 12))
+    assert torch.equal(recorded(images), fitted)
+    assert torch.equal(recorded(images[0]), fitted[0])
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_models_load_gives_a_ready_model_and_its_preprocessing(arch, tmp_path):
     """`unsupft.models.load`: the classifier's logits, and features equal to the stages' own."""
@@ -112,4 +126,4 @@ def test_models_load_gives_a_ready_model_and_its_preprocessing(arch, tmp_path):
         assert torch.allclose(features_model(preprocess(images)), stage_features, atol=1e-5)
     raw = checkpoint.load(str(tmp_path / "clf" / "model.pt"))  # recorded for code outside unsupft
     assert raw["preprocess"] == {"mean": [0.449], "std": [0.226], "in_channels": 1, "image_size": [24, 24],
-                                 "resize": "bilinear"}
+                                 "resize": "antialiased short side, centre crop"}

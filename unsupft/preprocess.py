@@ -4,7 +4,10 @@
 was trained at (the `Fitted` view of training, finetuning, feature extraction and evaluation);
 only MoCo's random resized crop goes from the stored image straight to the training size.
 `to_input` then scales to [0, 1] and normalises with ImageNet's statistics (averaged for one
-channel), as pretraining did; `preprocess` does both steps for a batch.
+channel), as pretraining did; `preprocess` does both steps for a batch. There is no other resize:
+images that reach `preprocess` at another size than the model's are fitted in uint8 exactly as the
+`Fitted` view fits them for training, so a model never sees its evaluation images resized another
+way than its training images.
 """
 
 from __future__ import annotations
@@ -12,7 +15,6 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 
 import unsupft._torchvision  # noqa: F401  (must precede torchvision imports)
 from torchvision.transforms.v2 import functional as TF
@@ -46,9 +48,6 @@ def to_input(images: torch.Tensor) -> torch.Tensor:
 
 
 def preprocess(images: torch.Tensor, image_size: Sequence[int] | None = None) -> torch.Tensor:
-    """uint8 [N, C, H, W] -> normalised float backbone input (resized, bilinear, to `image_size` if
-    given: what a saved model.pt records as its preprocessing)."""
-    x = to_input(images)
-    if image_size is not None and tuple(x.shape[-2:]) != tuple(int(s) for s in image_size):
-        x = F.interpolate(x, size=tuple(int(s) for s in image_size), mode="bilinear", align_corners=False)
-    return x
+    """uint8 [N, C, H, W] -> normalised float backbone input, first `fit` to `image_size` if given
+    (what a saved model.pt records as its preprocessing)."""
+    return to_input(fit(images, image_size) if image_size is not None else images)

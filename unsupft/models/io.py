@@ -27,16 +27,17 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from unsupft import checkpoint
-from unsupft.preprocess import normalization
+from unsupft.preprocess import fit, normalization
 from unsupft.errors import UserError
 from unsupft.models.backbones import ARCHS, build_backbone, guess_arch
 
 MODEL_FORMAT = "unsupft-model/1"
 MOCO_FORMAT = "unsupft-moco/1"
+# How `Preprocess` resizes, recorded in model.pt for code outside unsupft: `unsupft.preprocess.fit`.
+RESIZE = "antialiased short side, centre crop"
 
 
 def backbone_state(backbone: nn.Module) -> dict[str, torch.Tensor]:
@@ -46,8 +47,9 @@ def backbone_state(backbone: nn.Module) -> dict[str, torch.Tensor]:
 
 @dataclass(frozen=True)
 class Preprocess:
-    """How images become a model's input, as the stages did it: scale to [0, 1], normalise by
-    `mean`/`std`, resize (bilinear) to `image_size` when the images have another size."""
+    """How images become a model's input, as the stages do it: when the images have another size
+    than `image_size`, `unsupft.preprocess.fit` them (antialiased uint8 resize of the short side,
+    centre crop), then scale to [0, 1] and normalise by `mean`/`std`."""
 
     mean: tuple[float, ...]
     std: tuple[float, ...]
@@ -61,7 +63,7 @@ class Preprocess:
 
     def as_dict(self) -> dict[str, Any]:
         return {"mean": list(self.mean), "std": list(self.std), "in_channels": self.in_channels,
-                "image_size": list(self.image_size) if self.image_size else None, "resize": "bilinear"}
+                "image_size": list(self.image_size) if self.image_size else None, "resize": RESIZE}
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 [C, H, W] or [N, C, H, W] (e.g. `torchvision.io.read_image`) -> float input."""
@@ -70,9 +72,9 @@ class Preprocess:
             raise ValueError(f"the model takes {self.in_channels}-channel images, got {batch.shape[1]}")
         mean = torch.tensor(self.mean, device=batch.device).view(1, -1, 1, 1)
         std = torch.tensor(self.std, device=batch.device).view(1, -1, 1, 1)
+        if self.image_size is not None:
+            batch = fit(batch, self.image_size)
         x = (batch.float() / 255 - mean) / std
-        if self.image_size is not None and tuple(x.shape[-2:]) != self.image_size:
-            x = F.interpolate(x, size=self.image_size, mode="bilinear", align_corners=False)
         return x if images.ndim == 4 else x[0]
 
 

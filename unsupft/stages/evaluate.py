@@ -139,7 +139,7 @@ def evaluate_model(backbone: torch.nn.Module, meta: dict[str, Any], train: Sampl
 @click.option("--test", "test_uri", required=True, help="Labeled test data set.")
 @click.option("--shots", default="1,2,4,8", show_default=True, help="Comma list of K labeled images per class.")
 @click.option("--trials", type=options.count(1, 1000), default=3, show_default=True, help="Seeded draws per K.")
-@click.option("--method", type=click.Choice(METHODS), default="ce", show_default=True, help="Few-shot finetuning method.")
+@click.option("--method", type=click.Choice(list(METHODS)), default="ce", show_default=True, help="Few-shot finetuning method.")
 @click.option("--epochs", type=options.EPOCHS, default=100, show_default=True,
               help="Few-shot finetuning epochs (one step each at small K: few-shot runs need many).")
 @click.option("--metrics", "metrics_list", default=",".join(METRIC_NAMES), show_default=True,

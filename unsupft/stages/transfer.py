@@ -59,7 +59,7 @@ def select_training_set(
 @click.option("--seed", type=options.SEED, default=0, show_default=True, help="Seed of the draw, init, order and augmentation.")
 @click.option("--labels", "labels_file", default=None,
               help="CSV/text list of keys to train on (optional header key,label; labels override the shards').")
-@click.option("--method", type=click.Choice(METHODS), default="ce", show_default=True)
+@click.option("--method", type=click.Choice(list(METHODS)), default="ce", show_default=True)
 @click.option("--epochs", type=options.EPOCHS, default=100, show_default=True)
 @click.option("--coin-alpha", type=options.number(0, 1), default=0.7, show_default=True,
               help="COIN: share of the epochs trained with SupCon alone.")

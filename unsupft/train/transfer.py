@@ -10,7 +10,8 @@ per sample in the DataLoader workers; `labels` long [N].
 The returned `TransferModel` holds the finetuned `backbone` and a linear `fc`; the stage saves both
 with `unsupft.models.save_model`. Training runs in the one loop, `unsupft.train.loop.train`
 (checkpoint/resume, metrics, device, AMP), over `LoaderBatches` (seeded per-sample augmentation).
-Methods:
+Each method is a `TransferMethod` (the loop's `TrainTask`), registered by name in `METHODS`, which
+the `--method` choices come from:
 - `ce`: a new linear classifier at lr 3.0 over the backbone at lr 1e-4, SGD with momentum 0.9, no
   weight decay (the few-shot protocol of the seeds), cosine decay over the run, random crop +
   horizontal flip;
@@ -32,6 +33,7 @@ import contextlib
 import copy
 import math
 import tempfile
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
@@ -49,7 +51,6 @@ from unsupft.train.batches import LoaderBatches
 from unsupft.train.loop import LoopConfig, TrainTask, train, unwrap
 from unsupft.seeding import seed_everything
 
-METHODS = ("ce", "coin", "bituning", "linear")
 COIN_SUPCON_WEIGHT = 0.1
 
 
@@ -102,6 +103,21 @@ def _bias_augmented(features: torch.Tensor) -> torch.Tensor:
     return F.normalize(torch.cat([features, ones], dim=1), dim=1)
 
 
+@dataclass(frozen=True)
+class MethodConfig:
+    """What a method needs beyond the model: its learning rates, the run's length in steps, and
+    COIN's/Bi-tuning's own settings (see the module docstring)."""
+
+    lr_head: float
+    lr_backbone: float
+    lr_projector: float
+    epochs: int
+    steps_per_epoch: int
+    coin_alpha: float
+    queue_per_class: int
+    momentum: float
+
+
 class _Finetuned(nn.Module):
     """What the loop trains and checkpoints: the model, its projector and Bi-tuning's key encoders.
 
@@ -123,92 +139,144 @@ class _Finetuned(nn.Module):
         return self
 
 
-class _FinetuneTask(TrainTask):
-    def __init__(self, model: TransferModel, method: str, num_classes: int, steps_per_epoch: int,
-                 contrastive_epochs: int, lr_head: float, lr_backbone: float, lr_projector: float,
-                 queue_per_class: int, momentum: float, images: Dataset | torch.Tensor, y_all: torch.Tensor) -> None:
-        heads = nn.ModuleDict()
-        if method in ("coin", "bituning"):
-            heads["proj"] = projection_head(model.backbone.out_dim)
-        if method == "linear":
+class TransferMethod(TrainTask):
+    """What every method shares: the classifier at `lr_head` over the backbone at `lr_backbone`
+    (a projector, when a method adds one, at `lr_projector`), and the CE step on one view.
+
+    A method says how many augmented `views` of an image a batch holds, may add `heads` (built in
+    that order after the classifier, so seeds give the same weights) and its own `training_step`.
+    """
+
+    views = 1
+    frozen_backbone = False
+
+    def __init__(self, model: TransferModel, config: MethodConfig, images: Dataset | torch.Tensor,
+                 labels: torch.Tensor) -> None:
+        self.config = config
+        if self.frozen_backbone:
             model.backbone.requires_grad_(False)
-        self.method, self.steps_per_epoch, self.contrastive_epochs = method, steps_per_epoch, contrastive_epochs
-        self.lrs = (lr_head, lr_backbone, lr_projector)
-        self.momentum = momentum
-        self.queues: PerClassQueues | None = None
-        if method == "bituning":
-            heads["key_backbone"] = copy.deepcopy(model.backbone).requires_grad_(False)
-            heads["key_proj"] = copy.deepcopy(heads["proj"]).requires_grad_(False)
-            self.queues = PerClassQueues(num_classes, queue_per_class, {"h": model.backbone.out_dim + 1, "z": 128},
-                                         torch.device("cpu"))
-            with torch.no_grad():  # start each class's queue with its own training images' keys
-                h = extract_features(heads["key_backbone"], images, image_size=model.image_size,
-                                     device=torch.device("cpu"))
-                z = F.normalize(heads["key_proj"](h), dim=1)
-                for _ in range(math.ceil(queue_per_class / max(1, int(torch.bincount(y_all).min())))):
-                    self.queues.push(y_all, h=_bias_augmented(h), z=z)
-        self.model = _Finetuned(model, heads, frozen_backbone=method == "linear")
+        self.model = _Finetuned(model, self.heads(model, images, labels), self.frozen_backbone)
+
+    def heads(self, model: TransferModel, images: Dataset | torch.Tensor, labels: torch.Tensor) -> nn.ModuleDict:
+        """Modules trained or carried besides the model (none for plain CE)."""
+        return nn.ModuleDict()
 
     def param_groups(self) -> list[dict[str, Any]]:
         m = unwrap(self.model)
-        lr_head, lr_backbone, lr_projector = self.lrs
-        groups = [{"params": list(m.model.fc.parameters()), "lr": lr_head}]
-        if self.method != "linear":
-            groups.append({"params": list(m.model.backbone.parameters()), "lr": lr_backbone})
+        groups = [{"params": list(m.model.fc.parameters()), "lr": self.config.lr_head}]
+        if not self.frozen_backbone:
+            groups.append({"params": list(m.model.backbone.parameters()), "lr": self.config.lr_backbone})
         if "proj" in m.heads:
-            groups.append({"params": list(m.heads["proj"].parameters()), "lr": lr_projector})
+            groups.append({"params": list(m.heads["proj"].parameters()), "lr": self.config.lr_projector})
         return groups
 
+    def training_step(self, batch: Any, step: int) -> tuple[torch.Tensor, dict[str, Any]]:
+        view, y = batch
+        logits = unwrap(self.model).model.fc(self.model(view)).float()
+        return self.result({"ce": F.cross_entropy(logits, y)}, logits, y)
+
+    @staticmethod
+    def result(parts: dict[str, torch.Tensor], logits: torch.Tensor,
+               y: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+        """The loss (the sum of its parts) and what the loop logs: the parts and train accuracy."""
+        return sum(parts.values()), {**parts, "train_top1": (logits.argmax(1) == y).float().mean()}
+
+    def release(self) -> None:
+        """Leave the backbone as it came in (trainable) once training is over."""
+        if self.frozen_backbone:
+            unwrap(self.model).model.backbone.requires_grad_(True)
+
+
+class CrossEntropy(TransferMethod):
+    """`ce`: the whole network finetuned with cross-entropy (the base method as it is)."""
+
+
+class Linear(TransferMethod):
+    """`linear`: the backbone frozen (BatchNorm in eval mode), only the classifier trains."""
+
+    frozen_backbone = True
+
+
+class Coin(TransferMethod):
+    """`coin`: SupCon on a projector over two views for the first `coin_alpha` of the epochs, then
+    CE + `COIN_SUPCON_WEIGHT` * SupCon."""
+
+    views = 2
+
+    def heads(self, model: TransferModel, images: Dataset | torch.Tensor, labels: torch.Tensor) -> nn.ModuleDict:
+        return nn.ModuleDict({"proj": projection_head(model.backbone.out_dim)})
+
+    def training_step(self, batch: Any, step: int) -> tuple[torch.Tensor, dict[str, Any]]:
+        m = unwrap(self.model)
+        view, other, y = batch
+        feats = self.model(torch.cat([view, other]))
+        z = F.normalize(m.heads["proj"](feats).float(), dim=1)
+        parts = {"supcon": losses.supcon_loss(z, torch.cat([y, y]), tau=0.3)}
+        logits = m.model.fc(feats[: len(y)]).float()
+        contrastive_epochs = int(round(self.config.coin_alpha * self.config.epochs))
+        if step // self.config.steps_per_epoch >= contrastive_epochs:
+            parts["ce"] = F.cross_entropy(logits, y)
+            parts["supcon"] = COIN_SUPCON_WEIGHT * parts["supcon"]
+        return self.result(parts, logits, y)
+
+
+class BiTuning(TransferMethod):
+    """`bituning`: CE + contrastive CE on the classifier + categorical contrastive loss on a
+    projector, against per-class queues of a momentum key encoder's features."""
+
+    views = 2
+
+    def heads(self, model: TransferModel, images: Dataset | torch.Tensor, labels: torch.Tensor) -> nn.ModuleDict:
+        proj = projection_head(model.backbone.out_dim)
+        heads = nn.ModuleDict({"proj": proj, "key_backbone": copy.deepcopy(model.backbone).requires_grad_(False),
+                               "key_proj": copy.deepcopy(proj).requires_grad_(False)})
+        size = self.config.queue_per_class
+        self.queues = PerClassQueues(int(model.fc.out_features), size,
+                                     {"h": model.backbone.out_dim + 1, "z": 128}, torch.device("cpu"))
+        with torch.no_grad():  # start each class's queue with its own training images' keys
+            h = extract_features(heads["key_backbone"], images, image_size=model.image_size,
+                                 device=torch.device("cpu"))
+            z = F.normalize(heads["key_proj"](h), dim=1)
+            for _ in range(math.ceil(size / max(1, int(torch.bincount(labels).min())))):
+                self.queues.push(labels, h=_bias_augmented(h), z=z)
+        return heads
+
     def extra_state(self) -> dict[str, Any]:
-        if self.queues is None:
-            return {}
         return {"queue_keys": {k: v.cpu() for k, v in self.queues.keys.items()}, "queue_pointer": self.queues.pointer}
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
-        if self.queues is not None and state:
+        if state:
             self.queues.keys = {k: v.clone() for k, v in state["queue_keys"].items()}
             self.queues.pointer = state["queue_pointer"].clone()
 
     def training_step(self, batch: Any, step: int) -> tuple[torch.Tensor, dict[str, Any]]:
         m = unwrap(self.model)
-        parts: dict[str, torch.Tensor] = {}
-        if self.method == "coin":
-            view, other, y = batch
-            feats = self.model(torch.cat([view, other]))
-            z = F.normalize(m.heads["proj"](feats).float(), dim=1)
-            parts["supcon"] = losses.supcon_loss(z, torch.cat([y, y]), tau=0.3)
-            logits = m.model.fc(feats[: len(y)]).float()
-            if step // self.steps_per_epoch >= self.contrastive_epochs:
-                parts["ce"] = F.cross_entropy(logits, y)
-                parts["supcon"] = COIN_SUPCON_WEIGHT * parts["supcon"]
-        elif self.method == "bituning":
-            view, key_view, y = batch
-            assert self.queues is not None
-            for name, keys in self.queues.keys.items():
-                self.queues.keys[name] = keys.to(self.device)
-            feats = self.model(view).float()
-            logits = m.model.fc(feats).float()
-            z_q = F.normalize(m.heads["proj"](feats).float(), dim=1)
-            momentum_update((m.model.backbone, m.heads["proj"]), (m.heads["key_backbone"], m.heads["key_proj"]),
-                            self.momentum)
-            with torch.no_grad():
-                h_k = m.heads["key_backbone"](key_view).float()
-                z_k = F.normalize(m.heads["key_proj"](h_k).float(), dim=1)
-            fc = m.model.fc
-            weights = F.normalize(torch.cat([fc.weight, fc.bias[:, None]], dim=1), dim=1)
-            parts["ce"] = F.cross_entropy(logits, y)
-            # clones: the queues change below, before the loop runs backward through these losses
-            parts["contrastive_ce"] = losses.bituning_contrastive_ce(
-                _bias_augmented(feats), weights.detach().float(), y, self.queues.keys["h"].clone(), tau=0.07)
-            parts["categorical"] = losses.bituning_categorical_contrastive(
-                z_q, z_k, y, self.queues.keys["z"].clone(), tau=0.07)
-            self.queues.push(y, h=_bias_augmented(h_k), z=z_k)
-        else:
-            view, y = batch
-            logits = m.model.fc(self.model(view)).float()
-            parts["ce"] = F.cross_entropy(logits, y)
-        loss = sum(parts.values())
-        return loss, {**parts, "train_top1": (logits.argmax(1) == y).float().mean()}
+        view, key_view, y = batch
+        for name, keys in self.queues.keys.items():
+            self.queues.keys[name] = keys.to(self.device)
+        feats = self.model(view).float()
+        logits = m.model.fc(feats).float()
+        z_q = F.normalize(m.heads["proj"](feats).float(), dim=1)
+        momentum_update((m.model.backbone, m.heads["proj"]), (m.heads["key_backbone"], m.heads["key_proj"]),
+                        self.config.momentum)
+        with torch.no_grad():
+            h_k = m.heads["key_backbone"](key_view).float()
+            z_k = F.normalize(m.heads["key_proj"](h_k).float(), dim=1)
+        fc = m.model.fc
+        weights = F.normalize(torch.cat([fc.weight, fc.bias[:, None]], dim=1), dim=1)
+        # clones: the queues change below, before the loop runs backward through these losses
+        parts = {
+            "ce": F.cross_entropy(logits, y),
+            "contrastive_ce": losses.bituning_contrastive_ce(
+                _bias_augmented(feats), weights.detach().float(), y, self.queues.keys["h"].clone(), tau=0.07),
+            "categorical": losses.bituning_categorical_contrastive(
+                z_q, z_k, y, self.queues.keys["z"].clone(), tau=0.07),
+        }
+        self.queues.push(y, h=_bias_augmented(h_k), z=z_k)
+        return self.result(parts, logits, y)
+
+
+METHODS: dict[str, type[TransferMethod]] = {"ce": CrossEntropy, "coin": Coin, "bituning": BiTuning, "linear": Linear}
 
 
 def finetune(
@@ -250,10 +318,10 @@ def finetune(
     y_all = labels.long()
     batch = min(batch_size, len(images))
     steps_per_epoch = math.ceil(len(images) / batch)
-    contrastive_epochs = int(round(coin_alpha * epochs)) if method == "coin" else 0
-    task = _FinetuneTask(model, method, num_classes, steps_per_epoch, contrastive_epochs, lr_head, lr_backbone,
-                         lr_projector, queue_per_class, momentum, images, y_all)
-    views = 2 if method in ("coin", "bituning") else 1
+    config = MethodConfig(lr_head, lr_backbone, lr_projector, epochs, steps_per_epoch, coin_alpha,
+                          queue_per_class, momentum)
+    task = METHODS[method](model, config, images, y_all)
+    views = task.views
 
     def sample(i: int) -> tuple[torch.Tensor, ...]:
         x = preprocess(images[i][None], model.image_size)[0]
@@ -270,8 +338,7 @@ def finetune(
                          checkpoint_every=steps_per_epoch if out is not None else 0,
                          progress=False if out is None else None, tensorboard=out is not None)
         train(task, data, cfg)
-    if method == "linear":
-        model.backbone.requires_grad_(True)
+    task.release()
     return model.cpu().eval()
 
 
