@@ -37,7 +37,7 @@ from unsupft import checkpoint, losses, options, stage, store
 from unsupft.preprocess import to_input
 from unsupft.data.samples import Fitted, default_workers, image_size_of, open_samples, subset
 from unsupft.errors import UserError, report_user_errors
-from unsupft.eval import metrics
+from unsupft.eval.classifier import score_classifier
 from unsupft.stages.evaluate import align_test_labels
 from unsupft.models import ARCHS, load_backbone, save_model
 from unsupft.models.io import describe
@@ -47,7 +47,7 @@ from unsupft.seeding import mix_seed, seed_everything
 from unsupft.train.batches import LoaderBatches
 from unsupft.train.loop import LoopConfig, TrainTask, train, unwrap
 from unsupft.stages.moco_common import per_rank_batch
-from unsupft.train.transfer import TransferModel, predict
+from unsupft.train.transfer import TransferModel
 from unsupft.stages.transfer import select_training_set
 
 EMA_WARMUP = 10  # the n-th EMA update decays by min(decay, n / (EMA_WARMUP - 1 + n)): short runs forget the init
@@ -250,10 +250,10 @@ def semi_command(init: str, train_uri: str, unlabeled_uri: str, test_uri: str | 
         return
     final: dict[str, Any] = dict(result.metrics)
     if test is not None and test_labels is not None:
-        test_images = Fitted(test, size)
-        final["test_top1"] = metrics.top1_accuracy(predict(model, test_images).numpy(), test_labels.numpy())
+        test_images, truth = Fitted(test, size), test_labels.numpy()
+        final["test_top1"] = score_classifier(model, test_images, truth, data.classes, batch_size=batch_size)["top1"]
         raw = unwrap(task.model).model.cpu()
-        final["test_top1_raw"] = metrics.top1_accuracy(predict(raw, test_images).numpy(), test_labels.numpy())
+        final["test_top1_raw"] = score_classifier(raw, test_images, truth, data.classes, batch_size=batch_size)["top1"]
     store.write_text(store.join(run.out, "train_keys.txt"), "".join(data.key(int(i)) + "\n" for i in indices))
     save_model(store.join(run.out, "model.pt"), model.backbone, meta["arch"], meta["in_channels"], size,
                classifier=model.fc, classes=list(data.classes))
