@@ -70,6 +70,17 @@ def test_a_pass_over_s3_fetches_each_shard_once_and_reads_what_the_local_copy_ho
     assert {p: p.stat().st_ino for p in cached_shards(tmp_path)} == before
 
 
+def test_lock_files_stay_bounded_however_many_shards_pass(digits_on_s3, tmp_path, monkeypatch) -> None:
+    import unsupft.data.shardcache as shardcache
+
+    monkeypatch.setattr(shardcache, "LOCK_STRIPES", 2)
+    samples = open_samples(digits_on_s3[1])
+    for i in range(len(samples)):
+        samples.encoded(i)
+    assert shard_cache().fetched == 4 and len(cached_shards(tmp_path)) == 4
+    assert len(list((tmp_path / "cache" / "shards").glob("*.lock"))) <= 2
+
+
 def test_sparse_reads_stay_ranged_gets(digits_on_s3, tmp_path) -> None:
     samples = open_samples(digits_on_s3[1])
     for shard in range(4):

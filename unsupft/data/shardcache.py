@@ -11,7 +11,7 @@ over a thousand shards) stay ranged GETs: they would otherwise download whole sh
 samples each.
 
 The cache is node-wide: a shard's file is named by its URI and version, one process downloads it
-under an exclusive `flock` on the shard's lock file while the others wait and then open the same
+under an exclusive `flock` (one of `LOCK_STRIPES` lock files, picked by the shard's name) while the others wait and then open the same
 file, so DataLoader workers, DDP ranks and later stages on one node fetch each shard once (while it
 stays cached). The download goes to an anonymous `O_TMPFILE` that is linked into place only when
 complete and checked: a SIGKILL leaves nothing half-written. Its version (size and ETag of the
@@ -49,6 +49,10 @@ DEFAULT_WINDOW_MB = 1024.0
 # Ranged GETs a process makes into one shard before fetching it whole: enough to keep sparse subsets
 # ranged, few enough that a window costs at most this many slow reads per shard.
 FETCH_AFTER_READS = 4
+# Downloads lock one of this many lock files, chosen by the shard's name: the folder never holds
+# more of them however many shards pass through it, and two shards that share a lock (a 1 in 256
+# chance) are only fetched one after the other.
+LOCK_STRIPES = 256
 
 
 def _env_bytes(name: str, default_mb: float, meaning: str) -> int:
@@ -146,7 +150,7 @@ class ShardCache:
             return fd
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
-            lock = open(path.with_suffix(".lock"), "a")  # one small lock file per shard, kept
+            lock = open(self.folder / f"{int(path.stem[:8], 16) % LOCK_STRIPES:03d}.lock", "a")
         except OSError:
             self.budget = 0
             return None
