@@ -38,7 +38,7 @@ from unsupft.models.features import extract_features
 from unsupft.models import ARCHS, load_backbone
 from unsupft.models.io import describe
 from unsupft.eval.fewshot import draw_shots
-from unsupft.train.transfer import METHODS, finetune, predict
+from unsupft.train.transfer import METHODS, FinetuneConfig, finetune, predict
 
 METRIC_NAMES = ("classifier", "fewshot", "retrieval", "clustering", "sdbw", "linear", "map")
 
@@ -89,8 +89,9 @@ def evaluate_model(backbone: torch.nn.Module, meta: dict[str, Any], train: Sampl
             for trial in range(trials):
                 trial_seed = seed * 1000 + trial
                 idx = draw_shots(train_y, k, trial_seed, classes)
+                recipe = FinetuneConfig(method=method, epochs=epochs, seed=trial_seed, batch_size=batch_size)
                 model = finetune(copy.deepcopy(backbone), meta, subset(train, size, idx), train.labels[idx],
-                                 len(classes), method=method, epochs=epochs, seed=trial_seed, batch_size=batch_size)
+                                 len(classes), recipe)
                 predictions = predict(model, test_images).numpy()
                 top1.append(metrics.top1_accuracy(predictions, test_y))
                 mean_class.append(metrics.mean_class_accuracy(predictions, test_y))
@@ -132,23 +133,15 @@ class EvaluateConfig(stage.StageOptions):
     seed: int = options.option(0, type=options.SEED)
     out: str = options.option(help="Output URI for report.json, report.html and the pictures.", hashed=False)
 
-    def models(self) -> dict[str, str]:
-        return options.parse_named(self.model, "--model")
-
-    def label_runs(self) -> dict[str, str]:
-        return options.parse_named(self.label, "--label")
-
-    def shot_list(self) -> list[int]:
+    def identity(self) -> dict[str, Any]:
+        """With the values parsed (`--shots 4,1` and `--shots 1,4` are one config); `label` only when given."""
         try:
-            return sorted({int(s) for s in parse_list(self.shots, "--shots")})
+            shots = sorted({int(s) for s in parse_list(self.shots, "--shots")})
         except ValueError:
             raise UserError(f"--shots '{self.shots}': expected a comma list of integers") from None
-
-    def identity(self) -> dict[str, Any]:
-        """The parsed values, so that `--shots 4,1` and `--shots 1,4` are one config."""
-        label_runs = self.label_runs()
-        return {**super().identity(), "models": self.models(), "shots": self.shot_list(),
-                "metrics": parse_list(self.metrics, "--metrics", METRIC_NAMES), **({"label": label_runs} if label_runs else {})}
+        label = options.parse_named(self.label, "--label")
+        return {**super().identity(), "models": options.parse_named(self.model, "--model"), "shots": shots,
+                "metrics": parse_list(self.metrics, "--metrics", METRIC_NAMES), **({"label": label} if label else {})}
 
 
 @click.command("evaluate")
@@ -156,12 +149,12 @@ class EvaluateConfig(stage.StageOptions):
 @report_user_errors
 def evaluate_command(config: EvaluateConfig) -> None:
     """Own classifier, few-shot transfer, retrieval, clustering, S_Dbw and linear probe of each --model; writes a report."""
-    models, label_runs = config.models(), config.label_runs()
-    if config.baseline is not None and config.baseline not in models:
-        raise UserError(f"--baseline '{config.baseline}' names no --model (models: {', '.join(models)})")
     identity = config.identity()
+    models, label_runs = identity["models"], identity.get("label", {})
     enabled, shot_list = identity["metrics"], identity["shots"]
     train_uri, test_uri, seed, baseline = config.train, config.test, config.seed, config.baseline
+    if baseline is not None and baseline not in models:
+        raise UserError(f"--baseline '{baseline}' names no --model (models: {', '.join(models)})")
     run = stage.start("evaluate", store.normalize(config.out), identity, inputs={
         "train": train_uri, "test": test_uri, **models, **{f"label_{n}": u for n, u in label_runs.items()}})
     if run is None:

@@ -26,7 +26,7 @@ from unsupft.eval.classifier import labels_in_classes, score_classifier, summary
 from unsupft.eval.fewshot import select_training_set
 from unsupft.models import ARCHS, load_backbone, save_model
 from unsupft.models.io import describe
-from unsupft.train.transfer import METHODS, finetune
+from unsupft.train.transfer import METHODS, FinetuneConfig, finetune
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -34,15 +34,17 @@ class TransferConfig(stage.StageOptions):
     init: str = options.option(help="Stage output URI or checkpoint file (model.pt, moco.pt, torchvision state_dict).")
     train: str = options.option(help="Labeled training data set URI.")
     shots: int | None = options.option(None, type=options.count(1, 100_000), help="Draw exactly K labeled images per class.")
-    seed: int = options.option(0, type=options.SEED, help="Seed of the draw, init, order and augmentation.")
+    seed: int = options.option(FinetuneConfig.seed, type=options.SEED, help="Seed of the draw, init, order and augmentation.")
     labels: str | None = options.option(
         None, help="CSV/text list of keys to train on (optional header key,label; labels override the shards').")
-    method: str = options.option("ce", type=click.Choice(list(METHODS)))
-    epochs: int = options.option(100, type=options.EPOCHS)
-    coin_alpha: float = options.option(0.7, type=options.number(0, 1), help="COIN: share of the epochs trained with SupCon alone.")
-    batch_size: int = options.option(64, type=options.BATCH)
-    lr_head: float = options.option(3.0, type=options.LEARNING_RATE, help="Learning rate of the new classifier.")
-    lr_backbone: float = options.option(1e-4, type=options.LEARNING_RATE)
+    method: str = options.option(FinetuneConfig.method, type=click.Choice(list(METHODS)))
+    epochs: int = options.option(FinetuneConfig.epochs, type=options.EPOCHS)
+    coin_alpha: float = options.option(FinetuneConfig.coin_alpha, type=options.number(0, 1),
+                                       help="COIN: share of the epochs trained with SupCon alone.")
+    batch_size: int = options.option(FinetuneConfig.batch_size, type=options.BATCH)
+    lr_head: float = options.option(FinetuneConfig.lr_head, type=options.LEARNING_RATE,
+                                    help="Learning rate of the new classifier.")
+    lr_backbone: float = options.option(FinetuneConfig.lr_backbone, type=options.LEARNING_RATE)
     arch: str | None = options.option(None, type=click.Choice(ARCHS), help="Architecture of a plain torchvision --init.")
     # "given": outputs of runs without --test or --image-size keep their config hash
     test: str | None = options.option(
@@ -52,6 +54,11 @@ class TransferConfig(stage.StageOptions):
         None, type=options.IMAGE_SIZE, hashed="given",
         help="Input side in pixels (short side resized, centre-cropped); default: the size --init records, else the data's.")
     out: str = options.option(help="Output URI.", hashed=False)
+
+    def finetuning(self) -> FinetuneConfig:
+        """What `finetune` takes of these options (the method's other settings keep their defaults)."""
+        return FinetuneConfig(method=self.method, epochs=self.epochs, seed=self.seed, batch_size=self.batch_size,
+                              coin_alpha=self.coin_alpha, lr_head=self.lr_head, lr_backbone=self.lr_backbone)
 
 
 @click.command("transfer")
@@ -75,9 +82,7 @@ def transfer_command(config: TransferConfig) -> None:
 
     run.claim(image_size=meta["image_size"])
     model = finetune(backbone, meta, subset(data, meta["image_size"], indices), labels, len(data.classes),
-                     method=config.method, epochs=config.epochs, seed=config.seed, out=run.out,
-                     batch_size=config.batch_size, coin_alpha=config.coin_alpha, lr_head=config.lr_head,
-                     lr_backbone=config.lr_backbone)
+                     config.finetuning(), out=run.out)
     store.write_text(store.join(run.out, "train_keys.txt"), "".join(data.key(int(i)) + "\n" for i in indices))
     save_model(store.join(run.out, "model.pt"), model.backbone, meta["arch"], meta["in_channels"], meta["image_size"],
                classifier=model.fc, classes=list(data.classes))
