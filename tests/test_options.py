@@ -1,13 +1,16 @@
-"""Numeric options refuse NaN, infinities and out-of-range values (one line, exit 2), and the
-static option table the controller validates pipelines with matches the stage commands."""
+"""Numeric options refuse NaN, infinities and out-of-range values (one line, exit 2), the static
+option table the controller validates pipelines with matches the stage commands, a config class is
+its command's options, and the config hashes of finished stages stay what they were."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
+import click
 import pytest
 from click.testing import CliRunner
 
@@ -107,3 +110,35 @@ def test_config_hashes_of_finished_stages_do_not_change(digest, args, tmp_path, 
     (tmp_path / "o" / "_DONE.json").write_text(json.dumps({"config_hash": digest}))
     result = CliRunner().invoke(unsupft_main, args.split())
     assert result.exit_code == 0 and "already done (same config)" in result.output, result.output
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Shared(options.Options):
+    out: str = options.option(help="Where.", hashed=False)
+    seed: int = options.option(0, type=options.SEED)
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Example(_Shared):
+    source: str = options.option(argument=True)
+    data: tuple[str, ...] = options.option(multiple=True, help="Repeatable, required.")
+    fraction: float | None = options.option(None, flag="--split", type=options.number(0, 1))
+    test: str | None = options.option(None, hashed="given")
+    fast: bool = options.option(False, is_flag=True, hashed=False)
+    seed: int = options.option(0, type=options.SEED, help="Declared again: own help, shared place.")
+
+
+def test_a_config_class_is_its_command():
+    received = []
+    command = click.command("example")(options.options_from(_Example)(received.append))
+    # the class's own options first, the extended group's after; a field declared again keeps its place
+    assert [p.name for p in command.params] == ["source", "data", "fraction", "test", "fast", "out", "seed"]
+    result = CliRunner().invoke(command, ["s", "--data", "a", "--data", "b", "--split", "0.5", "--out", "o", "--fast"])
+    assert result.exit_code == 0, result.output
+    assert received == [_Example(source="s", data=("a", "b"), fraction=0.5, test=None, fast=True, out="o", seed=0)]
+    # hashed: not --out nor --fast; --test only when given; repeated values as lists
+    assert received[0].identity() == {"source": "s", "data": ["a", "b"], "fraction": 0.5, "seed": 0}
+    assert "test" in _Example(source="s", data=(), test="t", out="o").identity()
+    assert CliRunner().invoke(command, ["s", "--out", "o"]).exit_code == 2  # --data is required
+    help_text = CliRunner().invoke(command, ["--help"]).output
+    assert "Declared again: own help, shared place." in help_text and "[default: 0" in help_text
