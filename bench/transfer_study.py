@@ -23,7 +23,7 @@ from unsupft.data import load_arrays
 from unsupft.eval.metrics import top1_accuracy
 from unsupft.models import load_backbone
 from unsupft.eval.fewshot import draw_shots
-from unsupft.train.transfer import finetune, predict
+from unsupft.train.transfer import FinetuneConfig, finetune, predict
 
 
 def cli(*args: str) -> None:
@@ -57,7 +57,7 @@ def main() -> None:
                 backbone, meta = load_backbone(init)
                 start = time.perf_counter()
                 model = finetune(backbone, meta, train.images[idx], train.labels[idx], len(train.classes),
-                                 method=method, epochs=args.epochs, seed=seed)
+                                 FinetuneConfig(method=method, epochs=args.epochs, seed=seed))
                 acc = top1_accuracy(predict(model, test.images).numpy(), test.labels.numpy())
                 row = {"shots": k, "seed": seed, "method": method, "top1": round(acc, 4),
                        "seconds": round(time.perf_counter() - start, 1)}

@@ -22,6 +22,10 @@ CORE = {"unsupft", "unsupft._torchvision", "unsupft.checkpoint", "unsupft.distri
 # A library may import the core and the libraries before it, never one after it.
 LIBRARIES = ("unsupft.losses", "unsupft.data", "unsupft.models", "unsupft.train", "unsupft.eval", "unsupft.select")
 STAGES = "unsupft.stages"
+# A stage imports libraries and the core; of the other stages only the helper pretrain and adapt
+# share, and select-source runs pretrain itself (its candidates are ordinary pretrain outputs).
+STAGE_IMPORTS = {"unsupft.stages.moco_common"}
+STAGE_REUSES = {("unsupft.stages.select_source", "unsupft.stages.pretrain")}
 COMMAND_LINES = ("unsupft.cli", "unsupft.__main__", "unsupft.ctl")
 
 
@@ -58,7 +62,9 @@ def allowed(importer: str, target: str) -> bool:
         if within(importer, library):
             return any(within(target, earlier) for earlier in LIBRARIES[:rank + 1])
     if within(importer, STAGES):
-        return within(target, STAGES) or any(within(target, library) for library in LIBRARIES)
+        if within(target, STAGES):
+            return target in STAGE_IMPORTS or (importer, target) in STAGE_REUSES
+        return any(within(target, library) for library in LIBRARIES)
     if within(importer, "unsupft.ctl"):
         return within(target, "unsupft.ctl")
     return importer in ("unsupft.__main__",) and target == "unsupft.cli"
@@ -86,6 +92,8 @@ def test_the_checker_sees_a_wrong_import(tmp_path):
     assert not allowed("unsupft.data.mixing", "unsupft.train.batches")
     assert not allowed("unsupft.stage", "unsupft.data.samples")
     assert not allowed("unsupft.ctl.spec", "unsupft.stages.pretrain")
+    assert not allowed("unsupft.stages.semi", "unsupft.stages.transfer")
+    assert allowed("unsupft.stages.adapt", "unsupft.stages.moco_common")
     assert allowed("unsupft.stages.transfer", "unsupft.train.transfer") and allowed("unsupft.train.loop", "unsupft.store")
     module = tmp_path / "m.py"
     module.write_text("def f():\n    from unsupft.stages import evaluate\nfrom unsupft import store, data\n")

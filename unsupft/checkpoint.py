@@ -23,9 +23,9 @@ import torch
 
 from unsupft import store
 from unsupft.errors import UserError
-from unsupft.trust import TRUST_ENV, trust_option, trusted
+from unsupft.trust import TRUST_ENV, trusted
 
-__all__ = ["SUFFIXES", "TRUST_ENV", "load", "resolve", "save", "trust_option", "trusted"]
+__all__ = ["SUFFIXES", "TRUST_ENV", "load", "resolve", "save", "trusted"]
 
 SUFFIXES = (".pt", ".pth", ".tar", ".ckpt", ".bin", ".safetensors")
 

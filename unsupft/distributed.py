@@ -48,6 +48,14 @@ def env_dist() -> Dist:
     return Dist()
 
 
+def per_rank_batch(batch_size: int) -> int:
+    """Each process's share of a global `--batch-size`."""
+    world = env_dist().world_size
+    if batch_size % world:
+        raise UserError(f"--batch-size {batch_size} is not divisible by the {world} processes")
+    return batch_size // world
+
+
 def setup() -> tuple[Dist, torch.device]:
     """Join the process group (NCCL on CUDA, Gloo on CPU) once; return ranks and this process's device."""
     d = env_dist()

@@ -5,6 +5,12 @@ Click's own `FloatRange` lets NaN through (every comparison with NaN is false) a
 so `--lr nan` used to train until the loss was NaN. `Number` is the type of every numeric stage
 option: finite, inside its range, and the message names the range.
 
+A stage's options are one frozen dataclass (`Options`) whose fields are declared with `option`:
+the field's default, type and help are the Click option's, `options_from` turns the fields into the
+command's parameters and hands the body one config object, and `Options.identity` (what the stage
+hashes) follows each field's `hashed`. Declaring an option is one field; a group of options that
+several stages share is a base class.
+
 The table (`stage_options.json` beside this file) is generated from the Click commands by
 `python -m unsupft.options` (`make options-table`); tests/test_options.py checks that it matches
 them. The controller rebuilds the very same Click types from it (`param_type`), so a value that
@@ -13,12 +19,16 @@ them. The controller rebuilds the very same Click types from it (`param_type`), 
 
 from __future__ import annotations
 
+import functools
 import json
 import math
+from dataclasses import MISSING, Field, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Literal
 
 import click
+
+from unsupft.errors import UserError
 
 TABLE = Path(__file__).with_name("stage_options.json")
 
@@ -70,6 +80,93 @@ BATCH = count(1, 65536)
 EPOCHS = count(1, 100_000)
 IMAGE_SIZE = count(1, 4096)  # side of a square model input, in pixels
 STEPS = count(1, 100_000_000)
+
+
+OPTION = "unsupft.option"  # the key of a field's option description in its metadata
+
+
+def option(default: Any = MISSING, *, help: str | None = None, flag: str | None = None, argument: bool = False,
+           hashed: bool | Literal["given"] = True, **click_kwargs: Any) -> Any:
+    """A config field that is also a command-line parameter.
+
+    `default` is the field's and the option's (none: a required option); the flag is `--field-name`
+    unless `flag` names another (`--split` for `test_fraction`); `argument` makes it a positional
+    argument. `hashed` says whether the value is part of the stage's config hash: not where the
+    output goes nor how fast it is computed (False), or only when given ("given": outputs of runs
+    from before the option existed keep their hash). Everything else (`type`, `multiple`,
+    `is_flag`, `metavar`, ...) goes to Click as it is.
+    """
+    spec = {"help": help, "flag": flag, "argument": argument, "hashed": hashed, "click": click_kwargs}
+    return field(default=default, metadata={OPTION: spec})
+
+
+@dataclass(frozen=True, kw_only=True)
+class Options:
+    """The base of every stage's config: the options as given on the command line."""
+
+    def identity(self) -> dict[str, Any]:
+        """The options that decide what the stage computes (its config hash), by each field's
+        `hashed`; repeated options as lists, as they read back from config.json."""
+        identity = {}
+        for f in fields(self):
+            hashed, value = f.metadata[OPTION]["hashed"], getattr(self, f.name)
+            if hashed is True or hashed == "given" and value:
+                identity[f.name] = list(value) if isinstance(value, tuple) else value
+        return identity
+
+
+def option_fields(config_class: type[Options]) -> list[Field]:
+    """The option fields in the order `--help` lists them: the class's own first, then those of the
+    groups it extends, so that shared options (`--out`, ...) close the list. A field that a class
+    declares again (to give it its own help) keeps the place where it was first declared."""
+    merged = {f.name: f for f in fields(config_class) if OPTION in f.metadata}
+    first_declared = {}
+    for klass in reversed(config_class.__mro__):
+        for name in vars(klass).get("__annotations__", {}):
+            first_declared.setdefault(name, klass)
+    return [merged[name] for klass in config_class.__mro__ for name in vars(klass).get("__annotations__", {})
+            if name in merged and first_declared[name] is klass]
+
+
+def _parameter(f: Field) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    spec = f.metadata[OPTION]
+    kwargs = dict(spec["click"])
+    if spec["argument"]:
+        return click.argument(f.name, **kwargs)
+    if f.default is MISSING:
+        kwargs["required"] = True
+    else:
+        kwargs["default"] = f.default
+        kwargs.setdefault("show_default", f.default not in (None, ()) and not kwargs.get("is_flag"))
+    return click.option(spec["flag"] or "--" + f.name.replace("_", "-"), f.name, help=spec["help"], **kwargs)
+
+
+def options_from(config_class: type[Options]) -> Callable[[Callable[[Any], Any]], Callable[..., Any]]:
+    """Decorate a command body that takes one config: add a Click parameter per option field of
+    `config_class` and call the body with `config_class(**values)`."""
+    def decorate(body: Callable[[Any], Any]) -> Callable[..., Any]:
+        @functools.wraps(body)
+        def command(**values: Any) -> Any:
+            return body(config_class(**values))
+
+        for f in reversed(option_fields(config_class)):
+            command = _parameter(f)(command)
+        return command
+
+    return decorate
+
+
+def parse_named(specs: tuple[str, ...], option: str) -> dict[str, str]:
+    """`NAME=URI` values of a repeatable option (`--model`, `--candidate`), by name."""
+    named: dict[str, str] = {}
+    for spec in specs:
+        name, sep, uri = spec.partition("=")
+        if not sep or not name or not uri:
+            raise UserError(f"{option} '{spec}': expected NAME=URI")
+        if name in named:
+            raise UserError(f"{option}: the name '{name}' is given twice")
+        named[name] = uri
+    return named
 
 
 def param_type(info: dict[str, Any]) -> click.ParamType:

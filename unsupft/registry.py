@@ -10,7 +10,7 @@ inputs; `unsupft.ctl.local`: the environment it keeps from stages) and the stati
 
 Every option of a stage can also come from the environment as `UNSUPFT_<STAGE>_<OPTION>`, named
 after the flag (`UNSUPFT_TRANSFER_EPOCHS=5`, `UNSUPFT_BN_ADAPT_DATA=...`), not after the Python
-parameter (`--data` is `data_uri` in some stages).
+parameter (`--split` is the field `test_fraction` of `ingest`).
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ skips a stage whose `_DONE.json` holds the config hash it recorded.
 Outputs are owned, here once for every stage:
 - By one config. `is_done` and `write_config` refuse an output that holds another config's files,
   finished or partial (one line naming the keys that differ), or files no stage wrote; with
-  `--overwrite` (`overwrite_option`) the output is emptied and the stage starts clean. A rerun with
+  `--overwrite` (`StageOptions`) the output is emptied and the stage starts clean. A rerun with
   the same config resumes, and the training loop checks that a checkpoint it resumes from was
   written under this config (`owner`).
 - By one writer. `write_config` takes the output's lease (`unsupft.lease`, `<out>/_LEASE.json`)
@@ -35,11 +35,11 @@ import json
 import platform
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import click
 
-from unsupft import __version__, lease, store
+from unsupft import __version__, lease, options, store, trust
 from unsupft.errors import UserError
 
 DONE = "_DONE.json"
@@ -60,9 +60,20 @@ def _set_overwrite(ctx: click.Context, param: click.Parameter, value: bool) -> b
     return value
 
 
-overwrite_option: Callable[[Any], Any] = click.option(
-    "--overwrite", is_flag=True, expose_value=False, callback=_set_overwrite,
-    help="Empty --out first when it holds another config's (or a partial foreign) output, instead of refusing it.")
+@dataclass(frozen=True, kw_only=True)
+class StageOptions(options.Options):
+    """The options every stage takes besides its own (they close its `--help`): where it writes,
+    and two switches that change nothing it computes. A stage whose `--out` help says more declares
+    `out` again."""
+
+    out: str = options.option(help="Output URI (directory or s3://bucket/prefix).", hashed=False)
+    trust_checkpoint: bool = options.option(
+        False, is_flag=True, envvar=trust.TRUST_ENV, callback=trust.set_trust, hashed=False,
+        help=f"Load pickled checkpoints that hold more than tensors (config objects) with the full "
+             f"unpickler, which can run code from the file: only for files you trust. Also {trust.TRUST_ENV}=1.")
+    overwrite: bool = options.option(
+        False, is_flag=True, callback=_set_overwrite, hashed=False,
+        help="Empty --out first when it holds another config's (or a partial foreign) output, instead of refusing it.")
 
 
 def _identity(config: dict[str, Any]) -> dict[str, Any]:

@@ -7,7 +7,6 @@ variable out of the stages it starts without importing torch.
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, TypeVar
 
 import click
 
@@ -15,8 +14,6 @@ TRUST_ENV = "UNSUPFT_TRUST_CHECKPOINTS"
 
 # Set by `--trust-checkpoint` for the duration of one command (None: the environment decides).
 _trust_override: bool | None = None
-
-F = TypeVar("F", bound=Callable[..., Any])
 
 
 def trusted() -> bool:
@@ -26,23 +23,15 @@ def trusted() -> bool:
     return os.environ.get(TRUST_ENV, "").strip().lower() in ("1", "true", "yes")
 
 
-def _set_trust(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+def set_trust(ctx: click.Context, _param: click.Parameter, value: bool) -> bool:
+    """The callback of `--trust-checkpoint` (`unsupft.stage.StageOptions`): trust for this command."""
     global _trust_override
-    if not value:
-        return
-    _trust_override = True
+    if value:
+        _trust_override = True
 
-    def reset() -> None:
-        global _trust_override
-        _trust_override = None
+        def reset() -> None:
+            global _trust_override
+            _trust_override = None
 
-    ctx.call_on_close(reset)  # in-process callers (tests, notebooks) do not inherit the trust
-
-
-def trust_option(fn: F) -> F:
-    """The `--trust-checkpoint` flag of every command that loads a checkpoint."""
-    return click.option(
-        "--trust-checkpoint", is_flag=True, expose_value=False, envvar=TRUST_ENV, callback=_set_trust,
-        help=f"Load pickled checkpoints that hold more than tensors (config objects) with the full "
-             f"unpickler, which can run code from the file: only for files you trust. Also {TRUST_ENV}=1.",
-    )(fn)
+        ctx.call_on_close(reset)  # in-process callers (tests, notebooks) do not inherit the trust
+    return value

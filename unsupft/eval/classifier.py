@@ -40,6 +40,21 @@ def labels_in_classes(classes: Sequence[str], test: Samples, owner: str) -> np.n
     return to_classes[test.labels.numpy()]
 
 
+def align_test_labels(train: Samples, test: Samples) -> torch.Tensor:
+    """The test labels in the train set's class ids (matched by class name)."""
+    for data in (train, test):
+        if data.labels is None:
+            raise UserError(f"{data.uri}: evaluation needs a labeled data set")
+    train_classes = train.classes
+    present = set(np.unique(train.labels.numpy()).tolist())
+    test_names = [test.classes[c] for c in np.unique(test.labels.numpy())]
+    missing = [n for n in test_names if n not in train_classes or train_classes.index(n) not in present]
+    if missing:
+        raise UserError(f"{test.uri}: test classes {missing} are not in the train set {train.uri}")
+    to_train = torch.tensor([train_classes.index(n) if n in train_classes else -1 for n in test.classes])
+    return to_train[test.labels]
+
+
 def with_classifier(backbone: nn.Module, classifier: dict[str, torch.Tensor]) -> nn.Module:
     """The backbone followed by the linear classifier a `model.pt` carries ({"weight", "bias"})."""
     return nn.Sequential(backbone, classifier_layer(classifier))

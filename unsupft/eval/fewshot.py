@@ -1,7 +1,8 @@
 """Which labeled samples a transfer run trains on: K per class drawn reproducibly, or a key list.
 
 Both return indices into a loaded data set, so the stage and the evaluation take the same subset
-for the same (data, K, seed), and the label stage can hand over exactly the keys it collected.
+for the same (data, K, seed), and the label stage can hand over exactly the keys it collected;
+`select_training_set` is the choice `transfer` and `semi` make between them.
 """
 
 from __future__ import annotations
@@ -11,8 +12,10 @@ import io
 from typing import Sequence
 
 import numpy as np
+import torch
 
 from unsupft import store
+from unsupft.data.samples import Samples
 from unsupft.errors import UserError
 
 
@@ -70,3 +73,25 @@ def read_label_list(uri: str, keys: Sequence[str], classes: Sequence[str]) -> tu
     if len(set(indices)) != len(indices):
         raise UserError(f"{uri}: a key is listed twice")
     return np.asarray(indices, dtype=np.int64), (np.asarray(labels, dtype=np.int64) if label_col is not None else None)
+
+
+def select_training_set(
+    data: Samples, shots: int | None, seed: int, labels_file: str | None
+) -> tuple[np.ndarray, torch.Tensor]:
+    """(indices, labels) of the samples to train on: K per class, a key list, or every labeled one.
+    Chosen from the index's labels and keys: no image is decoded."""
+    classes = data.classes
+    if labels_file is not None:
+        indices, listed = read_label_list(labels_file, data.keys(), classes)
+        if listed is not None:
+            return indices, torch.as_tensor(listed)
+        if data.labels is None:
+            raise UserError(f"{data.uri}: unlabeled, and {labels_file} has no label column")
+        return indices, data.labels[indices]
+    if data.labels is None:
+        raise UserError(f"{data.uri}: the data set has no labels (use --labels FILE with a label column)")
+    if shots is not None:
+        indices = draw_shots(data.labels.numpy(), shots, seed, classes)
+    else:
+        indices = np.arange(len(data))
+    return indices, data.labels[indices]

@@ -40,7 +40,7 @@ from unsupft.models.features import extract_features
 from unsupft.models.io import describe
 from unsupft.select.ackmeans import ackmeans
 from unsupft.select.annotators import Annotator, ManualAnnotator, OracleAnnotator
-from unsupft.train.transfer import finetune, predict
+from unsupft.train.transfer import FinetuneConfig, finetune, predict
 
 STATE = "state.json"
 
@@ -271,8 +271,8 @@ class TransferEngine:
         if init not in self._described:
             self._described.add(init)
             click.echo(f"init: {describe(meta)}", err=True)
-        model = finetune(backbone, meta, images, labels, len(classes), method=method, epochs=epochs,
-                         seed=seed, out=out)
+        model = finetune(backbone, meta, images, labels, len(classes),
+                         FinetuneConfig(method=method, epochs=epochs, seed=seed), out=out)
         save_model(store.join(out, "model.pt"), model.backbone, meta["arch"], meta["in_channels"],
                    meta.get("image_size") or list(images.shape[-2:]), classifier=model.fc, classes=list(classes))
         if test is None:

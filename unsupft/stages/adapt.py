@@ -8,48 +8,58 @@ Naive unsupervised finetuning is `--replay-fraction 0 --mix none`.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
 import click
 
-from unsupft import options
+from unsupft import options, stage, store
 from unsupft.data.mixing import replay_subset, with_replay
 from unsupft.data.samples import Mixture, image_size_of, open_samples
 from unsupft.errors import UserError, report_user_errors
 from unsupft.seeding import seed_everything
-from unsupft.stages.moco_common import MIXES, MoCoOptions, MoCoTask, init_moco, moco_options, run_moco, start_moco
+from unsupft.stages.moco_common import MIXES, MoCoOptions, MoCoTask, init_moco, lr_option, run_moco
+
+
+@dataclass(frozen=True, kw_only=True)
+class AdaptConfig(MoCoOptions):
+    lr_per_256: ClassVar[float] = 0.015  # half pretraining's: finetuning starts from a trained model
+
+    init: str = options.option(help="Pretrained stage output URI or checkpoint file.")
+    target: str = options.option(help="Unlabeled target data set URI.")
+    replay_source: str | None = options.option(None, help="Source data set to replay a fixed subset of.")
+    replay_fraction: float = options.option(0.1, type=options.number(0, 1, max_open=True),
+                                            help="Share of --replay-source replayed (0 = no replay).")
+    mix: str = options.option("cutmix", type=click.Choice(MIXES))
+    mix_alpha: float = options.option(1.0, type=options.number(0, 100, min_open=True), help="lam ~ Beta(alpha, alpha).")
+    lr: float | None = lr_option(lr_per_256)
+
+    def identity(self) -> dict[str, Any]:
+        return {**super().identity(), "replay_fraction": self.replay_fraction if self.replay_source else 0.0}
 
 
 @click.command("adapt")
-@click.option("--init", required=True, help="Pretrained stage output URI or checkpoint file.")
-@click.option("--target", required=True, help="Unlabeled target data set URI.")
-@click.option("--replay-source", default=None, help="Source data set to replay a fixed subset of.")
-@click.option("--replay-fraction", type=options.number(0, 1, max_open=True), default=0.1, show_default=True,
-              help="Share of --replay-source replayed (0 = no replay).")
-@click.option("--mix", type=click.Choice(MIXES), default="cutmix", show_default=True)
-@click.option("--mix-alpha", type=options.number(0, 100, min_open=True), default=1.0, show_default=True, help="lam ~ Beta(alpha, alpha).")
-@moco_options(default_lr_per_256=0.015)
+@options.options_from(AdaptConfig)
 @report_user_errors
-def adapt_command(init, target, replay_source, replay_fraction, mix, mix_alpha, **shared_options) -> None:
+def adapt_command(config: AdaptConfig) -> None:
     """Unsupervised finetuning (MoCo v2 with source replay and mixed queries) from --init on --target."""
-    shared = MoCoOptions(**shared_options)
-    run = start_moco("adapt", {"init": init, "target": target, "replay_source": replay_source,
-                               "replay_fraction": replay_fraction if replay_source else 0.0, "mix": mix,
-                               "mix_alpha": mix_alpha},
-                     {"init": init, "target": target, "replay_source": replay_source}, shared)
+    run = stage.start("adapt", store.normalize(config.out), config.identity(),
+                      {"init": config.init, "target": config.target, "replay_source": config.replay_source})
     if run is None:
         return
-    tgt = open_samples(target)
-    size = image_size_of(tgt, shared.image_size, "give --image-size")
+    tgt = open_samples(config.target)
+    size = image_size_of(tgt, config.image_size, "give --image-size")
     images, order, replayed = Mixture([(tgt, None)]), None, 0
-    if replay_source is not None and replay_fraction > 0:
+    if config.replay_source is not None and config.replay_fraction > 0:
         # the replayed subset is chosen by index from the source's size alone: nothing is decoded
-        source = open_samples(replay_source, tgt.channels)
-        subset = replay_subset(len(source), replay_fraction, shared.seed)
+        source = open_samples(config.replay_source, tgt.channels)
+        subset = replay_subset(len(source), config.replay_fraction, config.seed)
         if len(subset) == 0:
-            raise UserError(f"--replay-fraction {replay_fraction} of {replay_source} selects no image")
+            raise UserError(f"--replay-fraction {config.replay_fraction} of {config.replay_source} selects no image")
         images = Mixture([(tgt, None), (source, subset.numpy())])
-        order, replayed = with_replay(len(tgt), subset, shared.seed), len(subset)
-    seed_everything(shared.seed)
-    moco, arch, notes = init_moco(init, shared.arch, tgt.channels, dim=128, queue_size=shared.queue_size,
-                                  temperature=shared.temperature, momentum=shared.key_momentum)
-    run_moco(run, MoCoTask(moco, mix, mix_alpha), images, size, order, shared, lr_per_256=0.015,
+        order, replayed = with_replay(len(tgt), subset, config.seed), len(subset)
+    seed_everything(config.seed)
+    moco, arch, notes = init_moco(config.init, config.arch, tgt.channels, dim=128, queue_size=config.queue_size,
+                                  temperature=config.temperature, momentum=config.key_momentum)
+    run_moco(run, MoCoTask(moco, config.mix, config.mix_alpha), images, size, order, config,
              resolved={"arch": arch, "replayed_images": replayed, **notes})

@@ -3,18 +3,25 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import click
 
-from unsupft import store
+from unsupft import options, store
 from unsupft.errors import report_user_errors
 from unsupft.select.annotate_web import find_waiting_round, serve_round
 
 
+@dataclass(frozen=True, kw_only=True)
+class AnnotateConfig(options.Options):
+    run_or_uri: str = options.option(argument=True)
+    port: int = options.option(0, type=click.IntRange(0, 65535), help="0 = any free port")
+
+
 @click.command("annotate")
-@click.argument("run_or_uri")
-@click.option("--port", type=click.IntRange(0, 65535), default=0, show_default=True, help="0 = any free port")
+@options.options_from(AnnotateConfig)
 @report_user_errors
-def annotate_command(run_or_uri: str, port: int) -> None:
+def annotate_command(config: AnnotateConfig) -> None:
     """Label the waiting round of a label stage (its --out URI, or a run prefix containing one)."""
-    out, round_index = find_waiting_round(store.normalize(run_or_uri))
-    serve_round(out, round_index, port)
+    out, round_index = find_waiting_round(store.normalize(config.run_or_uri))
+    serve_round(out, round_index, config.port)

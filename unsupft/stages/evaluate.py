@@ -21,38 +21,26 @@ from __future__ import annotations
 
 import copy
 import json
+from dataclasses import dataclass
 from typing import Any
 
 import click
 import numpy as np
 import torch
 
-from unsupft import checkpoint, options, stage, store
+from unsupft import options, stage, store
 from unsupft.data.samples import Fitted, Samples, image_size_of, open_samples, subset
 from unsupft.errors import UserError, report_user_errors
 from unsupft.eval import metrics, report
 from unsupft.eval.cards import label_rounds, model_card
-from unsupft.eval.classifier import labels_in_classes, score_classifier, with_classifier
+from unsupft.eval.classifier import align_test_labels, labels_in_classes, score_classifier, with_classifier
 from unsupft.models.features import extract_features
 from unsupft.models import ARCHS, load_backbone
 from unsupft.models.io import describe
 from unsupft.eval.fewshot import draw_shots
-from unsupft.train.transfer import METHODS, finetune, predict
+from unsupft.train.transfer import METHODS, FinetuneConfig, finetune, predict
 
 METRIC_NAMES = ("classifier", "fewshot", "retrieval", "clustering", "sdbw", "linear", "map")
-
-
-def parse_named(specs: tuple[str, ...], option: str = "--model") -> dict[str, str]:
-    """`NAME=URI` values of a repeatable option, by name."""
-    named: dict[str, str] = {}
-    for spec in specs:
-        name, sep, uri = spec.partition("=")
-        if not sep or not name or not uri:
-            raise UserError(f"{option} '{spec}': expected NAME=URI")
-        if name in named:
-            raise UserError(f"{option}: the name '{name}' is given twice")
-        named[name] = uri
-    return named
 
 
 def parse_list(value: str, option: str, allowed: tuple[str, ...] | None = None) -> list[str]:
@@ -62,21 +50,6 @@ def parse_list(value: str, option: str, allowed: tuple[str, ...] | None = None) 
         if unknown:
             raise UserError(f"{option}: unknown {unknown} (choose from {', '.join(allowed)})")
     return items
-
-
-def align_test_labels(train: Samples, test: Samples) -> torch.Tensor:
-    """The test labels in the train set's class ids (matched by class name)."""
-    for data in (train, test):
-        if data.labels is None:
-            raise UserError(f"{data.uri}: evaluation needs a labeled data set")
-    train_classes = train.classes
-    present = set(np.unique(train.labels.numpy()).tolist())
-    test_names = [test.classes[c] for c in np.unique(test.labels.numpy())]
-    missing = [n for n in test_names if n not in train_classes or train_classes.index(n) not in present]
-    if missing:
-        raise UserError(f"{test.uri}: test classes {missing} are not in the train set {train.uri}")
-    to_train = torch.tensor([train_classes.index(n) if n in train_classes else -1 for n in test.classes])
-    return to_train[test.labels]
 
 
 def summary(values: list[float]) -> tuple[float, float]:
@@ -116,8 +89,9 @@ def evaluate_model(backbone: torch.nn.Module, meta: dict[str, Any], train: Sampl
             for trial in range(trials):
                 trial_seed = seed * 1000 + trial
                 idx = draw_shots(train_y, k, trial_seed, classes)
+                recipe = FinetuneConfig(method=method, epochs=epochs, seed=trial_seed, batch_size=batch_size)
                 model = finetune(copy.deepcopy(backbone), meta, subset(train, size, idx), train.labels[idx],
-                                 len(classes), method=method, epochs=epochs, seed=trial_seed, batch_size=batch_size)
+                                 len(classes), recipe)
                 predictions = predict(model, test_images).numpy()
                 top1.append(metrics.top1_accuracy(predictions, test_y))
                 mean_class.append(metrics.mean_class_accuracy(predictions, test_y))
@@ -132,51 +106,57 @@ def evaluate_model(backbone: torch.nn.Module, meta: dict[str, Any], train: Sampl
     return result, coords
 
 
+@dataclass(frozen=True, kw_only=True)
+class EvaluateConfig(stage.StageOptions):
+    model: tuple[str, ...] = options.option(
+        multiple=True, metavar="NAME=URI", hashed=False,
+        help="A model to evaluate: stage output URI or checkpoint file (repeatable).")
+    train: str = options.option(help="Labeled train data set (few-shot draws, retrieval database).")
+    test: str = options.option(help="Labeled test data set.")
+    shots: str = options.option("1,2,4,8", help="Comma list of K labeled images per class.")
+    trials: int = options.option(3, type=options.count(1, 1000), help="Seeded draws per K.")
+    method: str = options.option("ce", type=click.Choice(list(METHODS)), help="Few-shot finetuning method.")
+    epochs: int = options.option(
+        100, type=options.EPOCHS, help="Few-shot finetuning epochs (one step each at small K: few-shot runs need many).")
+    metrics: str = options.option(",".join(METRIC_NAMES), help="Comma list of metrics to compute.")
+    batch_size: int = options.option(64, type=options.BATCH)
+    arch: str | None = options.option(None, type=click.Choice(ARCHS), help="Architecture of plain torchvision checkpoints.")
+    # "given": reports of runs without --image-size, --baseline or --label keep their config hash
+    image_size: int | None = options.option(
+        None, type=options.IMAGE_SIZE, hashed="given",
+        help="Input side in pixels (short side resized, centre-cropped); default: each model's recorded size, else the data's.")
+    baseline: str | None = options.option(
+        None, metavar="NAME", hashed="given", help="A --model name: the report adds each model's difference against it.")
+    label: tuple[str, ...] = options.option(
+        (), multiple=True, metavar="NAME=URI", hashed=False,
+        help="A label stage output: the report plots its test accuracy per round (repeatable).")
+    seed: int = options.option(0, type=options.SEED)
+    out: str = options.option(help="Output URI for report.json, report.html and the pictures.", hashed=False)
+
+    def identity(self) -> dict[str, Any]:
+        """With the values parsed (`--shots 4,1` and `--shots 1,4` are one config); `label` only when given."""
+        try:
+            shots = sorted({int(s) for s in parse_list(self.shots, "--shots")})
+        except ValueError:
+            raise UserError(f"--shots '{self.shots}': expected a comma list of integers") from None
+        label = options.parse_named(self.label, "--label")
+        return {**super().identity(), "models": options.parse_named(self.model, "--model"), "shots": shots,
+                "metrics": parse_list(self.metrics, "--metrics", METRIC_NAMES), **({"label": label} if label else {})}
+
+
 @click.command("evaluate")
-@click.option("--model", "model_specs", multiple=True, required=True, metavar="NAME=URI",
-              help="A model to evaluate: stage output URI or checkpoint file (repeatable).")
-@click.option("--train", "train_uri", required=True, help="Labeled train data set (few-shot draws, retrieval database).")
-@click.option("--test", "test_uri", required=True, help="Labeled test data set.")
-@click.option("--shots", default="1,2,4,8", show_default=True, help="Comma list of K labeled images per class.")
-@click.option("--trials", type=options.count(1, 1000), default=3, show_default=True, help="Seeded draws per K.")
-@click.option("--method", type=click.Choice(list(METHODS)), default="ce", show_default=True, help="Few-shot finetuning method.")
-@click.option("--epochs", type=options.EPOCHS, default=100, show_default=True,
-              help="Few-shot finetuning epochs (one step each at small K: few-shot runs need many).")
-@click.option("--metrics", "metrics_list", default=",".join(METRIC_NAMES), show_default=True,
-              help="Comma list of metrics to compute.")
-@click.option("--batch-size", type=options.BATCH, default=64, show_default=True)
-@click.option("--arch", type=click.Choice(ARCHS), default=None, help="Architecture of plain torchvision checkpoints.")
-@click.option("--image-size", type=options.IMAGE_SIZE, default=None,
-              help="Input side in pixels (short side resized, centre-cropped); default: each model's recorded size, else the data's.")
-@click.option("--baseline", default=None, metavar="NAME", help="A --model name: the report adds each model's difference against it.")
-@click.option("--label", "label_specs", multiple=True, metavar="NAME=URI",
-              help="A label stage output: the report plots its test accuracy per round (repeatable).")
-@click.option("--seed", type=options.SEED, default=0, show_default=True)
-@click.option("--out", required=True, help="Output URI for report.json, report.html and the pictures.")
-@checkpoint.trust_option
-@stage.overwrite_option
+@options.options_from(EvaluateConfig)
 @report_user_errors
-def evaluate_command(model_specs: tuple[str, ...], train_uri: str, test_uri: str, shots: str, trials: int,
-                     method: str, epochs: int, metrics_list: str, batch_size: int, arch: str | None,
-                     image_size: int | None, baseline: str | None, label_specs: tuple[str, ...], seed: int,
-                     out: str) -> None:
+def evaluate_command(config: EvaluateConfig) -> None:
     """Own classifier, few-shot transfer, retrieval, clustering, S_Dbw and linear probe of each --model; writes a report."""
-    models = parse_named(model_specs, "--model")
-    label_runs = parse_named(label_specs, "--label")
+    identity = config.identity()
+    models, label_runs = identity["models"], identity.get("label", {})
+    enabled, shot_list = identity["metrics"], identity["shots"]
+    train_uri, test_uri, seed, baseline = config.train, config.test, config.seed, config.baseline
     if baseline is not None and baseline not in models:
         raise UserError(f"--baseline '{baseline}' names no --model (models: {', '.join(models)})")
-    enabled = parse_list(metrics_list, "--metrics", METRIC_NAMES)
-    try:
-        shot_list = sorted({int(s) for s in parse_list(shots, "--shots")})
-    except ValueError:
-        raise UserError(f"--shots '{shots}': expected a comma list of integers") from None
-    run = stage.start("evaluate", store.normalize(out), {
-        "models": models, "train": train_uri, "test": test_uri, "shots": shot_list, "trials": trials, "method": method,
-        "epochs": epochs, "metrics": enabled, "batch_size": batch_size, "arch": arch, "seed": seed,
-        # only when given: reports of runs without them keep their config hash
-        **({"image_size": image_size} if image_size else {}),
-        **({"baseline": baseline} if baseline else {}), **({"label": label_runs} if label_runs else {})},
-        inputs={"train": train_uri, "test": test_uri, **models, **{f"label_{n}": u for n, u in label_runs.items()}})
+    run = stage.start("evaluate", store.normalize(config.out), identity, inputs={
+        "train": train_uri, "test": test_uri, **models, **{f"label_{n}": u for n, u in label_runs.items()}})
     if run is None:
         return
     train = open_samples(train_uri)
@@ -187,8 +167,8 @@ def evaluate_command(model_specs: tuple[str, ...], train_uri: str, test_uri: str
     curves = {name: label_rounds(name, uri) for name, uri in label_runs.items()}
     loaded, cards = {}, {}
     for name, uri in models.items():
-        backbone, meta = load_backbone(uri, arch=arch, in_channels=train.channels)
-        meta["image_size"] = image_size_of(train, image_size or meta.get("image_size"), "--image-size")
+        backbone, meta = load_backbone(uri, arch=config.arch, in_channels=train.channels)
+        meta["image_size"] = image_size_of(train, config.image_size or meta.get("image_size"), "--image-size")
         own = None
         if meta.get("classifier") is not None and "classifier" in enabled:
             own = labels_in_classes(meta.get("classes") or [], test, f"the classifier of --model {name}")
@@ -202,8 +182,9 @@ def evaluate_command(model_specs: tuple[str, ...], train_uri: str, test_uri: str
     maps: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     lines = []
     for name, (backbone, meta, own) in loaded.items():
-        results[name], coords = evaluate_model(backbone, meta, train, test, test_labels, enabled, shot_list, trials,
-                                               method, epochs, seed, batch_size, own)
+        results[name], coords = evaluate_model(backbone, meta, train, test, test_labels, enabled, shot_list,
+                                               config.trials, config.method, config.epochs, seed, config.batch_size,
+                                               own)
         if coords is not None:
             maps[name] = coords
         lines.append(json.dumps({"model": name, **results[name]}, sort_keys=True) + "\n")

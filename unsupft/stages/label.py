@@ -4,11 +4,11 @@ rounds, their state and resuming are `unsupft.select.progressive`'s."""
 from __future__ import annotations
 
 import sys
-from typing import Any
+from dataclasses import dataclass
 
 import click
 
-from unsupft import checkpoint, options, stage, store
+from unsupft import options, stage, store
 from unsupft.data.samples import Fitted, open_samples
 from unsupft.errors import EXIT_WAITING_FOR_LABELS, UserError, report_user_errors
 from unsupft.select.annotators import WaitingForLabels
@@ -16,40 +16,48 @@ from unsupft.select.progressive import (LabelConfig, TransferEngine, initial_key
                                         model_uri, run_label)
 
 
+@dataclass(frozen=True, kw_only=True)
+class LabelOptions(stage.StageOptions):
+    """The options of `label`; the run itself is the library's `LabelConfig` (whose defaults these are)."""
+
+    init: str | None = options.option(None, help="Model to start from (model.pt, moco.pt or a stage output URI).")
+    data: str | None = options.option(None, help="Target data set URI (shards; labels used only by --annotator oracle).")
+    test: str | None = options.option(None, help="Labeled test set URI: per-round accuracy in rounds.jsonl.")
+    budget: float = options.option(
+        LabelConfig.budget, type=options.number(0, 10_000),
+        help="Extra labels per class on average (epsilon): epsilon*C labels beyond the initial set.")
+    per_round: int = options.option(LabelConfig.per_round, type=options.count(1, 10_000),
+                                    help="b: K = b*C new centers (labels) per round; the last round takes what is left.")
+    initial: str = options.option(
+        LabelConfig.initial, help="'seeded': one per class chosen by --seed (manual: the C ACKMeans eigen-samples), "
+                                  "or a CSV of keys (optional label column).")
+    annotator: str = options.option(LabelConfig.annotator, type=click.Choice(["oracle", "manual"]))
+    selector: str = options.option(LabelConfig.selector, type=click.Choice(["ackmeans", "random"]))
+    method: str = options.option(LabelConfig.method, type=click.Choice(["ce", "coin", "bituning"]))
+    epochs: int = options.option(LabelConfig.epochs, type=options.EPOCHS)
+    seed: int = options.option(LabelConfig.seed, type=options.SEED)
+    out: str = options.option(help="Output URI (state, requests, labels, models).", hashed=False)
+    resume: bool = options.option(
+        False, is_flag=True, hashed=False,
+        help="Continue the run in --out with its stored config (other options may be left out).")
+
+
 @click.command("label")
-@click.option("--init", help="Model to start from (model.pt, moco.pt or a stage output URI).")
-@click.option("--data", help="Target data set URI (shards; labels used only by --annotator oracle).")
-@click.option("--test", default=None, help="Labeled test set URI: per-round accuracy in rounds.jsonl.")
-@click.option("--budget", type=options.number(0, 10_000), default=1.0, show_default=True,
-              help="Extra labels per class on average (epsilon): epsilon*C labels beyond the initial set.")
-@click.option("--per-round", type=options.count(1, 10_000), default=1, show_default=True,
-              help="b: K = b*C new centers (labels) per round; the last round takes what is left.")
-@click.option("--initial", default="seeded", show_default=True,
-              help="'seeded': one per class chosen by --seed (manual: the C ACKMeans eigen-samples), "
-                   "or a CSV of keys (optional label column).")
-@click.option("--annotator", type=click.Choice(["oracle", "manual"]), default="oracle", show_default=True)
-@click.option("--selector", type=click.Choice(["ackmeans", "random"]), default="ackmeans", show_default=True)
-@click.option("--method", type=click.Choice(["ce", "coin", "bituning"]), default="ce", show_default=True)
-@click.option("--epochs", type=options.EPOCHS, default=30, show_default=True)
-@click.option("--seed", type=options.SEED, default=0, show_default=True)
-@click.option("--out", required=True, help="Output URI (state, requests, labels, models).")
-@click.option("--resume", is_flag=True, help="Continue the run in --out with its stored config (other options may be left out).")
-@checkpoint.trust_option
-@stage.overwrite_option
+@options.options_from(LabelOptions)
 @report_user_errors
-def label_command(resume: bool, **options: Any) -> None:
+def label_command(config: LabelOptions) -> None:
     """Progressive few-label transfer: ACKMeans selection, annotation and finetuning, round by round."""
-    out = store.normalize(options["out"])
+    out = store.normalize(config.out)
     stored = store.join(out, stage.CONFIG)
-    if resume:
+    if config.resume:
         if not store.exists(stored):
             raise UserError(f"{out}: nothing to resume (no {stage.CONFIG})")
         cfg = LabelConfig.from_config(store.read_json(stored), out)
     else:
-        missing = [name for name in ("init", "data") if not options[name]]
+        missing = [name for name in ("init", "data") if not getattr(config, name)]
         if missing:
             raise UserError(f"missing --{' and --'.join(missing)} (or pass --resume to continue a run)")
-        cfg = LabelConfig(**{**options, "out": out})
+        cfg = LabelConfig(**config.identity(), out=out)
         if store.exists(stored) and LabelConfig.from_config(store.read_json(stored), out) != cfg:
             raise UserError(f"{out}: holds a label run with another config; use --resume or another --out")
     run = stage.start("label", out, cfg.as_dict(), inputs={"init": cfg.init, "data": cfg.data, "test": cfg.test})

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 import click
 import torch
@@ -91,117 +91,74 @@ def two_view_batches(images: Mixture, image_size: Sequence[int], augments: Seque
     return LoaderBatches(sample, len(images), batch_size, seed, order=order, num_workers=workers)
 
 
-def per_rank_batch(batch_size: int) -> int:
-    world = distributed.env_dist().world_size
-    if batch_size % world:
-        raise UserError(f"--batch-size {batch_size} is not divisible by the {world} processes")
-    return batch_size // world
-
-
 def steps_for(steps: int | None, epochs: float | None, samples_per_epoch: int, batch_size: int) -> int:
+    """The training length in steps; the options' types keep both positive."""
     if steps is not None and epochs is not None:
         raise UserError("give --steps or --epochs, not both")
     if steps is not None:
-        if steps < 1:
-            raise UserError(f"--steps must be at least 1 (got {steps})")
         return steps
-    if epochs is None or epochs <= 0:
-        raise UserError(f"--epochs must be positive (got {epochs})")
-    return max(1, math.ceil(epochs * samples_per_epoch / batch_size))
+    return max(1, math.ceil((epochs or DEFAULT_EPOCHS) * samples_per_epoch / batch_size))
 
 
 DEFAULT_EPOCHS = 200.0  # training length when neither --steps nor --epochs is given
 
 
-@dataclass(frozen=True)
-class MoCoOptions:
-    """The options `pretrain` and `adapt` share (`moco_options`), as given on the command line."""
+def lr_option(per_256: float) -> Any:
+    """`--lr`, whose default follows the batch size at the stage's rate."""
+    return options.option(None, type=options.LEARNING_RATE,
+                          help=f"Peak SGD learning rate (default {per_256} * batch / 256).")
 
-    out: str
-    arch: str | None
-    steps: int | None
-    epochs: float | None
-    batch_size: int
-    lr: float | None
-    seed: int
-    queue_size: int
-    temperature: float
-    key_momentum: float
-    image_size: int | None
-    augment: str
-    checkpoint_every: int
-    amp: str
-    workers: int | None
+
+@dataclass(frozen=True, kw_only=True)
+class MoCoOptions(stage.StageOptions):
+    """The options `pretrain` and `adapt` share (a stage's config extends this class): one field,
+    one option."""
+
+    lr_per_256: ClassVar[float] = 0.03  # the default --lr per 256 images (MoCo v2's); adapt's is lower
+
+    arch: str | None = options.option(None, type=click.Choice(ARCHS), help="Backbone (default: the --init's, else tiny).")
+    steps: int | None = options.option(None, type=options.STEPS, help="Training length in optimizer steps.")
+    epochs: float | None = options.option(
+        None, type=options.number(0, 100_000, min_open=True),
+        help=f"Training length in epochs (default {DEFAULT_EPOCHS:g} when --steps is not given).")
+    batch_size: int = options.option(256, type=options.BATCH, help="Global batch (all processes).")
+    lr: float | None = lr_option(lr_per_256)
+    seed: int = options.option(0, type=options.SEED)
+    queue_size: int = options.option(65536, type=options.count(1, 1 << 20),
+                                     help="Negative keys kept (at most 2^20: 128 floats each).")
+    temperature: float = options.option(0.2, type=options.number(0, 100, min_open=True))
+    key_momentum: float = options.option(0.999, type=options.number(0, 1, max_open=True),
+                                         help="Key encoder momentum (short runs on small data learn faster with 0.99).")
+    image_size: int | None = options.option(None, type=options.count(8, 1024), help="Resize images to this square size.")
+    augment: str = options.option(",".join(DEFAULT_AUGMENTS), help="Comma list of augmentations (or 'none').")
+    checkpoint_every: int = options.option(500, type=options.count(0, 100_000_000), hashed=False)
+    amp: str = options.option("auto", type=click.Choice(["auto", "bf16", "off"]), hashed=False)
+    workers: int | None = options.option(None, type=options.count(0, 64), hashed=False,
+                                         help="DataLoader workers (default: half the cores).")
 
     def identity(self) -> dict[str, Any]:
-        """The options that decide what is trained (part of the config hash): not where to, how
-        often to checkpoint, the precision nor how many loader processes."""
-        return {"arch": self.arch, "steps": self.steps, "epochs": self.epochs, "batch_size": self.batch_size,
-                "lr": self.lr, "seed": self.seed, "queue_size": self.queue_size, "temperature": self.temperature,
-                "key_momentum": self.key_momentum, "image_size": self.image_size,
-                "augment": list(parse_augments(self.augment))}
-
-
-def moco_options(default_lr_per_256: float):
-    """The options `pretrain` and `adapt` share (click decorators)."""
-    declared = [
-        click.option("--out", required=True, help="Output URI (directory or s3://bucket/prefix)."),
-        stage.overwrite_option,
-        click.option("--arch", type=click.Choice(ARCHS), default=None,
-                     help="Backbone (default: the --init's, else tiny)."),
-        click.option("--steps", type=options.STEPS, default=None, help="Training length in optimizer steps."),
-        click.option("--epochs", type=options.number(0, 100_000, min_open=True), default=None,
-                     help=f"Training length in epochs (default {DEFAULT_EPOCHS:g} when --steps is not given)."),
-        click.option("--batch-size", type=options.BATCH, default=256, show_default=True, help="Global batch (all processes)."),
-        click.option("--lr", type=options.LEARNING_RATE, default=None,
-                     help=f"Peak SGD learning rate (default {default_lr_per_256} * batch / 256)."),
-        click.option("--seed", type=options.SEED, default=0, show_default=True),
-        click.option("--queue-size", type=options.count(1, 1 << 20), default=65536, show_default=True,
-                     help="Negative keys kept (at most 2^20: 128 floats each)."),
-        click.option("--temperature", type=options.number(0, 100, min_open=True), default=0.2, show_default=True),
-        click.option("--key-momentum", type=options.number(0, 1, max_open=True), default=0.999, show_default=True,
-                     help="Key encoder momentum (short runs on small data learn faster with 0.99)."),
-        click.option("--image-size", type=options.count(8, 1024), default=None, help="Resize images to this square size."),
-        click.option("--augment", default=",".join(DEFAULT_AUGMENTS), show_default=True,
-                     help="Comma list of augmentations (or 'none')."),
-        click.option("--checkpoint-every", type=options.count(0, 100_000_000), default=500, show_default=True),
-        click.option("--amp", type=click.Choice(["auto", "bf16", "off"]), default="auto", show_default=True),
-        click.option("--workers", type=options.count(0, 64), default=None, help="DataLoader workers (default: half the cores)."),
-    ]
-
-    def decorate(fn):
-        for option in reversed(declared):
-            fn = option(fn)
-        return checkpoint.trust_option(fn)
-
-    return decorate
-
-
-def start_moco(name: str, own: dict[str, Any], inputs: dict[str, Any], shared: MoCoOptions) -> stage.StageRun | None:
-    """Start the stage (None: done under these options); the ranges are checked by the options' types."""
-    return stage.start(name, store.normalize(shared.out), {**own, **shared.identity()}, inputs)
+        return {**super().identity(), "augment": list(parse_augments(self.augment))}
 
 
 def run_moco(run: stage.StageRun, task: MoCoTask, images: Mixture, size: list[int], order: EpochOrder | None,
-             shared: MoCoOptions, lr_per_256: float, resolved: dict[str, Any]) -> None:
+             config: MoCoOptions, resolved: dict[str, Any]) -> None:
     """Resolve length and lr, train, and write the stage outputs: config.json first, metrics.jsonl
     and checkpoint.pt by the loop, then model.pt, moco.pt and _DONE.json last."""
     # read a window of shards at a time (docs/data.md): what makes S3 fast; small sets are unchanged
-    order = ShardWindows(order or Shuffled(len(images), shared.seed), *images.shard_layout(), window_bytes(),
-                         shared.seed)
+    order = ShardWindows(order or Shuffled(len(images), config.seed), *images.shard_layout(), window_bytes(),
+                         config.seed)
     epoch_size = order.size
     if order.windowed:
         resolved = {**resolved, "shuffle_window_bytes": order.window_bytes}
-    batch_size = shared.batch_size
-    steps = steps_for(shared.steps, DEFAULT_EPOCHS if shared.steps is None and shared.epochs is None else shared.epochs,
-                      epoch_size, batch_size)
-    lr = shared.lr if shared.lr is not None else lr_per_256 * batch_size / 256
+    batch_size = config.batch_size
+    steps = steps_for(config.steps, config.epochs, epoch_size, batch_size)
+    lr = config.lr if config.lr is not None else config.lr_per_256 * batch_size / 256
     moco: MoCo = task.model
-    augments = parse_augments(shared.augment)
-    batches = two_view_batches(images, size, augments, per_rank_batch(batch_size), shared.seed, order,
-                               default_workers() if shared.workers is None else shared.workers)
+    augments = parse_augments(config.augment)
+    batches = two_view_batches(images, size, augments, distributed.per_rank_batch(batch_size), config.seed, order,
+                               default_workers() if config.workers is None else config.workers)
     loop = LoopConfig(out=run.out, steps=steps, lr=lr, weight_decay=1e-4, momentum=0.9,
-                      checkpoint_every=shared.checkpoint_every, seed=shared.seed, amp=shared.amp)
+                      checkpoint_every=config.checkpoint_every, seed=config.seed, amp=config.amp)
     main = distributed.env_dist().is_main
     if main:
         run.claim(**resolved, in_channels=moco.backbone.in_channels, image_size=size, steps=steps, lr=lr,

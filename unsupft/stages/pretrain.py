@@ -2,45 +2,61 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import click
 
-from unsupft import options
+from unsupft import options, stage, store
 from unsupft.data.mixing import rebalanced
 from unsupft.data.samples import Mixture, image_size_of, open_samples
 from unsupft.errors import report_user_errors
 from unsupft.models.moco import freeze_all_but_bn
 from unsupft.seeding import seed_everything
-from unsupft.stages.moco_common import MoCoOptions, MoCoTask, init_moco, moco_options, run_moco, start_moco
+from unsupft.stages.moco_common import MoCoOptions, MoCoTask, init_moco, run_moco
+
+
+@dataclass(frozen=True, kw_only=True)
+class PretrainConfig(MoCoOptions):
+    data: tuple[str, ...] = options.option(
+        multiple=True, help="Data set URI (repeatable; several are concatenated: the source for TUP).")
+    target: str | None = options.option(None, help="TUP: target data set, re-balanced against --data.")
+    target_ratio: float = options.option(
+        0.2, type=options.number(0, 1, min_open=True, max_open=True),
+        help="TUP: target images per epoch as a share of the source size, in (0, 1).")
+    init: str | None = options.option(
+        None, help="Stage output URI or checkpoint file to start from (MoCo head kept if present).")
+    freeze: str = options.option("none", type=click.Choice(["none", "bn-only"]),
+                                 help="bn-only: HPT-BN, train only BatchNorm affine parameters (and the head).")
+
+    def identity(self) -> dict[str, Any]:
+        return {**super().identity(), "target_ratio": self.target_ratio if self.target else None}
 
 
 @click.command("pretrain")
-@click.option("--data", "data_uris", multiple=True, required=True,
-              help="Data set URI (repeatable; several are concatenated: the source for TUP).")
-@click.option("--target", default=None, help="TUP: target data set, re-balanced against --data.")
-@click.option("--target-ratio", type=options.number(0, 1, min_open=True, max_open=True), default=0.2, show_default=True,
-              help="TUP: target images per epoch as a share of the source size, in (0, 1).")
-@click.option("--init", default=None, help="Stage output URI or checkpoint file to start from (MoCo head kept if present).")
-@click.option("--freeze", type=click.Choice(["none", "bn-only"]), default="none", show_default=True,
-              help="bn-only: HPT-BN, train only BatchNorm affine parameters (and the head).")
-@moco_options(default_lr_per_256=0.03)
+@options.options_from(PretrainConfig)
 @report_user_errors
-def pretrain_command(data_uris, target, target_ratio, init, freeze, **shared_options) -> None:
+def pretrain_command(config: PretrainConfig) -> None:
     """MoCo v2 pretraining on one or more data sets; writes model.pt and moco.pt to --out."""
-    shared = MoCoOptions(**shared_options)
-    run = start_moco("pretrain", {"data": list(data_uris), "target": target,
-                                  "target_ratio": target_ratio if target else None, "init": init, "freeze": freeze},
-                     {"data": data_uris, "target": target, "init": init}, shared)
+    pretrain(config)
+
+
+def pretrain(config: PretrainConfig) -> None:
+    """The stage itself, also run by `select-source` for each candidate."""
+    run = stage.start("pretrain", store.normalize(config.out), config.identity(),
+                      {"data": config.data, "target": config.target, "init": config.init})
     if run is None:
         return
-    first = open_samples(data_uris[0])
-    sets = [first] + [open_samples(u, first.channels) for u in [*data_uris[1:], *([target] if target else [])]]
-    size = image_size_of(first, shared.image_size, "give --image-size")
-    seed_everything(shared.seed)
-    moco, arch, notes = init_moco(init, shared.arch, first.channels, dim=128, queue_size=shared.queue_size,
-                                  temperature=shared.temperature, momentum=shared.key_momentum)
-    if freeze == "bn-only":
+    first = open_samples(config.data[0])
+    target = [config.target] if config.target else []
+    sets = [first] + [open_samples(u, first.channels) for u in [*config.data[1:], *target]]
+    size = image_size_of(first, config.image_size, "give --image-size")
+    seed_everything(config.seed)
+    moco, arch, notes = init_moco(config.init, config.arch, first.channels, dim=128, queue_size=config.queue_size,
+                                  temperature=config.temperature, momentum=config.key_momentum)
+    if config.freeze == "bn-only":
         freeze_all_but_bn(moco)
     n_source = sum(len(s) for s in (sets[:-1] if target else sets))
-    order = rebalanced(n_source, len(sets[-1]), target_ratio, shared.seed) if target else None
-    run_moco(run, MoCoTask(moco), Mixture([(s, None) for s in sets]), size, order, shared, lr_per_256=0.03,
+    order = rebalanced(n_source, len(sets[-1]), config.target_ratio, config.seed) if target else None
+    run_moco(run, MoCoTask(moco), Mixture([(s, None) for s in sets]), size, order, config,
              resolved={"arch": arch, **notes})

@@ -19,21 +19,22 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 from typing import Any
 
 import click
 import numpy as np
 import torch
 
-from unsupft import checkpoint, options, stage, store
+from unsupft import options, stage, store
 from unsupft.data.samples import Fitted, Samples, image_size_of, open_samples
 from unsupft.errors import UserError, report_user_errors
-from unsupft.stages.evaluate import align_test_labels, parse_named
 from unsupft.models.features import extract_features
+from unsupft.eval.classifier import align_test_labels
 from unsupft.eval.metrics import linear_probe_accuracy
 from unsupft.models import load_backbone
 from unsupft.eval.fewshot import draw_shots
-from unsupft.stages.pretrain import pretrain_command
+from unsupft.stages.pretrain import PretrainConfig, pretrain
 
 CANDIDATE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")  # a folder name on every store
 
@@ -75,63 +76,74 @@ def ranking_table(rows: list[dict[str, Any]], base: float) -> str:
     return "\n".join(lines) + "\n"
 
 
+@dataclass(frozen=True, kw_only=True)
+class SelectSourceConfig(stage.StageOptions):
+    init: str = options.option(help="The base model every candidate's short pretrain starts from.")
+    candidate: tuple[str, ...] = options.option(
+        multiple=True, metavar="NAME=URI", hashed=False, help="A candidate source data set (repeatable, at least 2).")
+    target: str | None = options.option(None, help="Unlabeled target, re-balanced into each candidate's pretrain (TUP).")
+    probe_train: str = options.option(help="Labeled target images the linear probe fits on.")
+    probe_test: str | None = options.option(None, help="Labeled target images the probe is scored on.")
+    shots: int | None = options.option(
+        None, type=options.count(1, 100_000),
+        help="Fit the probe on K per class of --probe-train (without --probe-test: score it on the rest).")
+    steps: int = options.option(200, type=options.STEPS, help="Pretraining steps per candidate (the same for all).")
+    batch_size: int = options.option(128, type=options.BATCH)
+    lr: float | None = options.option(
+        None, type=options.LEARNING_RATE, help="Pretraining peak learning rate (default: pretrain's, 0.03 * batch / 256).")
+    queue_size: int = options.option(1024, type=options.count(1, 1 << 20))
+    seed: int = options.option(0, type=options.SEED)
+    checkpoint_every: int = options.option(100, type=options.count(0, 100_000_000), hashed=False)
+    workers: int | None = options.option(None, type=options.count(0, 64), hashed=False,
+                                         help="DataLoader workers (default: half the cores).")
+    out: str = options.option(help="Output URI.", hashed=False)
+
+    def candidates(self) -> dict[str, str]:
+        """The --candidate data sets by name (checked: at least two, names that are folder names)."""
+        candidates = options.parse_named(self.candidate, "--candidate")
+        if len(candidates) < 2:
+            raise UserError(f"give at least 2 --candidate NAME=URI to choose from (got {len(candidates)})")
+        for name in candidates:
+            if not CANDIDATE_NAME.match(name):
+                raise UserError(f"--candidate '{name}': names are lower-case letters, digits, '-' and '_' (a folder name)")
+        return candidates
+
+    def identity(self) -> dict[str, Any]:
+        return {**super().identity(), "candidates": self.candidates()}
+
+
 @click.command("select-source")
-@click.option("--init", required=True, help="The base model every candidate's short pretrain starts from.")
-@click.option("--candidate", "candidate_specs", multiple=True, required=True, metavar="NAME=URI",
-              help="A candidate source data set (repeatable, at least 2).")
-@click.option("--target", default=None, help="Unlabeled target, re-balanced into each candidate's pretrain (TUP).")
-@click.option("--probe-train", "probe_train_uri", required=True, help="Labeled target images the linear probe fits on.")
-@click.option("--probe-test", "probe_test_uri", default=None, help="Labeled target images the probe is scored on.")
-@click.option("--shots", type=options.count(1, 100_000), default=None,
-              help="Fit the probe on K per class of --probe-train (without --probe-test: score it on the rest).")
-@click.option("--steps", type=options.STEPS, default=200, show_default=True, help="Pretraining steps per candidate (the same for all).")
-@click.option("--batch-size", type=options.BATCH, default=128, show_default=True)
-@click.option("--lr", type=options.LEARNING_RATE, default=None, help="Pretraining peak learning rate (default: pretrain's, 0.03 * batch / 256).")
-@click.option("--queue-size", type=options.count(1, 1 << 20), default=1024, show_default=True)
-@click.option("--seed", type=options.SEED, default=0, show_default=True)
-@click.option("--checkpoint-every", type=options.count(0, 100_000_000), default=100, show_default=True)
-@click.option("--workers", type=options.count(0, 64), default=None, help="DataLoader workers (default: half the cores).")
-@click.option("--out", required=True, help="Output URI.")
-@checkpoint.trust_option
-@stage.overwrite_option
+@options.options_from(SelectSourceConfig)
 @report_user_errors
-def select_source_command(init: str, candidate_specs: tuple[str, ...], target: str | None, probe_train_uri: str,
-                          probe_test_uri: str | None, shots: int | None, steps: int, batch_size: int,
-                          lr: float | None, queue_size: int, seed: int, checkpoint_every: int, workers: int | None, out: str) -> None:
+def select_source_command(config: SelectSourceConfig) -> None:
     """Rank --candidate source data sets by a short pretrain from --init and a linear probe on the target."""
-    candidates = parse_named(candidate_specs, "--candidate")
-    if len(candidates) < 2:
-        raise UserError(f"give at least 2 --candidate NAME=URI to choose from (got {len(candidates)})")
-    for name in candidates:
-        if not CANDIDATE_NAME.match(name):
-            raise UserError(f"--candidate '{name}': names are lower-case letters, digits, '-' and '_' (a folder name)")
-    run = stage.start("select-source", store.normalize(out), {
-        "init": init, "candidates": candidates, "target": target,
-        "probe_train": probe_train_uri, "probe_test": probe_test_uri, "shots": shots, "steps": steps,
-        "batch_size": batch_size, "lr": lr, "queue_size": queue_size, "seed": seed},
-        inputs={"init": init, "candidate": list(candidates.values()), "target": target,
-                "probe_train": probe_train_uri, "probe_test": probe_test_uri})
+    candidates = config.candidates()
+    target = [config.target] if config.target else []
+    run = stage.start("select-source", store.normalize(config.out), config.identity(), inputs={
+        "init": config.init, "candidate": list(candidates.values()), "target": config.target,
+        "probe_train": config.probe_train, "probe_test": config.probe_test})
     if run is None:
         return
-    probe_train = open_samples(probe_train_uri)
-    for uri in [*candidates.values(), *([target] if target else [])]:
+    probe_train = open_samples(config.probe_train)
+    for uri in [*candidates.values(), *target]:
         if len(open_samples(uri, probe_train.channels)) == 0:
             raise UserError(f"{uri}: no images")
-    probe_test = open_samples(probe_test_uri, probe_train.channels) if probe_test_uri else None
-    sets = probe_sets(probe_train, probe_test, shots, seed)
-    load_backbone(init, in_channels=probe_train.channels)  # a missing or foreign --init: before any write
+    probe_test = open_samples(config.probe_test, probe_train.channels) if config.probe_test else None
+    sets = probe_sets(probe_train, probe_test, config.shots, config.seed)
+    load_backbone(config.init, in_channels=probe_train.channels)  # a missing or foreign --init: before any write
 
     run.claim()
-    base = probe(init, probe_train, sets[0], sets[1], *sets[2:])
+    base = probe(config.init, probe_train, sets[0], sets[1], *sets[2:])
     rows = []
     for name, uri in candidates.items():
         candidate_out = store.join(run.out, "candidates", name)
-        args = ["--data", uri, "--init", init, "--steps", str(steps), "--batch-size", str(batch_size),
-                *(["--lr", str(lr)] if lr is not None else []), "--queue-size", str(queue_size), "--seed", str(seed), "--checkpoint-every", str(checkpoint_every),
-                *(["--target", target] if target else []), *(["--workers", str(workers)] if workers is not None else []),
-                "--out", candidate_out]
-        click.echo(f"candidate {name}: pretraining {steps} steps on {uri}", err=True)
-        pretrain_command.main(args, prog_name="unsupft pretrain", standalone_mode=False)
+        click.echo(f"candidate {name}: pretraining {config.steps} steps on {uri}", err=True)
+        # an ordinary pretrain output: it skips when done and resumes from its checkpoint
+        pretrain(PretrainConfig(
+            data=(uri,), target=config.target, init=config.init, steps=config.steps, batch_size=config.batch_size,
+            lr=config.lr, queue_size=config.queue_size, seed=config.seed, checkpoint_every=config.checkpoint_every,
+            workers=config.workers, out=candidate_out, trust_checkpoint=config.trust_checkpoint,
+            overwrite=config.overwrite))
         rows.append({"name": name, "uri": uri, "run": candidate_out,
                      "linear_top1": probe(candidate_out, probe_train, sets[0], sets[1], *sets[2:])})
     rows.sort(key=lambda r: -r["linear_top1"])  # stable: ties keep the order given
@@ -139,7 +151,7 @@ def select_source_command(init: str, candidate_specs: tuple[str, ...], target: s
         row["rank"] = rank
     chosen = {"name": rows[0]["name"], "uri": rows[0]["uri"]}
     store.write_text(store.join(run.out, "ranking.json"), json.dumps(
-        {"ranking": rows, "base_linear_top1": base, "chosen": chosen, "steps": steps}, indent=1) + "\n")
+        {"ranking": rows, "base_linear_top1": base, "chosen": chosen, "steps": config.steps}, indent=1) + "\n")
     table = ranking_table(rows, base)
     store.write_text(store.join(run.out, "ranking.md"), table)
     click.echo(table, err=True)

@@ -24,6 +24,7 @@ Outputs: `config.json`, `metrics.jsonl` (loss, ce, unlabeled, pseudo_label_rate,
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
 import click
@@ -33,12 +34,12 @@ from torch import nn
 import unsupft._torchvision  # noqa: F401  (must precede torchvision imports)
 from torchvision.transforms import v2
 
-from unsupft import checkpoint, losses, options, stage, store
+from unsupft import losses, options, stage, store
 from unsupft.preprocess import to_input
 from unsupft.data.samples import Fitted, default_workers, image_size_of, open_samples, subset
 from unsupft.errors import UserError, report_user_errors
-from unsupft.eval.classifier import score_classifier
-from unsupft.stages.evaluate import align_test_labels
+from unsupft.eval.classifier import align_test_labels, score_classifier
+from unsupft.eval.fewshot import select_training_set
 from unsupft.models import ARCHS, load_backbone, save_model
 from unsupft.models.io import describe
 from unsupft import distributed
@@ -46,9 +47,7 @@ from unsupft.models.heads import momentum_update
 from unsupft.seeding import mix_seed, seed_everything
 from unsupft.train.batches import LoaderBatches
 from unsupft.train.loop import LoopConfig, TrainTask, train, unwrap
-from unsupft.stages.moco_common import per_rank_batch
 from unsupft.train.transfer import TransferModel
-from unsupft.stages.transfer import select_training_set
 
 EMA_WARMUP = 10  # the n-th EMA update decays by min(decay, n / (EMA_WARMUP - 1 + n)): short runs forget the init
 
@@ -166,84 +165,84 @@ def _views(images: Any, augments: Sequence[Callable[[torch.Tensor], torch.Tensor
     return sample
 
 
+@dataclass(frozen=True, kw_only=True)
+class SemiConfig(stage.StageOptions):
+    init: str = options.option(help="Stage output URI or checkpoint file (model.pt, moco.pt, torchvision state_dict).")
+    train: str = options.option(help="Labeled training data set URI.")
+    unlabeled: str = options.option(help="Unlabeled target data set URI (read image by image).")
+    test: str | None = options.option(None, help="Labeled test data set: the EMA model's accuracy goes to _DONE.json.")
+    shots: int | None = options.option(None, type=options.count(1, 100_000), help="Draw exactly K labeled images per class.")
+    labels: str | None = options.option(
+        None, help="CSV/text list of keys to train on (optional header key,label; labels override the shards').")
+    seed: int = options.option(0, type=options.SEED, help="Seed of the draw, init, order and augmentation.")
+    threshold: float = options.option(0.95, type=options.number(0, 1, min_open=True),
+                                      help="Confidence a weak view's prediction needs to become a pseudo label.")
+    mu: int = options.option(7, type=options.count(1, 1024), help="Unlabeled images per labeled image in a step.")
+    unlabeled_weight: float = options.option(1.0, type=options.number(0, 1000),
+                                             help="Weight of the unlabeled loss (0: supervised only, --unlabeled is not read).")
+    ema_decay: float = options.option(0.999, type=options.number(0, 1, max_open=True),
+                                      help="Decay of the weights' moving average that is evaluated and saved.")
+    steps: int = options.option(1000, type=options.STEPS)
+    batch_size: int = options.option(
+        64, type=options.BATCH,
+        help="Labeled images per step, all processes (at most the labeled set's size); mu times as many unlabeled.")
+    lr_head: float = options.option(3.0, type=options.LEARNING_RATE, help="Learning rate of the new classifier.")
+    lr_backbone: float = options.option(1e-4, type=options.LEARNING_RATE)
+    arch: str | None = options.option(None, type=click.Choice(ARCHS), help="Architecture of a plain torchvision --init.")
+    checkpoint_every: int = options.option(200, type=options.count(0, 100_000_000), hashed=False)
+    amp: str = options.option("auto", type=click.Choice(["auto", "bf16", "off"]))
+    workers: int | None = options.option(None, type=options.count(0, 64), hashed=False,
+                                         help="DataLoader workers (default: half the cores).")
+    out: str = options.option(help="Output URI.", hashed=False)
+
+
 @click.command("semi")
-@click.option("--init", required=True, help="Stage output URI or checkpoint file (model.pt, moco.pt, torchvision state_dict).")
-@click.option("--train", "train_uri", required=True, help="Labeled training data set URI.")
-@click.option("--unlabeled", "unlabeled_uri", required=True, help="Unlabeled target data set URI (read image by image).")
-@click.option("--test", "test_uri", default=None, help="Labeled test data set: the EMA model's accuracy goes to _DONE.json.")
-@click.option("--shots", type=options.count(1, 100_000), default=None, help="Draw exactly K labeled images per class.")
-@click.option("--labels", "labels_file", default=None,
-              help="CSV/text list of keys to train on (optional header key,label; labels override the shards').")
-@click.option("--seed", type=options.SEED, default=0, show_default=True, help="Seed of the draw, init, order and augmentation.")
-@click.option("--threshold", type=options.number(0, 1, min_open=True), default=0.95, show_default=True,
-              help="Confidence a weak view's prediction needs to become a pseudo label.")
-@click.option("--mu", type=options.count(1, 1024), default=7, show_default=True, help="Unlabeled images per labeled image in a step.")
-@click.option("--unlabeled-weight", type=options.number(0, 1000), default=1.0, show_default=True,
-              help="Weight of the unlabeled loss (0: supervised only, --unlabeled is not read).")
-@click.option("--ema-decay", type=options.number(0, 1, max_open=True), default=0.999, show_default=True,
-              help="Decay of the weights' moving average that is evaluated and saved.")
-@click.option("--steps", type=options.STEPS, default=1000, show_default=True)
-@click.option("--batch-size", type=options.BATCH, default=64, show_default=True,
-              help="Labeled images per step, all processes (at most the labeled set's size); mu times as many unlabeled.")
-@click.option("--lr-head", type=options.LEARNING_RATE, default=3.0, show_default=True, help="Learning rate of the new classifier.")
-@click.option("--lr-backbone", type=options.LEARNING_RATE, default=1e-4, show_default=True)
-@click.option("--arch", type=click.Choice(ARCHS), default=None, help="Architecture of a plain torchvision --init.")
-@click.option("--checkpoint-every", type=options.count(0, 100_000_000), default=200, show_default=True)
-@click.option("--amp", type=click.Choice(["auto", "bf16", "off"]), default="auto", show_default=True)
-@click.option("--workers", type=options.count(0, 64), default=None, help="DataLoader workers (default: half the cores).")
-@click.option("--out", required=True, help="Output URI.")
-@checkpoint.trust_option
-@stage.overwrite_option
+@options.options_from(SemiConfig)
 @report_user_errors
-def semi_command(init: str, train_uri: str, unlabeled_uri: str, test_uri: str | None, shots: int | None,
-                 labels_file: str | None, seed: int, threshold: float, mu: int, unlabeled_weight: float,
-                 ema_decay: float, steps: int, batch_size: int, lr_head: float, lr_backbone: float, arch: str | None,
-                 checkpoint_every: int, amp: str, workers: int | None, out: str) -> None:
+def semi_command(config: SemiConfig) -> None:
     """FixMatch from --init: few labeled --train images plus the unlabeled --unlabeled set."""
-    if shots is not None and labels_file is not None:
+    if config.shots is not None and config.labels is not None:
         raise UserError("give either --shots or --labels, not both")
-    run = stage.start("semi", store.normalize(out), {
-        "init": init, "train": train_uri, "unlabeled": unlabeled_uri, "test": test_uri,
-        "shots": shots, "labels": labels_file, "seed": seed, "threshold": threshold, "mu": mu,
-        "unlabeled_weight": unlabeled_weight, "ema_decay": ema_decay, "steps": steps, "batch_size": batch_size,
-        "lr_head": lr_head, "lr_backbone": lr_backbone, "arch": arch, "amp": amp},
-        inputs={"init": init, "train": train_uri, "unlabeled": unlabeled_uri if unlabeled_weight > 0 else None,
-                "labels": labels_file, "test": test_uri})
+    inputs = {"init": config.init, "train": config.train, "labels": config.labels, "test": config.test,
+              "unlabeled": config.unlabeled if config.unlabeled_weight > 0 else None}
+    run = stage.start("semi", store.normalize(config.out), config.identity(), inputs=inputs)
     if run is None:
         return
-    data = open_samples(train_uri)
-    unlabeled = open_samples(unlabeled_uri, data.channels)
+    seed, batch_size, steps = config.seed, config.batch_size, config.steps
+    data = open_samples(config.train)
+    unlabeled = open_samples(config.unlabeled, data.channels)
     if len(unlabeled) == 0:
-        raise UserError(f"{unlabeled_uri}: no images")
-    test = open_samples(test_uri, data.channels) if test_uri is not None else None
+        raise UserError(f"{config.unlabeled}: no images")
+    test = open_samples(config.test, data.channels) if config.test is not None else None
     test_labels = align_test_labels(data, test) if test is not None else None
-    indices, labels = select_training_set(data, shots, seed, labels_file)
+    indices, labels = select_training_set(data, config.shots, seed, config.labels)
     if len(indices) == 0:
-        raise UserError(f"{train_uri}: no labeled images to train on")
-    backbone, meta = load_backbone(init, arch=arch, in_channels=data.channels)
+        raise UserError(f"{config.train}: no labeled images to train on")
+    backbone, meta = load_backbone(config.init, arch=config.arch, in_channels=data.channels)
     size = image_size_of(data, meta.get("image_size"), "give an --init with a recorded image size")
-    per_rank = min(per_rank_batch(batch_size), len(indices))
-    workers = default_workers() if workers is None else workers
+    per_rank = min(distributed.per_rank_batch(batch_size), len(indices))
+    workers = default_workers() if config.workers is None else config.workers
 
     main = distributed.env_dist().is_main
     if main:
         run.claim(image_size=size)
         click.echo(f"init: {describe(meta)}", err=True)
     seed_everything(seed)
-    task = FixMatchTask(TransferModel(backbone, len(data.classes), size), threshold, unlabeled_weight, ema_decay,
-                        lr_head, lr_backbone)
+    task = FixMatchTask(TransferModel(backbone, len(data.classes), size), config.threshold, config.unlabeled_weight,
+                        config.ema_decay, config.lr_head, config.lr_backbone)
     weak, strong = weak_augment(size), strong_augment(size)
     labeled_images = subset(data, size, indices)
     labeled_batches = LoaderBatches(
         lambda i: (*_views(labeled_images, [weak])(i), labels[i]), len(indices), per_rank, seed,
         num_workers=0 if isinstance(labeled_images, torch.Tensor) else workers)
     source: Any = labeled_batches
-    if unlabeled_weight > 0:
+    if config.unlabeled_weight > 0:
         source = PairedBatches(labeled_batches, LoaderBatches(
-            _views(Fitted(unlabeled, size), [weak, strong]), len(unlabeled), mu * per_rank, mix_seed(seed, 1),
+            _views(Fitted(unlabeled, size), [weak, strong]), len(unlabeled), config.mu * per_rank, mix_seed(seed, 1),
             num_workers=workers))
-    loop = LoopConfig(out=run.out, steps=steps, lr=lr_head, schedule="cosine", momentum=0.9, weight_decay=0.0,
-                      checkpoint_every=checkpoint_every, log_every=min(50, max(1, checkpoint_every)), seed=seed, amp=amp)
+    loop = LoopConfig(out=run.out, steps=steps, lr=config.lr_head, schedule="cosine", momentum=0.9, weight_decay=0.0,
+                      checkpoint_every=config.checkpoint_every, log_every=min(50, max(1, config.checkpoint_every)),
+                      seed=seed, amp=config.amp)
     result = train(task, source, loop)
     model = task.finish(steps)
     if not main:
@@ -258,6 +257,6 @@ def semi_command(init: str, train_uri: str, unlabeled_uri: str, test_uri: str | 
     save_model(store.join(run.out, "model.pt"), model.backbone, meta["arch"], meta["in_channels"], size,
                classifier=model.fc, classes=list(data.classes))
     run.finish(trained_on=int(len(indices)),
-                     unlabeled_images=len(unlabeled) if unlabeled_weight > 0 else 0, final_metrics=final)
+                     unlabeled_images=len(unlabeled) if config.unlabeled_weight > 0 else 0, final_metrics=final)
     shown = {k: round(v, 4) for k, v in final.items() if k in ("pseudo_label_rate", "test_top1", "test_top1_raw")}
     click.echo(f"{run.out}: FixMatch on {len(indices)} labeled images" + (f", {shown}" if shown else ""), err=True)

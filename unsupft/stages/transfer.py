@@ -13,109 +13,90 @@ confusion matrix), to `_DONE.json` and as a last line of `metrics.jsonl`.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any
 
 import click
-import numpy as np
-import torch
 
-from unsupft import checkpoint, options, stage, store
+from unsupft import options, stage, store
 from unsupft.distributed import default_device
-from unsupft.data.samples import Fitted, Samples, image_size_of, open_samples, subset
+from unsupft.data.samples import Fitted, image_size_of, open_samples, subset
 from unsupft.errors import UserError, report_user_errors
 from unsupft.eval.classifier import labels_in_classes, score_classifier, summary_of
-from unsupft.eval.fewshot import draw_shots, read_label_list
+from unsupft.eval.fewshot import select_training_set
 from unsupft.models import ARCHS, load_backbone, save_model
 from unsupft.models.io import describe
-from unsupft.train.transfer import METHODS, finetune
+from unsupft.train.transfer import METHODS, FinetuneConfig, finetune
 
 
-def select_training_set(
-    data: Samples, shots: int | None, seed: int, labels_file: str | None
-) -> tuple[np.ndarray, torch.Tensor]:
-    """(indices, labels) of the samples to train on: K per class, a key list, or every labeled one.
-    Chosen from the index's labels and keys: no image is decoded."""
-    classes = data.classes
-    if labels_file is not None:
-        indices, listed = read_label_list(labels_file, data.keys(), classes)
-        if listed is not None:
-            return indices, torch.as_tensor(listed)
-        if data.labels is None:
-            raise UserError(f"{data.uri}: unlabeled, and {labels_file} has no label column")
-        return indices, data.labels[indices]
-    if data.labels is None:
-        raise UserError(f"{data.uri}: the data set has no labels (use --labels FILE with a label column)")
-    if shots is not None:
-        indices = draw_shots(data.labels.numpy(), shots, seed, classes)
-    else:
-        indices = np.arange(len(data))
-    return indices, data.labels[indices]
+@dataclass(frozen=True, kw_only=True)
+class TransferConfig(stage.StageOptions):
+    init: str = options.option(help="Stage output URI or checkpoint file (model.pt, moco.pt, torchvision state_dict).")
+    train: str = options.option(help="Labeled training data set URI.")
+    shots: int | None = options.option(None, type=options.count(1, 100_000), help="Draw exactly K labeled images per class.")
+    seed: int = options.option(FinetuneConfig.seed, type=options.SEED, help="Seed of the draw, init, order and augmentation.")
+    labels: str | None = options.option(
+        None, help="CSV/text list of keys to train on (optional header key,label; labels override the shards').")
+    method: str = options.option(FinetuneConfig.method, type=click.Choice(list(METHODS)))
+    epochs: int = options.option(FinetuneConfig.epochs, type=options.EPOCHS)
+    coin_alpha: float = options.option(FinetuneConfig.coin_alpha, type=options.number(0, 1),
+                                       help="COIN: share of the epochs trained with SupCon alone.")
+    batch_size: int = options.option(FinetuneConfig.batch_size, type=options.BATCH)
+    lr_head: float = options.option(FinetuneConfig.lr_head, type=options.LEARNING_RATE,
+                                    help="Learning rate of the new classifier.")
+    lr_backbone: float = options.option(FinetuneConfig.lr_backbone, type=options.LEARNING_RATE)
+    arch: str | None = options.option(None, type=click.Choice(ARCHS), help="Architecture of a plain torchvision --init.")
+    # "given": outputs of runs without --test or --image-size keep their config hash
+    test: str | None = options.option(
+        None, hashed="given",
+        help="Labeled test set: the finetuned model's top-1, mean-class and per-class accuracy (test.json, _DONE.json).")
+    image_size: int | None = options.option(
+        None, type=options.IMAGE_SIZE, hashed="given",
+        help="Input side in pixels (short side resized, centre-cropped); default: the size --init records, else the data's.")
+    out: str = options.option(help="Output URI.", hashed=False)
+
+    def finetuning(self) -> FinetuneConfig:
+        """What `finetune` takes of these options (the method's other settings keep their defaults)."""
+        return FinetuneConfig(method=self.method, epochs=self.epochs, seed=self.seed, batch_size=self.batch_size,
+                              coin_alpha=self.coin_alpha, lr_head=self.lr_head, lr_backbone=self.lr_backbone)
 
 
 @click.command("transfer")
-@click.option("--init", required=True, help="Stage output URI or checkpoint file (model.pt, moco.pt, torchvision state_dict).")
-@click.option("--train", "train_uri", required=True, help="Labeled training data set URI.")
-@click.option("--shots", type=options.count(1, 100_000), default=None, help="Draw exactly K labeled images per class.")
-@click.option("--seed", type=options.SEED, default=0, show_default=True, help="Seed of the draw, init, order and augmentation.")
-@click.option("--labels", "labels_file", default=None,
-              help="CSV/text list of keys to train on (optional header key,label; labels override the shards').")
-@click.option("--method", type=click.Choice(list(METHODS)), default="ce", show_default=True)
-@click.option("--epochs", type=options.EPOCHS, default=100, show_default=True)
-@click.option("--coin-alpha", type=options.number(0, 1), default=0.7, show_default=True,
-              help="COIN: share of the epochs trained with SupCon alone.")
-@click.option("--batch-size", type=options.BATCH, default=64, show_default=True)
-@click.option("--lr-head", type=options.LEARNING_RATE, default=3.0, show_default=True, help="Learning rate of the new classifier.")
-@click.option("--lr-backbone", type=options.LEARNING_RATE, default=1e-4, show_default=True)
-@click.option("--arch", type=click.Choice(ARCHS), default=None, help="Architecture of a plain torchvision --init.")
-@click.option("--test", "test_uri", default=None,
-              help="Labeled test set: the finetuned model's top-1, mean-class and per-class accuracy (test.json, _DONE.json).")
-@click.option("--image-size", type=options.IMAGE_SIZE, default=None,
-              help="Input side in pixels (short side resized, centre-cropped); default: the size --init records, else the data's.")
-@click.option("--out", required=True, help="Output URI.")
-@checkpoint.trust_option
-@stage.overwrite_option
+@options.options_from(TransferConfig)
 @report_user_errors
-def transfer_command(init: str, train_uri: str, shots: int | None, seed: int, labels_file: str | None, method: str,
-                     epochs: int, coin_alpha: float, batch_size: int, lr_head: float, lr_backbone: float,
-                     arch: str | None, test_uri: str | None, image_size: int | None, out: str) -> None:
+def transfer_command(config: TransferConfig) -> None:
     """Finetune --init on labeled --train images (all, --shots K per class, or --labels FILE); --test scores it."""
-    if shots is not None and labels_file is not None:
+    if config.shots is not None and config.labels is not None:
         raise UserError("give either --shots or --labels, not both")
-    run = stage.start("transfer", store.normalize(out), {
-        "init": init, "train": train_uri, "shots": shots, "seed": seed, "labels": labels_file, "method": method,
-        "epochs": epochs, "coin_alpha": coin_alpha, "batch_size": batch_size, "lr_head": lr_head,
-        "lr_backbone": lr_backbone, "arch": arch,
-        # only when given: outputs of runs without them keep their config hash
-        **({"test": test_uri} if test_uri else {}), **({"image_size": image_size} if image_size else {})},
-        inputs={"init": init, "train": train_uri, "labels": labels_file, "test": test_uri})
+    run = stage.start("transfer", store.normalize(config.out), config.identity(), inputs={
+        "init": config.init, "train": config.train, "labels": config.labels, "test": config.test})
     if run is None:
         return
-    data = open_samples(train_uri)
-    test = open_samples(test_uri, data.channels) if test_uri else None
-    test_labels = labels_in_classes(data.classes, test, f"the train set {train_uri}") if test else None
-    backbone, meta = load_backbone(init, arch=arch, in_channels=data.channels)
+    data = open_samples(config.train)
+    test = open_samples(config.test, data.channels) if config.test else None
+    test_labels = labels_in_classes(data.classes, test, f"the train set {config.train}") if test else None
+    backbone, meta = load_backbone(config.init, arch=config.arch, in_channels=data.channels)
     click.echo(f"init: {describe(meta)}", err=True)
-    indices, labels = select_training_set(data, shots, seed, labels_file)
-    meta["image_size"] = image_size_of(data, image_size or meta.get("image_size"), "--image-size")
+    indices, labels = select_training_set(data, config.shots, config.seed, config.labels)
+    meta["image_size"] = image_size_of(data, config.image_size or meta.get("image_size"), "--image-size")
 
     run.claim(image_size=meta["image_size"])
-    model = finetune(backbone, meta, subset(data, meta["image_size"], indices), labels, len(data.classes), method=method,
-                     epochs=epochs, seed=seed, out=run.out, batch_size=batch_size, coin_alpha=coin_alpha,
-                     lr_head=lr_head, lr_backbone=lr_backbone)
+    model = finetune(backbone, meta, subset(data, meta["image_size"], indices), labels, len(data.classes),
+                     config.finetuning(), out=run.out)
     store.write_text(store.join(run.out, "train_keys.txt"), "".join(data.key(int(i)) + "\n" for i in indices))
     save_model(store.join(run.out, "model.pt"), model.backbone, meta["arch"], meta["in_channels"], meta["image_size"],
                classifier=model.fc, classes=list(data.classes))
     scored = {}
     if test is not None:
         score = score_classifier(model.to(default_device()), Fitted(test, meta["image_size"]), test_labels,
-                                 data.classes, meta["image_size"], batch_size)
+                                 data.classes, meta["image_size"], config.batch_size)
         store.write_json(store.join(run.out, TEST_SCORE), score)
         scored = {"test": summary_of(score)}
         append_test_line(run.out, scored["test"])
         click.echo(f"test: top-1 {score['top1']:.4f}, mean-class {score['mean_class']:.4f} "
                    f"on {score['test_samples']} images", err=True)
     run.finish(trained_on=int(len(indices)), **scored)
-    click.echo(f"{run.out}: finetuned with {method} on {len(indices)} labeled images", err=True)
+    click.echo(f"{run.out}: finetuned with {config.method} on {len(indices)} labeled images", err=True)
 
 
 TEST_SCORE = "test.json"

@@ -2,7 +2,7 @@
 
 Public API (used by `unsupft transfer`, `unsupft evaluate` and the label stage):
 
-    model = finetune(backbone, meta, images, labels, num_classes, method="ce", epochs=100, seed=0)
+    model = finetune(backbone, meta, images, labels, num_classes, FinetuneConfig(method="ce", epochs=100, seed=0))
     predictions = predict(model, images)
 
 `images` are uint8 [N, C, H, W]: a tensor, or a lazy view (`unsupft.data.samples.Fitted`) read
@@ -33,7 +33,7 @@ import contextlib
 import copy
 import math
 import tempfile
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
 import torch
@@ -104,18 +104,27 @@ def _bias_augmented(features: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
-class MethodConfig:
-    """What a method needs beyond the model: its learning rates, the run's length in steps, and
-    COIN's/Bi-tuning's own settings (see the module docstring)."""
+class FinetuneConfig:
+    """How `finetune` trains: the method, the run's length, batch and seed, the learning rates, and
+    COIN's/Bi-tuning's own settings (see the module docstring). `unsupft transfer` defaults to these."""
 
-    lr_head: float
-    lr_backbone: float
-    lr_projector: float
-    epochs: int
-    steps_per_epoch: int
-    coin_alpha: float
-    queue_per_class: int
-    momentum: float
+    method: str = "ce"
+    epochs: int = 100
+    seed: int = 0
+    batch_size: int = 64
+    coin_alpha: float = 0.7
+    lr_head: float = 3.0
+    lr_backbone: float = 1e-4
+    lr_projector: float = 0.1
+    queue_per_class: int = 16
+    momentum: float = 0.999
+
+
+@dataclass(frozen=True)
+class MethodConfig(FinetuneConfig):
+    """What a method needs beyond the model: the finetuning settings and the run's epoch in steps."""
+
+    steps_per_epoch: int = 1
 
 
 class _Finetuned(nn.Module):
@@ -279,36 +288,20 @@ class BiTuning(TransferMethod):
 METHODS: dict[str, type[TransferMethod]] = {"ce": CrossEntropy, "coin": Coin, "bituning": BiTuning, "linear": Linear}
 
 
-def finetune(
-    backbone: nn.Module,
-    meta: dict[str, Any],
-    images: Dataset | torch.Tensor,
-    labels: torch.Tensor,
-    num_classes: int,
-    method: str = "ce",
-    epochs: int = 100,
-    seed: int = 0,
-    out: str | None = None,
-    *,
-    batch_size: int = 64,
-    coin_alpha: float = 0.7,
-    lr_head: float = 3.0,
-    lr_backbone: float = 1e-4,
-    lr_projector: float = 0.1,
-    queue_per_class: int = 16,
-    momentum: float = 0.999,
-) -> TransferModel:
+def finetune(backbone: nn.Module, meta: dict[str, Any], images: Dataset | torch.Tensor, labels: torch.Tensor,
+             num_classes: int, config: FinetuneConfig = FinetuneConfig(), out: str | None = None) -> TransferModel:
     """Finetune `backbone` (modified in place, and returned inside the model) on labeled images.
 
     `meta` is the dict `load_backbone` returns (its `image_size` decides the input size; None keeps
     the images' size). `images` uint8 [N, C, H, W] (in memory or lazy), `labels` long [N] in [0, num_classes).
-    `epochs` passes of `ceil(N / batch_size)` steps over the images in shuffled batches of
-    `min(batch_size, N)`; everything random (classifier init, order, augmentation) follows `seed`.
+    `config.epochs` passes of `ceil(N / batch_size)` steps over the images in shuffled batches of
+    `min(batch_size, N)`; everything random (classifier init, order, augmentation) follows `config.seed`.
     Training runs in the one loop (`unsupft.train.loop.train`) on its device. When `out` is given,
     `<out>/checkpoint.pt` (every epoch; a rerun resumes from it) and `<out>/metrics.jsonl` (one line per epoch:
     step, lr, loss and its parts and train accuracy of the epoch's last batch) are written there.
     Returns the `TransferModel` in eval mode on the CPU.
     """
+    method, epochs, seed = config.method, config.epochs, config.seed
     if method not in METHODS:
         raise UserError(f"unknown --method '{method}' (choose from {', '.join(METHODS)})")
     if len(images) == 0:
@@ -316,11 +309,9 @@ def finetune(
     seed_everything(seed)
     model = TransferModel(backbone, num_classes, meta.get("image_size"))
     y_all = labels.long()
-    batch = min(batch_size, len(images))
+    batch = min(config.batch_size, len(images))
     steps_per_epoch = math.ceil(len(images) / batch)
-    config = MethodConfig(lr_head, lr_backbone, lr_projector, epochs, steps_per_epoch, coin_alpha,
-                          queue_per_class, momentum)
-    task = METHODS[method](model, config, images, y_all)
+    task = METHODS[method](model, MethodConfig(**asdict(config), steps_per_epoch=steps_per_epoch), images, y_all)
     views = task.views
 
     def sample(i: int) -> tuple[torch.Tensor, ...]:
@@ -333,7 +324,7 @@ def finetune(
     # decay lets a short few-shot run settle instead of ending on a large step.
     with contextlib.ExitStack() as stack:
         target = out if out is not None else stack.enter_context(tempfile.TemporaryDirectory())
-        cfg = LoopConfig(out=target, steps=epochs * steps_per_epoch, lr=lr_head, schedule="cosine",
+        cfg = LoopConfig(out=target, steps=epochs * steps_per_epoch, lr=config.lr_head, schedule="cosine",
                          momentum=0.9, weight_decay=0.0, log_every=steps_per_epoch, seed=seed,
                          checkpoint_every=steps_per_epoch if out is not None else 0,
                          progress=False if out is None else None, tensorboard=out is not None)
