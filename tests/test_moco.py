@@ -139,6 +139,23 @@ def test_epoch_compositions():
     assert mixed.sort().values.tolist() == list(range(150))
 
 
+def test_key_top1_counts_a_query_whose_own_key_wins():
+    """The metric: column 0 of the logits is the positive and top-1 runs over the keys (axis 1).
+    With identical views and the key encoder equal to the query encoder, every query's own key
+    beats the random queue: key_top1 is 1 (a wrong axis or index would give ~0)."""
+    torch.manual_seed(0)
+    moco = make_moco(queue_size=4096, dim=128)
+    images = torch.randn(16, 1, 8, 8)
+    _, metrics = moco(images, images.clone())
+    assert float(metrics["key_top1"]) == 1.0
+
+
+def test_crop_scale_sets_the_smallest_crop():
+    crop = moco_v2_augment((16, 16), ("crop",), crop_scale=0.5).transforms[0]
+    assert crop.scale == (0.5, 1.0)
+    assert moco_v2_augment((16, 16), ("crop",)).transforms[0].scale == (0.2, 1.0)
+
+
 def test_augment_keeps_size_and_dtype():
     torch.manual_seed(0)
     aug = moco_v2_augment((16, 16))

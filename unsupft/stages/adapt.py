@@ -15,7 +15,8 @@ from unsupft.data.mixing import replay_subset, with_replay
 from unsupft.data.samples import Mixture, image_size_of, open_samples
 from unsupft.errors import UserError, report_user_errors
 from unsupft.seeding import seed_everything
-from unsupft.stages.moco_common import MIXES, MoCoOptions, MoCoTask, init_moco, moco_options, run_moco, start_moco
+from unsupft.stages.moco_common import (MIXES, MoCoOptions, MoCoTask, init_moco, moco_options, queue_size_for,
+                                        run_moco, start_moco)
 
 
 @click.command("adapt")
@@ -48,8 +49,10 @@ def adapt_command(init, target, replay_source, replay_fraction, mix, mix_alpha, 
             raise UserError(f"--replay-fraction {replay_fraction} of {replay_source} selects no image")
         images = Mixture([(tgt, None), (source, subset.numpy())])
         order, replayed = with_replay(len(tgt), subset, shared.seed), len(subset)
+    queue_size, queue_reason = queue_size_for(shared.queue_size, order.size if order else len(images), shared.batch_size)
     seed_everything(shared.seed)
-    moco, arch, notes = init_moco(init, shared.arch, tgt.channels, dim=128, queue_size=shared.queue_size,
+    moco, arch, notes = init_moco(init, shared.arch, tgt.channels, dim=128, queue_size=queue_size,
                                   temperature=shared.temperature, momentum=shared.key_momentum)
     run_moco(run, MoCoTask(moco, mix, mix_alpha), images, size, order, shared, lr_per_256=0.015,
-             resolved={"arch": arch, "replayed_images": replayed, **notes})
+             resolved={"arch": arch, "replayed_images": replayed, **notes, "queue_size": queue_size,
+                       "queue_size_reason": queue_reason})

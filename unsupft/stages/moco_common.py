@@ -16,7 +16,7 @@ import click
 import torch
 
 from unsupft import checkpoint, options, stage, store
-from unsupft.data.augment import DEFAULT_AUGMENTS, moco_v2_augment, parse_augments
+from unsupft.data.augment import DEFAULT_AUGMENTS, DEFAULT_CROP_SCALE, moco_v2_augment, parse_augments
 from unsupft.preprocess import to_input
 from unsupft.data.mixing import cutmix, mixup
 from unsupft.data.samples import Mixture, default_workers
@@ -76,12 +76,13 @@ class MoCoTask(TrainTask):
         return loss, {**metrics, "lam": lam}
 
 
-def two_view_batches(images: Mixture, image_size: Sequence[int], augments: Sequence[str],
-                     batch_size: int, seed: int, order: EpochOrder | None, workers: int) -> LoaderBatches:
+def two_view_batches(images: Mixture, image_size: Sequence[int], augments: Sequence[str], batch_size: int,
+                     seed: int, order: EpochOrder | None, workers: int,
+                     crop_scale: float = DEFAULT_CROP_SCALE) -> LoaderBatches:
     """Two augmented views of each sample, read and decoded in the DataLoader workers. The crop
     takes the stored image straight to `image_size` (MoCo's RandomResizedCrop); without "crop" the
     image is fitted to it first."""
-    augment = moco_v2_augment(image_size, augments)
+    augment = moco_v2_augment(image_size, augments, crop_scale)
     crops = "crop" in augments
 
     def sample(i: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,6 +112,29 @@ def steps_for(steps: int | None, epochs: float | None, samples_per_epoch: int, b
 
 
 DEFAULT_EPOCHS = 200.0  # training length when neither --steps nor --epochs is given
+AUTO_QUEUE_CAP = 65536  # MoCo v2's queue: what "auto" gives an epoch of ImageNet's size
+
+
+def queue_size_for(requested: int | str, epoch_size: int, batch_size: int) -> tuple[int, str]:
+    """The MoCo queue's length for `--queue-size` and why (config.json records both).
+
+    A queue longer than an epoch holds keys of the very images being queried: an image's own older
+    key becomes one of its negatives, which contradicts what InfoNCE means (issue 12). "auto" keeps
+    the queue within an epoch, a whole number of batches long (each step then replaces a whole
+    batch of keys, as in facebookresearch/moco, which asserts `K % batch == 0`), at most MoCo v2's
+    65,536. An explicit value is honoured, with a warning when it exceeds the epoch.
+    """
+    if requested != "auto":
+        if requested > epoch_size and distributed.env_dist().is_main:
+            click.echo(f"warning: --queue-size {requested} is larger than an epoch ({epoch_size} samples): "
+                       f"images meet their own older keys as negatives", err=True)
+        return int(requested), "given"
+    if epoch_size < batch_size:
+        return batch_size, (f"auto: one batch ({batch_size}), since the epoch ({epoch_size} samples) is "
+                            f"smaller than a batch")
+    size = min(epoch_size, AUTO_QUEUE_CAP) // batch_size * batch_size
+    bound = f"the epoch ({epoch_size} samples)" if epoch_size <= AUTO_QUEUE_CAP else f"the cap {AUTO_QUEUE_CAP}"
+    return size, f"auto: {bound} rounded down to a multiple of the batch ({batch_size})"
 
 
 @dataclass(frozen=True)
@@ -124,11 +148,12 @@ class MoCoOptions:
     batch_size: int
     lr: float | None
     seed: int
-    queue_size: int
+    queue_size: int | str  # a number, or "auto" (see `queue_size_for`)
     temperature: float
     key_momentum: float
     image_size: int | None
     augment: str
+    crop_scale: float
     checkpoint_every: int
     amp: str
     workers: int | None
@@ -139,7 +164,7 @@ class MoCoOptions:
         return {"arch": self.arch, "steps": self.steps, "epochs": self.epochs, "batch_size": self.batch_size,
                 "lr": self.lr, "seed": self.seed, "queue_size": self.queue_size, "temperature": self.temperature,
                 "key_momentum": self.key_momentum, "image_size": self.image_size,
-                "augment": list(parse_augments(self.augment))}
+                "augment": list(parse_augments(self.augment)), "crop_scale": self.crop_scale}
 
 
 def moco_options(default_lr_per_256: float):
@@ -156,14 +181,17 @@ def moco_options(default_lr_per_256: float):
         click.option("--lr", type=options.LEARNING_RATE, default=None,
                      help=f"Peak SGD learning rate (default {default_lr_per_256} * batch / 256)."),
         click.option("--seed", type=options.SEED, default=0, show_default=True),
-        click.option("--queue-size", type=options.count(1, 1 << 20), default=65536, show_default=True,
-                     help="Negative keys kept (at most 2^20: 128 floats each)."),
+        click.option("--queue-size", type=options.CountOrAuto(1, 1 << 20), default="auto", show_default=True,
+                     help=f"Negative keys kept (at most 2^20: 128 floats each). auto: an epoch's samples rounded "
+                          f"down to a multiple of the batch, at most {AUTO_QUEUE_CAP}."),
         click.option("--temperature", type=options.number(0, 100, min_open=True), default=0.2, show_default=True),
         click.option("--key-momentum", type=options.number(0, 1, max_open=True), default=0.999, show_default=True,
                      help="Key encoder momentum (short runs on small data learn faster with 0.99)."),
         click.option("--image-size", type=options.count(8, 1024), default=None, help="Resize images to this square size."),
         click.option("--augment", default=",".join(DEFAULT_AUGMENTS), show_default=True,
                      help="Comma list of augmentations (or 'none')."),
+        click.option("--crop-scale", type=options.number(0, 1, min_open=True), default=DEFAULT_CROP_SCALE,
+                     show_default=True, help="Smallest random crop, as a share of the image's area."),
         click.option("--checkpoint-every", type=options.count(0, 100_000_000), default=500, show_default=True),
         click.option("--amp", type=click.Choice(["auto", "bf16", "off"]), default="auto", show_default=True),
         click.option("--workers", type=options.count(0, 64), default=None, help="DataLoader workers (default: half the cores)."),
@@ -199,7 +227,7 @@ def run_moco(run: stage.StageRun, task: MoCoTask, images: Mixture, size: list[in
     moco: MoCo = task.model
     augments = parse_augments(shared.augment)
     batches = two_view_batches(images, size, augments, per_rank_batch(batch_size), shared.seed, order,
-                               default_workers() if shared.workers is None else shared.workers)
+                               default_workers() if shared.workers is None else shared.workers, shared.crop_scale)
     loop = LoopConfig(out=run.out, steps=steps, lr=lr, weight_decay=1e-4, momentum=0.9,
                       checkpoint_every=shared.checkpoint_every, seed=shared.seed, amp=shared.amp)
     main = distributed.env_dist().is_main

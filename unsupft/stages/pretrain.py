@@ -10,7 +10,8 @@ from unsupft.data.samples import Mixture, image_size_of, open_samples
 from unsupft.errors import report_user_errors
 from unsupft.models.moco import freeze_all_but_bn
 from unsupft.seeding import seed_everything
-from unsupft.stages.moco_common import MoCoOptions, MoCoTask, init_moco, moco_options, run_moco, start_moco
+from unsupft.stages.moco_common import (MoCoOptions, MoCoTask, init_moco, moco_options, queue_size_for, run_moco,
+                                        start_moco)
 
 
 @click.command("pretrain")
@@ -35,12 +36,14 @@ def pretrain_command(data_uris, target, target_ratio, init, freeze, **shared_opt
     first = open_samples(data_uris[0])
     sets = [first] + [open_samples(u, first.channels) for u in [*data_uris[1:], *([target] if target else [])]]
     size = image_size_of(first, shared.image_size, "give --image-size")
+    n_source = sum(len(s) for s in (sets[:-1] if target else sets))
+    order = rebalanced(n_source, len(sets[-1]), target_ratio, shared.seed) if target else None
+    images = Mixture([(s, None) for s in sets])
+    queue_size, queue_reason = queue_size_for(shared.queue_size, order.size if order else len(images), shared.batch_size)
     seed_everything(shared.seed)
-    moco, arch, notes = init_moco(init, shared.arch, first.channels, dim=128, queue_size=shared.queue_size,
+    moco, arch, notes = init_moco(init, shared.arch, first.channels, dim=128, queue_size=queue_size,
                                   temperature=shared.temperature, momentum=shared.key_momentum)
     if freeze == "bn-only":
         freeze_all_but_bn(moco)
-    n_source = sum(len(s) for s in (sets[:-1] if target else sets))
-    order = rebalanced(n_source, len(sets[-1]), target_ratio, shared.seed) if target else None
-    run_moco(run, MoCoTask(moco), Mixture([(s, None) for s in sets]), size, order, shared, lr_per_256=0.03,
-             resolved={"arch": arch, **notes})
+    run_moco(run, MoCoTask(moco), images, size, order, shared, lr_per_256=0.03,
+             resolved={"arch": arch, **notes, "queue_size": queue_size, "queue_size_reason": queue_reason})

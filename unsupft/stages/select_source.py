@@ -87,7 +87,8 @@ def ranking_table(rows: list[dict[str, Any]], base: float) -> str:
 @click.option("--steps", type=options.STEPS, default=200, show_default=True, help="Pretraining steps per candidate (the same for all).")
 @click.option("--batch-size", type=options.BATCH, default=128, show_default=True)
 @click.option("--lr", type=options.LEARNING_RATE, default=None, help="Pretraining peak learning rate (default: pretrain's, 0.03 * batch / 256).")
-@click.option("--queue-size", type=options.count(1, 1 << 20), default=1024, show_default=True)
+@click.option("--queue-size", type=options.CountOrAuto(1, 1 << 20), default="auto", show_default=True,
+              help="Each candidate's MoCo queue (auto: pretrain's, within an epoch of the candidate).")
 @click.option("--seed", type=options.SEED, default=0, show_default=True)
 @click.option("--checkpoint-every", type=options.count(0, 100_000_000), default=100, show_default=True)
 @click.option("--workers", type=options.count(0, 64), default=None, help="DataLoader workers (default: half the cores).")
@@ -97,7 +98,7 @@ def ranking_table(rows: list[dict[str, Any]], base: float) -> str:
 @report_user_errors
 def select_source_command(init: str, candidate_specs: tuple[str, ...], target: str | None, probe_train_uri: str,
                           probe_test_uri: str | None, shots: int | None, steps: int, batch_size: int,
-                          lr: float | None, queue_size: int, seed: int, checkpoint_every: int, workers: int | None, out: str) -> None:
+                          lr: float | None, queue_size: int | str, seed: int, checkpoint_every: int, workers: int | None, out: str) -> None:
     """Rank --candidate source data sets by a short pretrain from --init and a linear probe on the target."""
     candidates = parse_named(candidate_specs, "--candidate")
     if len(candidates) < 2:
