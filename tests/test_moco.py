@@ -137,6 +137,10 @@ def test_epoch_compositions():
     assert not torch.equal(subset, replay_subset(1000, 0.1, seed=5))
     mixed = with_replay(50, subset, seed=0)(1)
     assert mixed.sort().values.tolist() == list(range(150))
+    # replay sized by the target: the whole target and ratio * 50 draws from the 100-image subset
+    half = with_replay(50, subset, seed=0, ratio=0.5)
+    assert half.size == 75 and (half(2) < 50).sum() == 50 and len(set(half(2).tolist())) == 75
+    assert with_replay(50, subset, seed=0, ratio=1000).size == 150  # at most the whole subset
 
 
 def test_key_top1_counts_a_query_whose_own_key_wins():
