@@ -137,6 +137,27 @@ def test_epoch_compositions():
     assert not torch.equal(subset, replay_subset(1000, 0.1, seed=5))
     mixed = with_replay(50, subset, seed=0)(1)
     assert mixed.sort().values.tolist() == list(range(150))
+    # replay sized by the target: the whole target and ratio * 50 draws from the 100-image subset
+    half = with_replay(50, subset, seed=0, ratio=0.5)
+    assert half.size == 75 and (half(2) < 50).sum() == 50 and len(set(half(2).tolist())) == 75
+    assert with_replay(50, subset, seed=0, ratio=1000).size == 150  # at most the whole subset
+
+
+def test_key_top1_counts_a_query_whose_own_key_wins():
+    """The metric: column 0 of the logits is the positive and top-1 runs over the keys (axis 1).
+    With identical views and the key encoder equal to the query encoder, every query's own key
+    beats the random queue: key_top1 is 1 (a wrong axis or index would give ~0)."""
+    torch.manual_seed(0)
+    moco = make_moco(queue_size=4096, dim=128)
+    images = torch.randn(16, 1, 8, 8)
+    _, metrics = moco(images, images.clone())
+    assert float(metrics["key_top1"]) == 1.0
+
+
+def test_crop_scale_sets_the_smallest_crop():
+    crop = moco_v2_augment((16, 16), ("crop",), crop_scale=0.5).transforms[0]
+    assert crop.scale == (0.5, 1.0)
+    assert moco_v2_augment((16, 16), ("crop",)).transforms[0].scale == (0.2, 1.0)
 
 
 def test_augment_keeps_size_and_dtype():

@@ -76,6 +76,41 @@ def test_pretrain_writes_the_stage_outputs_and_chains(digits, tmp_path):
     assert torch.equal(adapted_bn.conv1.weight, backbone.conv1.weight)
 
 
+def test_queue_size_follows_the_epoch_and_config_says_why(digits, tmp_path):
+    """The default queue ("auto") never holds more keys than an epoch has samples, so no image is
+    its own negative; an explicit larger queue is kept, with a warning naming both numbers."""
+    fast = ["--workers", "0", "--key-momentum", "0.99", "--steps", 1]
+    auto = tmp_path / "auto"
+    unsupft("pretrain", "--data", digits / "src", "--out", auto, "--batch-size", 64, *fast)
+    resolved = json.loads((auto / "config.json").read_text())["resolved"]
+    assert resolved["queue_size"] == 256 and "epoch (300 samples)" in resolved["queue_size_reason"]
+    assert checkpoint.load(str(auto / "moco.pt"))["queue_size"] == 256
+    assert json.loads((auto / "config.json").read_text())["queue_size"] == "auto"  # the hash sees "auto"
+
+    # adapt's epoch is the target plus the replayed source subset: 200 + 30
+    adapted = tmp_path / "adapted"
+    unsupft("adapt", "--init", auto, "--target", digits / "tgt", "--replay-source", digits / "src",
+            "--out", adapted, "--batch-size", 32, *fast)
+    assert json.loads((adapted / "config.json").read_text())["resolved"]["queue_size"] == 224
+
+    given = tmp_path / "given"
+    proc = unsupft("pretrain", "--data", digits / "src", "--out", given, "--batch-size", 64, "--queue-size", 1024, *fast)
+    warnings = [line for line in proc.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "1024" in warnings[0] and "300" in warnings[0]
+    resolved = json.loads((given / "config.json").read_text())["resolved"]
+    assert (resolved["queue_size"], resolved["queue_size_reason"]) == (1024, "given")
+
+
+def test_queue_size_for_rounds_to_batches_and_caps():
+    from unsupft.stages.moco_common import queue_size_for
+
+    assert queue_size_for("auto", 1258, 256)[0] == 1024
+    assert queue_size_for("auto", 60000, 256)[0] == 59904
+    assert queue_size_for("auto", 1_281_167, 256) == (65536, "auto: the cap 65536 rounded down to a multiple of the batch (256)")
+    assert queue_size_for("auto", 100, 256)[0] == 256  # an epoch smaller than a batch: one batch of keys
+    assert queue_size_for(4096, 60000, 256) == (4096, "given")
+
+
 @pytest.mark.parametrize("args,message", [
     (["--init", "{tmp}/missing.pt"], "no checkpoint there"),
     (["--init", "{tmp}/r18.pt", "--arch", "tiny"], "holds a resnet18 backbone, but tiny"),

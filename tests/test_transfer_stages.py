@@ -97,6 +97,18 @@ def test_other_methods_train(digits, tmp_path, one_thread, method):
     assert changed == (method != "linear")
 
 
+def test_coin_restarts_the_schedule_for_its_ce_phase(digits, tmp_path, one_thread):
+    """COIN's classifier starts training at the CE phase; it gets the peak lr there, not what a
+    single cosine over both phases has left of it."""
+    out = tmp_path / "coin"
+    invoke(transfer_command, "--init", digits["init"], "--train", digits["train"], "--shots", 2,
+           "--epochs", 4, "--method", "coin", "--coin-alpha", 0.5, "--out", out)
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [("ce" in line) for line in lines] == [False, False, True, True]
+    assert lines[2]["lr"] == pytest.approx(lines[0]["lr"]) and lines[3]["lr"] == pytest.approx(lines[1]["lr"])
+    assert lines[1]["lr"] < lines[0]["lr"]
+
+
 def test_labels_file_picks_keys_and_overrides_labels(digits, tmp_path, one_thread):
     train = load_arrays(digits["train"])
     chosen = train.keys[:12]

@@ -64,6 +64,21 @@ class Count(click.IntRange):
         return {**super().to_info_dict(), "param_type": "Count"}
 
 
+class CountOrAuto(Count):
+    """An integer inside [min, max], or "auto": the stage chooses the value from its data and says
+    in config.json what it chose and why. "auto" itself is what the config hash sees."""
+
+    name = "integer or auto"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if value == "auto":
+            return value
+        return super().convert(value, param, ctx)
+
+    def to_info_dict(self) -> dict[str, Any]:
+        return {**super().to_info_dict(), "param_type": "CountOrAuto"}
+
+
 def number(min: float | None = None, max: float | None = None, *, min_open: bool = False,
            max_open: bool = False) -> Number:
     return Number(min, max, min_open=min_open, max_open=max_open)
@@ -174,8 +189,9 @@ def param_type(info: dict[str, Any]) -> click.ParamType:
     kind = info["param_type"]
     if kind == "Number":
         return Number(info["min"], info["max"], min_open=info["min_open"], max_open=info["max_open"])
-    if kind == "Count":
-        return Count(info["min"], info["max"], min_open=info["min_open"], max_open=info["max_open"])
+    if kind in ("Count", "CountOrAuto"):
+        int_type = Count if kind == "Count" else CountOrAuto
+        return int_type(info["min"], info["max"], min_open=info["min_open"], max_open=info["max_open"])
     if kind == "Choice":
         return click.Choice(info["choices"], case_sensitive=info["case_sensitive"])
     simple = {"Int": click.INT, "Float": click.FLOAT, "Bool": click.BOOL, "String": click.STRING}

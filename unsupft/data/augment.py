@@ -18,15 +18,20 @@ from torchvision.transforms import v2
 from unsupft.errors import UserError
 
 DEFAULT_AUGMENTS = ("crop", "jitter", "gray", "blur", "flip")
-def moco_v2_augment(image_size: Sequence[int], augments: Sequence[str] = DEFAULT_AUGMENTS) -> v2.Compose:
-    """A random view of a uint8 [C, H, W] image, still uint8 (apply `to_input` after)."""
+DEFAULT_CROP_SCALE = 0.2  # MoCo v2's smallest crop, as a share of the image's area
+
+
+def moco_v2_augment(image_size: Sequence[int], augments: Sequence[str] = DEFAULT_AUGMENTS,
+                    crop_scale: float = DEFAULT_CROP_SCALE) -> v2.Compose:
+    """A random view of a uint8 [C, H, W] image, still uint8 (apply `to_input` after). The crop
+    covers between `crop_scale` and all of the image's area: at 28 px a 0.2 crop is a 12 px patch."""
     unknown = set(augments) - set(DEFAULT_AUGMENTS)
     if unknown:
         raise UserError(f"unknown augmentation(s) {sorted(unknown)} (choose from {', '.join(DEFAULT_AUGMENTS)})")
     size = [int(s) for s in image_size]
     kernel = max(3, int(0.1 * min(size)) // 2 * 2 + 1)
     steps = {
-        "crop": v2.RandomResizedCrop(size, scale=(0.2, 1.0), antialias=True),
+        "crop": v2.RandomResizedCrop(size, scale=(crop_scale, 1.0), antialias=True),
         "jitter": v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
         "gray": v2.RandomGrayscale(p=0.2),
         "blur": v2.RandomApply([v2.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=0.5),

@@ -4,7 +4,7 @@ Between data sets (epoch composition, used through `unsupft.train.batches.Loader
 - TUP re-balancing: every epoch holds all source images plus `ratio * |source|` target images,
   drawn afresh each epoch (repeating the target when it is smaller than that).
 - Sparse source replay: a fixed random subset of the source (`replay_subset`, chosen once from
-  the seed) joins every epoch of the target.
+  the seed) is drawn from in every epoch of the target, in proportion to the target's size.
 Within a batch (the mixed query of unsupervised finetuning): `cutmix` and `mixup`.
 """
 
@@ -61,11 +61,17 @@ def replay_subset(n_source: int, fraction: float, seed: int) -> torch.Tensor:
     return torch.randperm(n_source, generator=g)[:count].sort().values
 
 
-def with_replay(n_target: int, replay: torch.Tensor, seed: int) -> PartsOrder:
-    """Adaptation epochs: all target images [0, n_target) plus the replayed source indices
-    (stored after the target: index n_target + i is replay[i])."""
+def with_replay(n_target: int, replay: torch.Tensor, seed: int, ratio: float | None = None) -> PartsOrder:
+    """Adaptation epochs: all target images [0, n_target) plus `ratio * n_target` draws from the
+    replayed source indices (stored after the target: index n_target + i is replay[i]), at most
+    the whole subset; `ratio=None` replays the whole subset every epoch.
+
+    Sizing replay by the target keeps the target's share of training fixed: a fixed 10% of a
+    60,000-image source beside a 1,258-image target would make five of six samples source images,
+    and the target would be seen five times less often than in naive finetuning (issue 12)."""
+    per_epoch = len(replay) if ratio is None else min(len(replay), max(1, round(ratio * n_target)))
     return PartsOrder([Part(0, torch.arange(n_target), n_target),
-                       Part(n_target, torch.arange(len(replay)), len(replay))], seed)
+                       Part(n_target, torch.arange(len(replay)), per_epoch)], seed)
 
 
 def cutmix(images: torch.Tensor, partner: torch.Tensor, alpha: float = 1.0) -> tuple[torch.Tensor, float]:

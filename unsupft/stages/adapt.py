@@ -1,7 +1,8 @@
 """`unsupft adapt`: unsupervised finetuning of a pretrained model on a small unlabeled target.
 
 MoCo v2 continues from `--init` on the target, with sparse source replay (a fixed, seeded
-`--replay-fraction` of `--replay-source`, chosen once, in every epoch) and data mixing (a CutMix or
+`--replay-fraction` of `--replay-source`, chosen once; every epoch holds the whole target and
+`--replay-ratio` times as many images drawn from that subset) and data mixing (a CutMix or
 MixUp query, positive for both its keys, loss `lam*L(qm,ka) + (1-lam)*L(qm,kb)` added to InfoNCE).
 Naive unsupervised finetuning is `--replay-fraction 0 --mix none`.
 """
@@ -18,7 +19,7 @@ from unsupft.data.mixing import replay_subset, with_replay
 from unsupft.data.samples import Mixture, image_size_of, open_samples
 from unsupft.errors import UserError, report_user_errors
 from unsupft.seeding import seed_everything
-from unsupft.stages.moco_common import MIXES, MoCoOptions, MoCoTask, init_moco, lr_option, run_moco
+from unsupft.stages.moco_common import MIXES, MoCoOptions, MoCoTask, init_moco, lr_option, queue_size_for, run_moco
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -30,12 +31,17 @@ class AdaptConfig(MoCoOptions):
     replay_source: str | None = options.option(None, help="Source data set to replay a fixed subset of.")
     replay_fraction: float = options.option(0.1, type=options.number(0, 1, max_open=True),
                                             help="Share of --replay-source replayed (0 = no replay).")
+    replay_ratio: float = options.option(
+        1.0, type=options.number(0, 1000, min_open=True),
+        help="Replayed images per epoch, as a multiple of the target's size (drawn from the fixed subset).")
     mix: str = options.option("cutmix", type=click.Choice(MIXES))
     mix_alpha: float = options.option(1.0, type=options.number(0, 100, min_open=True), help="lam ~ Beta(alpha, alpha).")
     lr: float | None = lr_option(lr_per_256)
 
     def identity(self) -> dict[str, Any]:
-        return {**super().identity(), "replay_fraction": self.replay_fraction if self.replay_source else 0.0}
+        replaying = bool(self.replay_source and self.replay_fraction)
+        return {**super().identity(), "replay_fraction": self.replay_fraction if self.replay_source else 0.0,
+                "replay_ratio": self.replay_ratio if replaying else None}
 
 
 @click.command("adapt")
@@ -57,9 +63,11 @@ def adapt_command(config: AdaptConfig) -> None:
         if len(subset) == 0:
             raise UserError(f"--replay-fraction {config.replay_fraction} of {config.replay_source} selects no image")
         images = Mixture([(tgt, None), (source, subset.numpy())])
-        order, replayed = with_replay(len(tgt), subset, config.seed), len(subset)
+        order, replayed = with_replay(len(tgt), subset, config.seed, config.replay_ratio), len(subset)
+    queue_size, queue_reason = queue_size_for(config.queue_size, order.size if order else len(images), config.batch_size)
     seed_everything(config.seed)
-    moco, arch, notes = init_moco(config.init, config.arch, tgt.channels, dim=128, queue_size=config.queue_size,
+    moco, arch, notes = init_moco(config.init, config.arch, tgt.channels, dim=128, queue_size=queue_size,
                                   temperature=config.temperature, momentum=config.key_momentum)
     run_moco(run, MoCoTask(moco, config.mix, config.mix_alpha), images, size, order, config,
-             resolved={"arch": arch, "replayed_images": replayed, **notes})
+             resolved={"arch": arch, "replayed_images": replayed, **notes, "queue_size": queue_size,
+                       "queue_size_reason": queue_reason})

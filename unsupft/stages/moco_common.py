@@ -16,7 +16,7 @@ import click
 import torch
 
 from unsupft import checkpoint, options, stage, store
-from unsupft.data.augment import DEFAULT_AUGMENTS, moco_v2_augment, parse_augments
+from unsupft.data.augment import DEFAULT_AUGMENTS, DEFAULT_CROP_SCALE, moco_v2_augment, parse_augments
 from unsupft.preprocess import to_input
 from unsupft.data.mixing import cutmix, mixup
 from unsupft.data.samples import Mixture, default_workers
@@ -76,12 +76,13 @@ class MoCoTask(TrainTask):
         return loss, {**metrics, "lam": lam}
 
 
-def two_view_batches(images: Mixture, image_size: Sequence[int], augments: Sequence[str],
-                     batch_size: int, seed: int, order: EpochOrder | None, workers: int) -> LoaderBatches:
+def two_view_batches(images: Mixture, image_size: Sequence[int], augments: Sequence[str], batch_size: int,
+                     seed: int, order: EpochOrder | None, workers: int,
+                     crop_scale: float = DEFAULT_CROP_SCALE) -> LoaderBatches:
     """Two augmented views of each sample, read and decoded in the DataLoader workers. The crop
     takes the stored image straight to `image_size` (MoCo's RandomResizedCrop); without "crop" the
     image is fitted to it first."""
-    augment = moco_v2_augment(image_size, augments)
+    augment = moco_v2_augment(image_size, augments, crop_scale)
     crops = "crop" in augments
 
     def sample(i: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,6 +102,29 @@ def steps_for(steps: int | None, epochs: float | None, samples_per_epoch: int, b
 
 
 DEFAULT_EPOCHS = 200.0  # training length when neither --steps nor --epochs is given
+AUTO_QUEUE_CAP = 65536  # MoCo v2's queue: what "auto" gives an epoch of ImageNet's size
+
+
+def queue_size_for(requested: int | str, epoch_size: int, batch_size: int) -> tuple[int, str]:
+    """The MoCo queue's length for `--queue-size` and why (config.json records both).
+
+    A queue longer than an epoch holds keys of the very images being queried: an image's own older
+    key becomes one of its negatives, which contradicts what InfoNCE means (issue 12). "auto" keeps
+    the queue within an epoch, a whole number of batches long (each step then replaces a whole
+    batch of keys, as in facebookresearch/moco, which asserts `K % batch == 0`), at most MoCo v2's
+    65,536. An explicit value is honoured, with a warning when it exceeds the epoch.
+    """
+    if requested != "auto":
+        if requested > epoch_size and distributed.env_dist().is_main:
+            click.echo(f"warning: --queue-size {requested} is larger than an epoch ({epoch_size} samples): "
+                       f"images meet their own older keys as negatives", err=True)
+        return int(requested), "given"
+    if epoch_size < batch_size:
+        return batch_size, (f"auto: one batch ({batch_size}), since the epoch ({epoch_size} samples) is "
+                            f"smaller than a batch")
+    size = min(epoch_size, AUTO_QUEUE_CAP) // batch_size * batch_size
+    bound = f"the epoch ({epoch_size} samples)" if epoch_size <= AUTO_QUEUE_CAP else f"the cap {AUTO_QUEUE_CAP}"
+    return size, f"auto: {bound} rounded down to a multiple of the batch ({batch_size})"
 
 
 def lr_option(per_256: float) -> Any:
@@ -124,13 +148,17 @@ class MoCoOptions(stage.StageOptions):
     batch_size: int = options.option(256, type=options.BATCH, help="Global batch (all processes).")
     lr: float | None = lr_option(lr_per_256)
     seed: int = options.option(0, type=options.SEED)
-    queue_size: int = options.option(65536, type=options.count(1, 1 << 20),
-                                     help="Negative keys kept (at most 2^20: 128 floats each).")
+    queue_size: int | str = options.option(
+        "auto", type=options.CountOrAuto(1, 1 << 20),
+        help=f"Negative keys kept (at most 2^20: 128 floats each). auto: an epoch's samples rounded "
+             f"down to a multiple of the batch, at most {AUTO_QUEUE_CAP}.")
     temperature: float = options.option(0.2, type=options.number(0, 100, min_open=True))
     key_momentum: float = options.option(0.999, type=options.number(0, 1, max_open=True),
                                          help="Key encoder momentum (short runs on small data learn faster with 0.99).")
     image_size: int | None = options.option(None, type=options.count(8, 1024), help="Resize images to this square size.")
     augment: str = options.option(",".join(DEFAULT_AUGMENTS), help="Comma list of augmentations (or 'none').")
+    crop_scale: float = options.option(DEFAULT_CROP_SCALE, type=options.number(0, 1, min_open=True),
+                                       help="Smallest random crop, as a share of the image's area.")
     checkpoint_every: int = options.option(500, type=options.count(0, 100_000_000), hashed=False)
     amp: str = options.option("auto", type=click.Choice(["auto", "bf16", "off"]), hashed=False)
     workers: int | None = options.option(None, type=options.count(0, 64), hashed=False,
@@ -156,7 +184,7 @@ def run_moco(run: stage.StageRun, task: MoCoTask, images: Mixture, size: list[in
     moco: MoCo = task.model
     augments = parse_augments(config.augment)
     batches = two_view_batches(images, size, augments, distributed.per_rank_batch(batch_size), config.seed, order,
-                               default_workers() if config.workers is None else config.workers)
+                               default_workers() if config.workers is None else config.workers, config.crop_scale)
     loop = LoopConfig(out=run.out, steps=steps, lr=lr, weight_decay=1e-4, momentum=0.9,
                       checkpoint_every=config.checkpoint_every, seed=config.seed, amp=config.amp)
     main = distributed.env_dist().is_main

@@ -13,7 +13,7 @@ from unsupft.data.samples import Mixture, image_size_of, open_samples
 from unsupft.errors import report_user_errors
 from unsupft.models.moco import freeze_all_but_bn
 from unsupft.seeding import seed_everything
-from unsupft.stages.moco_common import MoCoOptions, MoCoTask, init_moco, run_moco
+from unsupft.stages.moco_common import MoCoOptions, MoCoTask, init_moco, queue_size_for, run_moco
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -51,12 +51,14 @@ def pretrain(config: PretrainConfig) -> None:
     target = [config.target] if config.target else []
     sets = [first] + [open_samples(u, first.channels) for u in [*config.data[1:], *target]]
     size = image_size_of(first, config.image_size, "give --image-size")
+    n_source = sum(len(s) for s in (sets[:-1] if target else sets))
+    order = rebalanced(n_source, len(sets[-1]), config.target_ratio, config.seed) if target else None
+    images = Mixture([(s, None) for s in sets])
+    queue_size, queue_reason = queue_size_for(config.queue_size, order.size if order else len(images), config.batch_size)
     seed_everything(config.seed)
-    moco, arch, notes = init_moco(config.init, config.arch, first.channels, dim=128, queue_size=config.queue_size,
+    moco, arch, notes = init_moco(config.init, config.arch, first.channels, dim=128, queue_size=queue_size,
                                   temperature=config.temperature, momentum=config.key_momentum)
     if config.freeze == "bn-only":
         freeze_all_but_bn(moco)
-    n_source = sum(len(s) for s in (sets[:-1] if target else sets))
-    order = rebalanced(n_source, len(sets[-1]), config.target_ratio, config.seed) if target else None
-    run_moco(run, MoCoTask(moco), Mixture([(s, None) for s in sets]), size, order, config,
-             resolved={"arch": arch, **notes})
+    run_moco(run, MoCoTask(moco), images, size, order, config,
+             resolved={"arch": arch, **notes, "queue_size": queue_size, "queue_size_reason": queue_reason})

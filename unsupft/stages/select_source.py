@@ -91,7 +91,9 @@ class SelectSourceConfig(stage.StageOptions):
     batch_size: int = options.option(128, type=options.BATCH)
     lr: float | None = options.option(
         None, type=options.LEARNING_RATE, help="Pretraining peak learning rate (default: pretrain's, 0.03 * batch / 256).")
-    queue_size: int = options.option(1024, type=options.count(1, 1 << 20))
+    queue_size: int | str = options.option(
+        "auto", type=options.CountOrAuto(1, 1 << 20),
+        help="Each candidate's MoCo queue (auto: pretrain's, within an epoch of the candidate).")
     seed: int = options.option(0, type=options.SEED)
     checkpoint_every: int = options.option(100, type=options.count(0, 100_000_000), hashed=False)
     workers: int | None = options.option(None, type=options.count(0, 64), hashed=False,

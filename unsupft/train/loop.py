@@ -54,7 +54,8 @@ API
   batch may be a tensor or any nesting of tuples/lists/dicts of tensors; tensors are moved to the
   device (4-d float tensors to channels-last when enabled).
 - Schedule: linear warm-up over `warmup_steps` from lr/warmup_steps to lr, then cosine to
-  `lr * min_lr_ratio` at `steps` (`schedule="constant"` keeps lr after warm-up). The lr is a pure
+  `lr * min_lr_ratio` at `steps` (`schedule="constant"` keeps lr after warm-up); at each of
+  `restarts` the cosine starts again from the peak (a training run in phases, e.g. COIN's). The lr is a pure
   function of the step, so it needs no state of its own to resume.
 - Checkpoints: every `checkpoint_every` steps (0 = only at the end) and after the last step,
   `<out>/checkpoint.pt` is written atomically with the step, model, optimizer, the task's
@@ -119,6 +120,7 @@ class LoopConfig:
     lr: float                                  # peak learning rate (already scaled for the batch)
     warmup_steps: int = 0
     schedule: Literal["cosine", "constant"] = "cosine"
+    restarts: tuple[int, ...] = ()             # steps where the cosine starts again from the peak lr
     min_lr_ratio: float = 0.0
     optimizer: Literal["sgd", "adamw"] = "sgd"
     momentum: float = 0.9                      # SGD momentum (AdamW: beta1)
@@ -187,8 +189,9 @@ def lr_factor(step: int, cfg: LoopConfig) -> float:
         return (step + 1) / cfg.warmup_steps
     if cfg.schedule == "constant":
         return 1.0
-    span = max(1, cfg.steps - cfg.warmup_steps)
-    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    bounds = [cfg.warmup_steps, *sorted(r for r in cfg.restarts if cfg.warmup_steps < r < cfg.steps), cfg.steps]
+    start, end = next((a, b) for a, b in zip(bounds, bounds[1:]) if step < b or b == cfg.steps)
+    progress = min(1.0, (step - start) / max(1, end - start))
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 

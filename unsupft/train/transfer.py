@@ -16,7 +16,8 @@ the `--method` choices come from:
   weight decay (the few-shot protocol of the seeds), cosine decay over the run, random crop +
   horizontal flip;
 - `coin`: SupCon (tau 0.3) on a projector head over two views for the first `coin_alpha * epochs`
-  epochs, then CE + 0.1 * SupCon; the total number of epochs is unchanged;
+  epochs, then CE + 0.1 * SupCon with the cosine schedule restarted; the total number of epochs is
+  unchanged;
 - `bituning`: CE + Bi-tuning's contrastive cross-entropy on the classifier head + its categorical
   contrastive loss on a 128-d projector head, against per-class queues of momentum-encoder keys
   (`queue_per_class` keys per class, momentum 0.999, tau 0.07, loss weights 1). The queues start
@@ -170,6 +171,10 @@ class TransferMethod(TrainTask):
         """Modules trained or carried besides the model (none for plain CE)."""
         return nn.ModuleDict()
 
+    def restarts(self) -> tuple[int, ...]:
+        """Steps where the method starts a new phase with the lr schedule restarted (none)."""
+        return ()
+
     def param_groups(self) -> list[dict[str, Any]]:
         m = unwrap(self.model)
         groups = [{"params": list(m.model.fc.parameters()), "lr": self.config.lr_head}]
@@ -208,9 +213,17 @@ class Linear(TransferMethod):
 
 class Coin(TransferMethod):
     """`coin`: SupCon on a projector over two views for the first `coin_alpha` of the epochs, then
-    CE + `COIN_SUPCON_WEIGHT` * SupCon."""
+    CE + `COIN_SUPCON_WEIGHT` * SupCon. The CE phase restarts the cosine schedule: under one
+    schedule over both phases the new classifier would only start training once the lr had decayed
+    below ~20% of its peak (alpha 0.7), and end under-trained (BENCHMARKS.md, COIN)."""
 
     views = 2
+
+    def ce_phase_start(self) -> int:
+        return int(round(self.config.coin_alpha * self.config.epochs)) * self.config.steps_per_epoch
+
+    def restarts(self) -> tuple[int, ...]:
+        return (self.ce_phase_start(),)
 
     def heads(self, model: TransferModel, images: Dataset | torch.Tensor, labels: torch.Tensor) -> nn.ModuleDict:
         return nn.ModuleDict({"proj": projection_head(model.backbone.out_dim)})
@@ -222,8 +235,7 @@ class Coin(TransferMethod):
         z = F.normalize(m.heads["proj"](feats).float(), dim=1)
         parts = {"supcon": losses.supcon_loss(z, torch.cat([y, y]), tau=0.3)}
         logits = m.model.fc(feats[: len(y)]).float()
-        contrastive_epochs = int(round(self.config.coin_alpha * self.config.epochs))
-        if step // self.config.steps_per_epoch >= contrastive_epochs:
+        if step >= self.ce_phase_start():
             parts["ce"] = F.cross_entropy(logits, y)
             parts["supcon"] = COIN_SUPCON_WEIGHT * parts["supcon"]
         return self.result(parts, logits, y)
@@ -325,6 +337,7 @@ def finetune(backbone: nn.Module, meta: dict[str, Any], images: Dataset | torch.
     with contextlib.ExitStack() as stack:
         target = out if out is not None else stack.enter_context(tempfile.TemporaryDirectory())
         cfg = LoopConfig(out=target, steps=epochs * steps_per_epoch, lr=config.lr_head, schedule="cosine",
+                         restarts=task.restarts(),
                          momentum=0.9, weight_decay=0.0, log_every=steps_per_epoch, seed=seed,
                          checkpoint_every=steps_per_epoch if out is not None else 0,
                          progress=False if out is None else None, tensorboard=out is not None)
