@@ -115,3 +115,23 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(sets, tmp_path, cli_en
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and expected in lines[0], lines
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("where,expected", [
+    ("nowhere", "is not a finished stage output (no _DONE.json); run its select-source stage first"),
+    ("base-run", "is a 'pretrain' output, not a select-source one"),
+])
+def test_a_chosen_reference_to_no_choice_is_one_line_exit_2(sets, tmp_path, cli_env, where, expected):
+    """`chosen:URI` must name a finished select-source output; anything else stops the reading stage
+    before it writes anything."""
+    from unsupft import stage
+
+    started = time.time()
+    stage.write_done(str(tmp_path / "base-run"), "pretrain", {"stage": "pretrain"}, {}, [], started)
+    result = subprocess.run([sys.executable, "-m", "unsupft", "pretrain", "--data", f"chosen:{tmp_path / where}",
+                             "--arch", "tiny", "--steps", "2", "--out", str(tmp_path / "o")],
+                            env=cli_env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: chosen:") and expected in lines[0], lines
+    assert not (tmp_path / "o").exists()
