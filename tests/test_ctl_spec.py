@@ -89,8 +89,12 @@ def test_errors_name_file_field_and_line(change, expected):
     if expected is None:
         spec.parse(text, "demo.yaml")
         return
+    _assert_one_line_error(text, "demo.yaml", expected)
+
+
+def _assert_one_line_error(text: str, file: str, expected: str) -> None:
     with pytest.raises(UserError) as err:
-        spec.parse(text, "demo.yaml")
+        spec.parse(text, file)
     assert expected in str(err.value)
     assert "\n" not in str(err.value)
 
@@ -145,6 +149,4 @@ def test_chosen_source_reference_renders_a_marker_the_stage_resolves():
 def test_chosen_source_reference_errors_name_file_field_and_line(change, expected):
     text = CHOSEN.replace(*change)
     assert text != CHOSEN
-    with pytest.raises(UserError) as err:
-        spec.parse(text, "pick.yaml")
-    assert expected in str(err.value)
+    _assert_one_line_error(text, "pick.yaml", expected)
