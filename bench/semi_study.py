@@ -6,7 +6,15 @@ trains: `transfer` (CE), `semi` with the unlabeled loss off (the same recipe and
 the unlabeled images add is the difference to it), and `semi` with the whole train split as the
 unlabeled set. Every model.pt is scored the same way on the test split (top-1), all in one run.
 
+`--question init` asks the papers' other question (Table 5 of "Unsupervised Finetuning", Table 6 of
+the TUP paper): does FixMatch from the unsupervised-finetuned model beat FixMatch from the model it was
+finetuned from? Source: digits 0-4, target: digits 5-9 split 70/30 (class-disjoint, as in
+bench/adapt_study.py). `unsupft pretrain` on the source, then `unsupft adapt` of that model on the
+target train split (source replay 0.1 + CutMix); per seed, `semi` and `transfer` (CE) from each of the
+two models with the same K-per-class draw.
+
     PYTHONPATH=. python bench/semi_study.py --work /tmp/semi-study
+    PYTHONPATH=. python bench/semi_study.py --work /tmp/semi-init --question init --steps 50
 """
 
 from __future__ import annotations
@@ -51,8 +59,14 @@ def main() -> None:
     parser.add_argument("--lr-backbone", default="1e-4", help="of every run (transfer's default: 1e-4)")
     parser.add_argument("--semi", default="", help="extra options of both semi runs, e.g. '--threshold 0.9'")
     parser.add_argument("--workers", default="1")
+    parser.add_argument("--question", choices=("unlabeled", "init"), default="unlabeled",
+                        help="unlabeled: CE vs semi without and with the unlabeled loss; init: from pretrained vs adapted")
+    parser.add_argument("--adapt-steps", type=int, default=60, help="--question init: the adapt run's steps")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.question == "init":
+        init_question(args)
+        return
     data = os.path.join(args.work, "digits")
     if not os.path.exists(os.path.join(data, "test", "dataset.json")):
         cli("ingest", "sklearn:digits", data, "--split", "0.3", "--seed", "0")
@@ -70,6 +84,11 @@ def main() -> None:
         "semi_labels_only": lambda s, out: cli("semi", *semi, "--unlabeled-weight", "0", "--seed", s, "--out", out),
         "semi_fixmatch": lambda s, out: cli("semi", *semi, "--seed", s, "--out", out),
     }
+    report(args, runs, test)
+
+
+def report(args: argparse.Namespace, runs: dict, test) -> None:
+    """Every run per seed (one JSON line each), then mean, std and time per run."""
     results: dict[str, list[dict[str, float]]] = {name: [] for name in runs}
     for seed in range(args.seeds):
         for name, run in runs.items():
@@ -84,8 +103,38 @@ def main() -> None:
     summary = {name: {"top1_mean": float(np.mean([r["top1"] for r in rows])),
                       "top1_std": float(np.std([r["top1"] for r in rows])),
                       "seconds_mean": float(np.mean([r["seconds"] for r in rows]))} for name, rows in results.items()}
-    print(json.dumps({"shots": args.shots, "steps": args.steps, "lr_head": args.lr_head, "lr_backbone": args.lr_backbone,
-                      "semi": args.semi, "summary": summary}, indent=1))
+    print(json.dumps({"question": args.question, "shots": args.shots, "steps": args.steps, "lr_head": args.lr_head,
+                      "lr_backbone": args.lr_backbone, "semi": args.semi, "summary": summary}, indent=1))
+
+
+def init_question(args: argparse.Namespace) -> None:
+    """FixMatch and CE from the source-pretrained model and from its target-adapted version."""
+    source, target = os.path.join(args.work, "source"), os.path.join(args.work, "target")
+    if not os.path.exists(os.path.join(target, "test", "dataset.json")):
+        cli("ingest", "sklearn:digits", source, "--classes", "0,1,2,3,4", "--seed", "0", "--unlabeled")
+        cli("ingest", "sklearn:digits", target, "--classes", "5,6,7,8,9", "--split", "0.3", "--seed", "0")
+    train_uri = os.path.join(target, "train")
+    pretrained, adapted = os.path.join(args.work, "pretrained"), os.path.join(args.work, "adapted")
+    moco = ["--batch-size", "128", "--queue-size", "1024", "--workers", args.workers]
+    if not os.path.exists(os.path.join(pretrained, "_DONE.json")):
+        cli("pretrain", "--data", source, "--out", pretrained, "--steps", str(args.pretrain_steps), *moco)
+    if not os.path.exists(os.path.join(adapted, "_DONE.json")):
+        cli("adapt", "--init", pretrained, "--target", train_uri, "--replay-source", source, "--replay-fraction", "0.1",
+            "--mix", "cutmix", "--steps", str(args.adapt_steps), "--out", adapted, *moco)
+    test = load_arrays(os.path.join(target, "test"))
+
+    def runs_from(init: str) -> dict:
+        common = ["--init", init, "--train", train_uri, "--shots", str(args.shots), "--lr-head", args.lr_head,
+                  "--lr-backbone", args.lr_backbone]
+        return {
+            "transfer_ce": lambda s, out: cli("transfer", *common, "--epochs", str(args.steps), "--seed", s, "--out", out),
+            "semi_fixmatch": lambda s, out: cli("semi", *common, "--unlabeled", train_uri, "--steps", str(args.steps),
+                                                "--workers", args.workers, *args.semi.split(), "--seed", s, "--out", out),
+        }
+
+    runs = {f"{name}_from_{which}": run for which, init in (("pretrained", pretrained), ("adapted", adapted))
+            for name, run in runs_from(init).items()}
+    report(args, runs, test)
 
 
 if __name__ == "__main__":

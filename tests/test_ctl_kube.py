@@ -257,3 +257,17 @@ def test_long_names_stay_valid_object_names():
     name = kube.object_name("a" * 40, "stage-with-a-long-name", "12")
     assert len(name) <= 52 and name[0].isalpha() and not name.endswith("-")
     assert name != kube.object_name("a" * 40, "stage-with-a-long-nameX", "12")
+
+
+def test_chosen_source_reaches_the_pod_as_a_marker_the_stage_resolves():
+    """The in-cluster stage gets `chosen:<select-source output>` like the local one: the pod's
+    `unsupft` reads the choice from the store, so neither the driver nor the submit needs it."""
+    text = PIPELINE.replace(
+        "  lab: {{kind: label, init: adapt, data: src, budget: 20}}",
+        "  choose: {{kind: select-source, init: base, candidate: {{src: src, tgt: s3://bucket/data/tgt}}, probe_train: src, shots: 2}}\n"
+        "  lab: {{kind: label, init: adapt, data: choose.chosen, budget: 20}}")
+    objs = kube.render(_pipeline(text=text), _ctx(), "img:1")
+    lab = next(o for o in objs if o["metadata"]["labels"].get(kube.LABEL_STAGE) == "lab")
+    validate_any(lab)
+    command = lab["spec"]["template"]["spec"]["containers"][0]["command"]
+    assert command[command.index("--data") + 1] == "chosen:s3://bucket/store/runs/kt/choose"

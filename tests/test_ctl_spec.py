@@ -89,8 +89,12 @@ def test_errors_name_file_field_and_line(change, expected):
     if expected is None:
         spec.parse(text, "demo.yaml")
         return
+    _assert_one_line_error(text, "demo.yaml", expected)
+
+
+def _assert_one_line_error(text: str, file: str, expected: str) -> None:
     with pytest.raises(UserError) as err:
-        spec.parse(text, "demo.yaml")
+        spec.parse(text, file)
     assert expected in str(err.value)
     assert "\n" not in str(err.value)
 
@@ -107,3 +111,42 @@ def test_validate_cli_exit_codes(tmp_path):
     res = subprocess.run([sys.executable, "-m", "unsupft.ctl", "validate", str(bad)], env=env, capture_output=True, text=True)
     assert res.returncode == 2
     assert res.stderr.count("\n") == 1 and "stages.adapt.init" in res.stderr and "bad.yaml:8" in res.stderr
+
+
+CHOSEN = """\
+name: pick
+store: file:///tmp/unsupft-store
+datasets: {a: file:///data/a, b: file:///data/b, tgt: file:///data/tgt}
+stages:
+  base: {kind: pretrain, data: [a], arch: tiny, steps: 20}
+  choose: {kind: select-source, init: base, candidate: {a: a, b: b}, probe_train: tgt, shots: 2}
+  source: {kind: pretrain, init: base, data: [choose.chosen], target: tgt, steps: 20}
+"""
+
+
+def test_chosen_source_reference_renders_a_marker_the_stage_resolves():
+    """`choose.chosen` depends on the select-source stage and renders `chosen:<its output URI>`, the
+    same command line for every backend, written before the choice exists."""
+    p = spec.parse(CHOSEN, "pick.yaml")
+    assert p.stages["source"].needs == ("base", "choose")
+    assert list(p.stages).index("choose") < list(p.stages).index("source")
+    args = stage_args(p.stages["source"], "s3://bucket/runs/r")
+    assert args[args.index("--data") + 1] == "chosen:s3://bucket/runs/r/choose"
+    check_options(p, "pick.yaml")
+
+
+@pytest.mark.parametrize(
+    "change, expected",
+    [
+        (("data: [choose.chosen]", "data: [chose.chosen]"), "pick.yaml:7: stages.source.data[0]: unknown reference 'chose.chosen' (no stage 'chose'"),
+        (("data: [choose.chosen]", "data: [base.chosen]"), "pick.yaml:7: stages.source.data[0]: 'base.chosen': stage 'base' is a 'pretrain' stage"),
+        (("init: base, data: [choose", "init: choose.chosen, data: [choose"), "pick.yaml:7: stages.source.init: 'choose.chosen' is a data set, and 'pretrain' takes no data set as init (its data-set inputs: data, target"),
+        (("candidate: {a: a, b: b}", "candidate: {a: a, b: choose.chosen}"), "pick.yaml:6: stages.choose.candidate.b: 'choose.chosen' is a data set, and 'select-source' takes no data set as candidate"),
+        (("probe_train: tgt", "probe_train: choose.chosen"), "pick.yaml:6: stages.choose.probe_train: a stage cannot read its own output"),
+        (("data: [choose.chosen]", "data: [choose.picked]"), "unknown reference 'choose.picked'"),
+    ],
+)
+def test_chosen_source_reference_errors_name_file_field_and_line(change, expected):
+    text = CHOSEN.replace(*change)
+    assert text != CHOSEN
+    _assert_one_line_error(text, "pick.yaml", expected)

@@ -115,3 +115,55 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(sets, tmp_path, cli_en
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and expected in lines[0], lines
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("where,expected", [
+    ("nowhere", "is not a finished stage output (no _DONE.json); run its select-source stage first"),
+    ("base-run", "is a 'pretrain' output, not a select-source one"),
+])
+def test_a_chosen_reference_to_no_choice_is_one_line_exit_2(sets, tmp_path, cli_env, where, expected):
+    """`chosen:URI` must name a finished select-source output; anything else stops the reading stage
+    before it writes anything."""
+    from unsupft import stage
+
+    started = time.time()
+    stage.write_done(str(tmp_path / "base-run"), "pretrain", {"stage": "pretrain"}, {}, [], started)
+    result = subprocess.run([sys.executable, "-m", "unsupft", "pretrain", "--data", f"chosen:{tmp_path / where}",
+                             "--arch", "tiny", "--steps", "2", "--out", str(tmp_path / "o")],
+                            env=cli_env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: chosen:") and expected in lines[0], lines
+    assert not (tmp_path / "o").exists()
+
+
+def test_pipeline_feeds_the_chosen_source_to_the_next_stage(sets, tmp_path, cli_env):
+    """jobs/semi.yaml's chain at digits scale on the local backend: select-source -> pretrain from the
+    base on `choose.chosen` -> adapt -> semi -> evaluate of the semi model's own classifier. The chosen
+    URI (from choose's _DONE.json) is what the pretrain stage's config and `_DONE.json` name."""
+    tiny = "steps: 4, batch_size: 32, queue_size: 64, checkpoint_every: 0"
+    pipeline = tmp_path / "semi.yaml"
+    pipeline.write_text(f"""\
+name: semi-tiny
+store: file://{tmp_path}/store
+datasets: {{noise: {sets / 'noise'}, digits: {sets / 'digits'}, target: {sets / 'target' / 'train'}, test: {sets / 'target' / 'test'}}}
+stages:
+  choose: {{kind: select-source, init: {sets / 'base'}, candidate: {{noise: noise, digits: digits}}, probe_train: target, probe_test: test, {tiny}}}
+  source: {{kind: pretrain, init: {sets / 'base'}, data: [choose.chosen], {tiny}}}
+  adapt: {{kind: adapt, init: source, target: target, replay_source: choose.chosen, mix: cutmix, {tiny}}}
+  semi: {{kind: semi, init: adapt, train: target, shots: 2, unlabeled: target, test: test, steps: 4, mu: 2, checkpoint_every: 0}}
+  evaluate: {{kind: evaluate, model: {{semi: semi, adapt: adapt}}, train: target, test: test, metrics: [classifier, linear]}}
+""")
+    result = subprocess.run([sys.executable, "-m", "unsupft.ctl", "run", str(pipeline)], env={**cli_env, "OMP_NUM_THREADS": "1"},
+                            capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    run = tmp_path / "store" / "runs" / "semi-tiny"
+    chosen = json.loads((run / "choose" / "_DONE.json").read_text())["chosen"]
+    assert chosen["uri"] == str(sets / chosen["name"])
+    command = json.loads((run / "run.json").read_text())["stages"]["source"]["command"]
+    assert command[command.index("--data") + 1] == f"chosen:{run / 'choose'}"  # rendered before the choice existed
+    assert json.loads((run / "source" / "config.json").read_text())["data"] == [chosen["uri"]]
+    assert json.loads((run / "source" / "_DONE.json").read_text())["inputs"]["data"] == chosen["uri"]
+    assert json.loads((run / "adapt" / "_DONE.json").read_text())["inputs"]["replay_source"] == chosen["uri"]
+    report = json.loads((run / "evaluate" / "report.json").read_text())
+    assert 0 <= report["models"]["semi"]["classifier"]["top1"] <= 1 and "classifier" not in report["models"]["adapt"]

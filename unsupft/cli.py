@@ -4,18 +4,22 @@ Stage modules import torch and friends, so sub-commands are loaded lazily: `unsu
 typo in a command name answer at once. Each option also reads `UNSUPFT_<STAGE>_<OPTION>` from the
 environment (how pod specs and CI usually set them); an option given on the command line wins.
 The names are set per option rather than by Click's `auto_envvar_prefix`, which derives them from
-Python parameter names.
+Python parameter names. A data-set input may be `chosen:<select-source output>` (the source that
+stage chose, `unsupft.stage.resolve_chosen`): resolved here, before the stage sees its options.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
+from typing import Any
 
 import click
 
 from unsupft import __version__
-from unsupft.errors import OneLineGroup
+from unsupft.errors import OneLineGroup, report_user_errors
 from unsupft.registry import STAGES, StageSpec
+from unsupft.stage import resolve_chosen
 
 
 def _add_environment(spec: StageSpec, command: click.Command) -> None:
@@ -26,6 +30,39 @@ def _add_environment(spec: StageSpec, command: click.Command) -> None:
     if not command.epilog:
         command.epilog = (f"\b\nExample:\n  {spec.example}\n\n"
                           f"Every option can also be set as {spec.env_name('')}<OPTION>.")
+
+
+def _resolve_chosen_sources(spec: StageSpec, command: click.Command) -> None:
+    """Turn `chosen:<URI>` values of the stage's data-set inputs into the chosen data set's URI
+    before its callback runs, so its config, config hash and `_DONE.json` inputs name that data set."""
+    names = [param.name for param in command.params if isinstance(param, click.Option)
+             and max(param.opts, key=len).lstrip("-").replace("-", "_") in spec.datasets]
+    if not names:
+        return
+    stage_callback = command.callback
+
+    @report_user_errors
+    @functools.wraps(stage_callback)
+    def callback(*args: Any, **kwargs: Any) -> Any:
+        for name in names:
+            value = kwargs[name]
+            if isinstance(value, tuple):
+                kwargs[name] = tuple(resolve_chosen(v) for v in value)
+            elif isinstance(value, str):
+                kwargs[name] = resolve_chosen(value)
+        return stage_callback(*args, **kwargs)
+
+    command.callback = callback
+
+
+@functools.cache
+def _load(spec: StageSpec) -> click.Command:
+    """The stage's command, imported and prepared once per process."""
+    module_name, attr = spec.command.split(":")
+    command = getattr(importlib.import_module(module_name), attr)
+    _add_environment(spec, command)
+    _resolve_chosen_sources(spec, command)
+    return command
 
 
 class LazyGroup(OneLineGroup):
@@ -40,10 +77,7 @@ class LazyGroup(OneLineGroup):
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
         if name in self.lazy:
-            module_name, attr = self.lazy[name].command.split(":")
-            command = getattr(importlib.import_module(module_name), attr)
-            _add_environment(self.lazy[name], command)
-            return command
+            return _load(self.lazy[name])
         return super().get_command(ctx, name)
 
 

@@ -26,6 +26,9 @@ class StageSpec:
     command: str  # "module:attribute" of its click.Command
     example: str  # shown under the command's --help
     inputs: tuple[str, ...] | None = None  # parameters naming data sets or stages; None: not a pipeline stage
+    # The inputs among them that take one data set per value (not a model, a key file or NAME=URI
+    # pairs): where a pipeline may pass the source a `select-source` stage chose.
+    datasets: tuple[str, ...] = ()
 
     def env_name(self, flag: str) -> str:
         """The environment variable of an option (`--batch-size` -> UNSUPFT_BN_ADAPT_BATCH_SIZE);
@@ -38,34 +41,36 @@ STAGES: dict[str, StageSpec] = {spec.name: spec for spec in (
               "unsupft ingest sklearn:digits data/digits --split 0.3 --seed 0"),
     StageSpec("pretrain", "unsupft.stages.pretrain:pretrain_command",
               "unsupft pretrain --data data/src/train --arch tiny --steps 100 --batch-size 64 --out runs/base",
-              inputs=("data", "target", "init")),
+              inputs=("data", "target", "init"), datasets=("data", "target")),
     StageSpec("bn-adapt", "unsupft.stages.bn_adapt:bn_adapt_command",
               "unsupft bn-adapt --init runs/base --data data/tgt/train --out runs/bn",
-              inputs=("init", "data")),
+              inputs=("init", "data"), datasets=("data",)),
     StageSpec("adapt", "unsupft.stages.adapt:adapt_command",
               "unsupft adapt --init runs/base --target data/tgt/train --replay-source data/src/train "
               "--mix cutmix --steps 60 --batch-size 64 --out runs/adapt",
-              inputs=("init", "target", "replay_source")),
+              inputs=("init", "target", "replay_source"), datasets=("target", "replay_source")),
     StageSpec("transfer", "unsupft.stages.transfer:transfer_command",
               "unsupft transfer --init runs/adapt --train data/tgt/train --shots 4 --method coin "
               "--test data/tgt/test --out runs/coin",
-              inputs=("init", "train", "labels", "test")),
+              inputs=("init", "train", "labels", "test"), datasets=("train", "test")),
     StageSpec("semi", "unsupft.stages.semi:semi_command",
               "unsupft semi --init runs/adapt --train data/tgt/train --shots 4 --unlabeled data/tgt/train "
               "--test data/tgt/test --steps 500 --out runs/semi",
-              inputs=("init", "train", "unlabeled", "test", "labels")),
+              inputs=("init", "train", "unlabeled", "test", "labels"),
+              datasets=("train", "unlabeled", "test")),
     StageSpec("select-source", "unsupft.stages.select_source:select_source_command",
               "unsupft select-source --init runs/base --candidate a=data/src-a/train --candidate b=data/src-b/train "
               "--probe-train data/tgt/train --probe-test data/tgt/test --steps 200 --out runs/select",
-              inputs=("init", "candidate", "target", "probe_train", "probe_test")),
+              inputs=("init", "candidate", "target", "probe_train", "probe_test"),
+              datasets=("target", "probe_train", "probe_test")),
     StageSpec("label", "unsupft.stages.label:label_command",
               "unsupft label --init runs/adapt --data data/tgt/train --test data/tgt/test --budget 2 "
               "--annotator manual --out runs/label",
-              inputs=("init", "data", "test")),
+              inputs=("init", "data", "test"), datasets=("data", "test")),
     StageSpec("evaluate", "unsupft.stages.evaluate:evaluate_command",
               "unsupft evaluate --model base=runs/base --model adapt=runs/adapt --train data/tgt/train "
               "--test data/tgt/test --shots 1,4 --baseline base --label label=runs/label --out runs/eval",
-              inputs=("model", "train", "test", "label")),
+              inputs=("model", "train", "test", "label"), datasets=("train", "test")),
     StageSpec("annotate", "unsupft.stages.annotate:annotate_command", "unsupft annotate runs/label"),
 )}
 

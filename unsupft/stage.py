@@ -213,6 +213,30 @@ def write_done(
     return manifest
 
 
+# `chosen:<URI>` names the data set a finished `select-source` output at URI chose (its `_DONE.json`
+# holds `chosen: {name, uri}`): how a pipeline passes that choice on (docs/semi.md, "In pipelines").
+CHOSEN_PREFIX = "chosen:"
+
+
+def resolve_chosen(value: str) -> str:
+    """`chosen:<select-source output>` -> the URI of the data set it chose; any other value unchanged.
+
+    Resolved by the stage that reads the input, from the store, so the controller renders the same
+    command line before the choice exists, locally and on a cluster, and the stage's config (and
+    with it its config hash and its outputs' owner) names the chosen data set itself."""
+    if not value.startswith(CHOSEN_PREFIX):
+        return value
+    out = store.normalize(value[len(CHOSEN_PREFIX):])
+    done = read_done(out)
+    if done is None:
+        raise UserError(f"{value}: {out} is not a finished stage output (no {DONE}); run its select-source stage first")
+    chosen = done.get("chosen")
+    if done.get("stage") != "select-source" or not isinstance(chosen, dict) or not isinstance(chosen.get("uri"), str):
+        raise UserError(f"{value}: {out} is a '{done.get('stage')}' output, not a select-source one (no chosen source)")
+    click.echo(f"{value}: the chosen source '{chosen.get('name')}' ({chosen['uri']})", err=True)
+    return chosen["uri"]
+
+
 def input_manifest(uri: str) -> str | None:
     """What identifies an input's content without reading its data: a stage output's config hash,
     the hash of a data set's manifest; None for anything else (a checkpoint file, shards named by

@@ -20,6 +20,7 @@ import click
 from unsupft import options as option_table
 from unsupft.ctl.spec import Pipeline, Stage
 from unsupft.errors import UserError
+from unsupft.stage import CHOSEN_PREFIX
 
 
 def _options(kind: str) -> dict[str, dict[str, Any]] | None:
@@ -74,12 +75,15 @@ def _flag(name: str) -> str:
 
 
 def stage_args(stage: Stage, run_uri: str) -> list[str]:
-    """`[kind, --option value ..., --out URI]`; `stage:<name>` inputs become that stage's output URI."""
+    """`[kind, --option value ..., --out URI]`; `stage:<name>` inputs become that stage's output URI,
+    `chosen:stage:<name>` ones `chosen:<that URI>` (the stage resolves it: `unsupft.stage.resolve_chosen`)."""
     from unsupft import store
 
     options = _options(stage.kind) or {}
 
     def resolve(v: Any) -> str:
+        if isinstance(v, str) and v.startswith(CHOSEN_PREFIX):  # the stage reads the choice itself
+            return CHOSEN_PREFIX + resolve(v[len(CHOSEN_PREFIX):])
         if isinstance(v, str) and v.startswith("stage:"):
             return store.join(run_uri, v[len("stage:"):])
         return str(v).lower() if isinstance(v, bool) else str(v)

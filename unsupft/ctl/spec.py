@@ -29,6 +29,7 @@ import yaml
 from unsupft import store
 from unsupft.errors import UserError
 from unsupft.registry import PIPELINE_KINDS, STAGES
+from unsupft.stage import CHOSEN_PREFIX
 
 # Names become Kubernetes object names and store folders: keep them DNS-label shaped.
 NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,38}[a-z0-9])?$")
@@ -66,6 +67,7 @@ RESOURCE_FIELDS: dict[str, type | tuple[type, ...]] = {
     "runtime_kind": str,
 }
 STRING_MAPS = ("node_selector", "env", "labels", "annotations")
+CHOSEN_SUFFIX = ".chosen"  # `<select-source stage>.chosen`: the source it chose, as a data-set input
 TOP_FIELDS = ("name", "store", "datasets", "stages", "resources")
 
 Scalar = (str, int, float, bool)
@@ -323,7 +325,30 @@ def _check_value(where: _Where, path: tuple, value: Any) -> None:
 
 
 def _resolve_inputs(where, path, value, datasets, stages, needs, sname):
-    """Data set and stage names -> URIs (stage outputs are filled in per run: `stage:<name>`)."""
+    """Data set and stage names -> URIs (stage outputs are filled in per run: `stage:<name>`).
+
+    `<stage>.chosen` is the source a select-source stage chose, for an input taking a data set:
+    `chosen:stage:<name>`, rendered as `chosen:<its output URI>` and resolved by the stage that
+    reads it (`unsupft.stage.resolve_chosen`), since the choice exists only once that stage ran."""
+
+    def chosen(ref: str, p: tuple) -> str:
+        source = ref[: -len(CHOSEN_SUFFIX)]
+        if source not in stages:
+            raise where.error(p, f"unknown reference {ref!r} (no stage {source!r} to take the chosen source of)")
+        body = stages[source]
+        source_kind = body.get("kind") if isinstance(body, dict) else None
+        if source_kind != "select-source":
+            raise where.error(p, f"{ref!r}: stage {source!r} is a {source_kind!r} stage; only a select-source stage chooses a source")
+        spec = STAGES[stages[sname]["kind"]]
+        param = path[2].replace("-", "_")
+        if param not in spec.datasets:
+            takes = ", ".join(spec.datasets) or "none"
+            raise where.error(p, f"{ref!r} is a data set, and '{spec.name}' takes no data set as {param} "
+                                 f"(its data-set inputs: {takes}; one value each, not NAME=... pairs)")
+        if source == sname:
+            raise where.error(p, "a stage cannot read its own output")
+        needs.add(source)
+        return f"{CHOSEN_PREFIX}stage:{source}"
 
     def one(ref: Any, p: tuple) -> str:
         _expect(where, p, ref, str, "a data set name, a stage name or a URI")
@@ -334,6 +359,8 @@ def _resolve_inputs(where, path, value, datasets, stages, needs, sname):
                 raise where.error(p, "a stage cannot read its own output")
             needs.add(ref)
             return f"stage:{ref}"
+        if ref.endswith(CHOSEN_SUFFIX) and not ref.startswith(("/", "./")) and "://" not in ref:
+            return chosen(ref, p)
         if "://" in ref or ref.startswith(("/", "./")):
             try:
                 return store.normalize(ref)
