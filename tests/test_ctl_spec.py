@@ -123,6 +123,7 @@ stages:
     matrix: {seed: [0, 1], mix: [none, cutmix]}
   eval: {kind: evaluate, model: {base: base, adapt: adapt}, train: digits, test: digits, matrix: {seed: [0, 1]}}
   all: {kind: evaluate, model: {base: base, data: digits}, train: digits, test: digits}
+  study: {kind: study, report: {uft: eval}, claim: {c: "uft: adapt-cutmix vs base @ fewshot_1_top1"}}
 resources:
   base: {cpu: 3}
 """
@@ -145,7 +146,8 @@ def test_matrix_binds_shared_axes_and_fans_out_the_others():
                                                   "adapt-cutmix": "stage:adapt-1-cutmix"}
     assert p.stages["all"].params["model"] == {"base-0": "stage:base-0", "base-1": "stage:base-1",
                                                "data": "/data/digits"}  # no shared axis: every expansion
-    assert p.stages["all"].needs == ("base-0", "base-1")
+    assert p.stages["study"].params["report"] == {"uft-0": "stage:eval-0", "uft-1": "stage:eval-1"}
+    assert p.stages["study"].needs == ("eval-0", "eval-1")
     listed = spec.parse(MATRIX.replace("data: [digits], steps: 20", "data: [digits], steps: 20, init: x")
                         .replace("datasets: {digits: file:///data/digits}", "datasets: {digits: file:///data/digits, x: file:///x}")
                         .replace("  all: {kind: evaluate", "  hpt: {kind: pretrain, data: [base, digits]}\n  all: {kind: evaluate"), "m.yaml")
