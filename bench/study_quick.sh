@@ -8,16 +8,17 @@ set -euo pipefail
 quick=$(mktemp --suffix=.yaml)
 trap 'rm -f "$quick"' EXIT
 sed -e 's/seed: \[0, 1, 2\]/seed: [0, 1]/' \
+    -e 's/batch_size: 128/batch_size: 64/' \
     -e 's/&pretrain_steps 300/\&pretrain_steps 100/' \
     -e 's/queue_size: 1024, steps: 150}/queue_size: 1024, steps: 40}/' \
-    -e 's/&label_epochs 30/\&label_epochs 15/' \
-    -e 's/&fraction_epochs 20/\&fraction_epochs 5/' \
-    -e 's/shots: 4, epochs: 100/shots: 4, epochs: 50/' \
+    -e 's/&label_epochs 30/\&label_epochs 10/' \
+    -e 's/&fraction_epochs 20/\&fraction_epochs 3/' \
+    -e 's/shots: 4, epochs: 100/shots: 4, epochs: 30/' \
     -e 's/steps: \[40, 120\]/steps: [15, 45]/; s/ 40 steps/ 15 steps/; s/ 120 steps/ 45 steps/' \
     -e 's/hpt-40/hpt-15/g; s/hpt-120/hpt-45/g; s/scratch-40/scratch-15/g; s/scratch-120/scratch-45/g; s/hpt-bn-40/hpt-bn-15/g' \
     -e 's/shots: \[1, 2, 4, 8\]/shots: [1, 4]/' \
     -e '/fewshot_2_top1\|fewshot_8_top1/d' \
-    -e 's/^    trials: 1 .*/    trials: 1\n    epochs: 50/' \
+    -e 's/^    trials: 1 .*/    trials: 1\n    epochs: 30/' \
     jobs/study.yaml > "$quick"
 .venv/bin/unsupft-ctl validate "$quick"
 echo "load before: $(cat /proc/loadavg)"
