@@ -205,3 +205,13 @@ def test_matrix_cache_keys_differ_per_expansion():
     keys = stage_keys(spec.parse(MATRIX, "m.yaml"), "/r")
     assert len({keys["base-0"], keys["base-1"]}) == 2
     assert keys["adapt-0-none"] == stage_keys(spec.parse(MATRIX, "m.yaml"), "/r")["adapt-0-none"]
+
+
+def test_matrix_expansions_become_kubernetes_objects():
+    """The kube backend needs no change: it renders the expanded stages like any others."""
+    from unsupft.ctl import kube
+
+    p = spec.parse(MATRIX.replace("file:///data/digits", "s3://bucket/digits").replace("name: m", "name: m\nstore: s3://bucket/runs"), "m.yaml")
+    objs = kube.render(p, kube.Context(p.name, "ml", "creds"), "img:1")
+    rendered = {o["metadata"]["labels"].get(kube.LABEL_STAGE) for o in objs}
+    assert {"base-0", "base-1", "adapt-1-cutmix", "eval-0", "study"} <= rendered
