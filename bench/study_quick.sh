@@ -10,7 +10,7 @@ trap 'rm -f "$quick"' EXIT
 sed -e 's/seed: \[0, 1, 2\]/seed: [0, 1]/' \
     -e 's/batch_size: 128/batch_size: 64/' \
     -e 's/&pretrain_steps 300/\&pretrain_steps 100/' \
-    -e 's/queue_size: 1024, steps: 150}/queue_size: 1024, steps: 40}/' \
+    -e 's/image_size: 28, queue_size: 1024, steps: 150}/image_size: 28, queue_size: 1024, steps: 40}/' \
     -e 's/&label_epochs 30/\&label_epochs 10/' \
     -e 's/&fraction_epochs 20/\&fraction_epochs 3/' \
     -e 's/shots: 4, epochs: 100/shots: 4, epochs: 30/' \
