@@ -84,13 +84,18 @@ def test_parameters_are_checked_against_the_stage_commands():
     ],
 )
 def test_errors_name_file_field_and_line(change, expected):
-    text = GOOD.replace(*change)
-    assert text != GOOD
+    assert_one_line_error(GOOD, change, "demo.yaml", expected)
+
+
+def assert_one_line_error(original: str, change: tuple[str, str], file: str, expected: str | None) -> None:
+    """`original` with `change` applied is refused with one line holding `expected` (None: accepted)."""
+    text = original.replace(*change)
+    assert text != original
     if expected is None:
-        spec.parse(text, "demo.yaml")
+        spec.parse(text, file)
         return
     with pytest.raises(UserError) as err:
-        spec.parse(text, "demo.yaml")
+        spec.parse(text, file)
     assert expected in str(err.value)
     assert "\n" not in str(err.value)
 
@@ -188,15 +193,7 @@ def test_matrix_float_and_boolean_values_make_names():
     ],
 )
 def test_matrix_errors_name_file_field_and_line(change, expected):
-    text = MATRIX.replace(*change)
-    assert text != MATRIX
-    if expected is None:
-        spec.parse(text, "m.yaml")
-        return
-    with pytest.raises(UserError) as err:
-        spec.parse(text, "m.yaml")
-    assert expected in str(err.value)
-    assert "\n" not in str(err.value)
+    assert_one_line_error(MATRIX, change, "m.yaml", expected)
 
 
 def test_matrix_cache_keys_differ_per_expansion():
