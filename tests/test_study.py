@@ -100,3 +100,19 @@ stages:
     assert "| adapt-1shot (naive vs base) | fewshot_1_top1 | 0.600 vs 0.500 |" in page
     assert f"(n=2) | {rows['adapt-1shot']['verdict']} | UFT Table 2 |" in page
     assert "<svg" in (out / "study.html").read_text()
+
+
+def test_curve_plots_a_metric_against_the_number_in_the_model_names():
+    reports = {f"hpt-{seed}": _report({"hpt-40": 0.5 + seed / 10, "hpt-120": 0.7, "hpt-bn-40": 0.4, "scratch-40": 0.3})
+               for seed in (0, 1)}
+    curve = study.parse_curve("steps", "hpt: hpt, scratch @ linear_top1")
+    lines = study.curve_points(curve, study.replicate_groups(reports))
+    assert [x for x, _ in lines["hpt"]] == [40, 120]  # hpt-bn-40 is not a point of hpt
+    assert lines["hpt"][0][1]["mean"] == pytest.approx(0.55) and lines["hpt"][0][1]["n"] == 2
+    assert [x for x, _ in lines["scratch"]] == [40]
+    assert "| 40 | 0.550 ± 0.071 (n=2) | 0.300 ± 0.000 (n=2) |" in study.curves_md({"steps": ("linear_top1", lines)})
+    assert "<svg" in study.curve_svg("steps", "linear_top1", lines)
+    with pytest.raises(UserError, match="no model 'base-<number>'"):
+        study.curve_points(study.parse_curve("s", "hpt: base @ linear_top1"), study.replicate_groups(reports))
+    with pytest.raises(UserError, match="--curve s: expected"):
+        study.parse_curve("s", "hpt: @ linear_top1")

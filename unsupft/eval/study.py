@@ -13,6 +13,10 @@ from the report's column) or `round_N`, the test top-1 after round N of an evalu
 (`evaluate --label NAME=URI`). For each claim the study takes the value of MODEL and BASELINE in
 every replicate of GROUP, and gives mean, std (over replicates, ddof 1) and n.
 
+A curve (`--curve NAME=SPEC`, `GROUP: MODEL, MODEL @ METRIC`) plots the metric against the number
+that ends each model's name in the reports (`hpt-40`, `hpt-120`: a matrix over `steps` names them
+so), one line per MODEL, mean ± std over the replicates: HPT's convergence claim as a picture.
+
 The verdict compares the method's lead over its baseline (in the paper's direction) with the seed
 spread (the larger of the two stds): `reproduced` when the lead exceeds the spread, `contradicted`
 when the baseline leads by more than the spread, else `not at this scale`. With one replicate there
@@ -38,6 +42,7 @@ STUDY_MD, STUDY_HTML, STUDY_JSON = "study.md", "study.html", "study.json"
 CLAIM_RE = re.compile(r"^\s*(?P<group>[a-z0-9][-a-z0-9]*)\s*:\s*(?P<model>\S+)\s+vs\s+(?P<baseline>\S+)\s*@\s*(?P<metric>\w+)\s*$")
 PAPER_RE = re.compile(r"^\s*paper\s+(?P<ours>\S+)\s+vs\s+(?P<theirs>\S+)\s*$")
 ROUND_RE = re.compile(r"^round_(\d+)$")
+CURVE_RE = re.compile(r"^\s*(?P<group>[a-z0-9][-a-z0-9]*)\s*:\s*(?P<models>[^@]+?)\s*@\s*(?P<metric>\w+)\s*$")
 
 
 @dataclass(frozen=True)
@@ -73,6 +78,44 @@ def parse_claim(name: str, spec: str) -> Claim:
     if len(rest) > 1:
         raise UserError(f"--claim {name}: at most a 'paper A vs B' part and a source after the claim, got {spec!r}")
     return Claim(name, match["group"], match["model"], match["baseline"], match["metric"], paper, rest[0] if rest else "")
+
+
+@dataclass(frozen=True)
+class Curve:
+    name: str
+    group: str
+    models: tuple[str, ...]  # name prefixes: `hpt` plots hpt-40, hpt-120, ... against 40, 120
+    metric: str
+
+
+def parse_curve(name: str, spec: str) -> Curve:
+    """`GROUP: MODEL, MODEL @ METRIC` -> a `Curve` (one line on error)."""
+    match = CURVE_RE.match(spec)
+    models = tuple(m.strip() for m in match["models"].split(",")) if match else ()
+    if not match or not all(models):
+        raise UserError(f"--curve {name}: expected 'GROUP: MODEL, MODEL @ METRIC', got {spec!r}")
+    return Curve(name, match["group"], models, match["metric"])
+
+
+def curve_points(curve: Curve, groups: dict[str, dict[str, dict[str, Any]]]) -> dict[str, list[tuple[int, dict[str, Any]]]]:
+    """Per model prefix, (x, stats over replicates) for every report model named `<prefix>-<x>`;
+    a curve with no point is refused (one line)."""
+    if curve.group not in groups:
+        raise UserError(f"--curve {curve.name}: no report of group '{curve.group}' (groups: {', '.join(sorted(groups))})")
+    replicates = groups[curve.group].values()
+    lines: dict[str, list[tuple[int, dict[str, Any]]]] = {}
+    for prefix in curve.models:
+        named = re.compile(re.escape(prefix) + r"-(\d+)$")
+        xs = sorted({int(m[1]) for r in replicates for key in (r.get("models") or {}) if (m := named.match(key))})
+        points = []
+        for x in xs:
+            values = [v for r in replicates if (v := metric_value(r, f"{prefix}-{x}", curve.metric)) is not None]
+            if values:
+                points.append((x, _stats(values)))
+        if not points:
+            raise UserError(f"--curve {curve.name}: no model '{prefix}-<number>' with {curve.metric} in group '{curve.group}'")
+        lines[prefix] = points
+    return lines
 
 
 def replicate_groups(reports: dict[str, dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
@@ -151,8 +194,8 @@ def _ours(stats: dict[str, Any]) -> str:
     return f"{stats['mean']:.3f} ± {stats['std']:.3f} (n={stats['n']})"
 
 
-def render_md(title: str, rows: list[dict[str, Any]]) -> str:
-    """study.md: one row per claim."""
+def render_md(title: str, rows: list[dict[str, Any]], curves: dict | None = None) -> str:
+    """study.md: one row per claim, then a table per curve."""
     lines = [f"# {title}", "",
              "Ours: mean ± std over replicates (seeds), n of them. Verdict: the method's lead over its baseline "
              "(in the paper's direction) against the larger seed std: reproduced / not at this scale / contradicted.", "",
@@ -163,7 +206,42 @@ def render_md(title: str, rows: list[dict[str, Any]]) -> str:
         lines.append(f"| {r['claim']} ({r['model']} vs {r['baseline']}) | {r['metric']}{direction} | "
                      f"{_num(r['paper']['model'])} vs {_num(r['paper']['baseline'])} | {_ours(r['ours'])} | "
                      f"{_ours(r['baseline_ours'])} | {r['verdict']} | {r['source']} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + curves_md(curves or {})
+
+
+def _svg(fig, plt) -> str:
+    buffer = io.StringIO()
+    fig.savefig(buffer, format="svg", bbox_inches="tight")
+    plt.close(fig)
+    svg = buffer.getvalue()
+    return svg[svg.index("<svg"):]  # inline: without the XML prolog and doctype
+
+
+def curve_svg(title: str, metric: str, lines: dict[str, list[tuple[int, dict[str, Any]]]]) -> str:
+    """The metric against the number in the models' names (steps), mean ± std over replicates."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    for prefix, points in lines.items():
+        ax.errorbar([x for x, _ in points], [p["mean"] for _, p in points], yerr=[p["std"] for _, p in points],
+                    marker="o", capsize=3, label=prefix)
+    ax.set_xlabel("the number in the model's name (e.g. pretraining steps)")
+    ax.set_ylabel(metric)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title(title)
+    return _svg(fig, plt)
+
+
+def curves_md(curves: dict[str, tuple[str, dict[str, list[tuple[int, dict[str, Any]]]]]]) -> str:
+    """One small table per curve: x, then mean ± std (n) per model."""
+    parts = []
+    for name, (metric, lines) in curves.items():
+        xs = sorted({x for points in lines.values() for x, _ in points})
+        parts += ["", f"## {name}: {metric}", "", "| x | " + " | ".join(lines) + " |", "|---" * (len(lines) + 1) + "|"]
+        for x in xs:
+            cells = [next((_ours(p) for px, p in points if px == x), "–") for points in lines.values()]
+            parts.append(f"| {x} | " + " | ".join(cells) + " |")
+    return "\n".join(parts) + ("\n" if parts else "")
 
 
 def claims_svg(rows: list[dict[str, Any]]) -> str:
@@ -180,15 +258,11 @@ def claims_svg(rows: list[dict[str, Any]]) -> str:
     ax.set_ylabel("metric value (mean ± std, dots: seeds)")
     ax.grid(alpha=0.3, axis="y")
     ax.legend()
-    buffer = io.StringIO()
-    fig.savefig(buffer, format="svg", bbox_inches="tight")
-    plt.close(fig)
-    svg = buffer.getvalue()
-    return svg[svg.index("<svg"):]  # inline: without the XML prolog and doctype
+    return _svg(fig, plt)
 
 
-def render_html(title: str, rows: list[dict[str, Any]]) -> str:
-    """study.html: the table of study.md with the verdicts coloured, and the bar chart inline."""
+def render_html(title: str, rows: list[dict[str, Any]], curves: dict | None = None) -> str:
+    """study.html: the table of study.md with the verdicts coloured, the bar chart and the curves inline."""
     colour = {REPRODUCED: "#e3f4e1", NOT_AT_THIS_SCALE: "#f6f1dc", CONTRADICTED: "#f6dede"}
     esc = html.escape
     body = "".join(
@@ -207,5 +281,7 @@ against the larger seed std.</p>
 <table><tr><th>claim</th><th>metric</th><th>paper: method vs baseline</th><th>ours: method</th>
 <th>ours: baseline</th><th>verdict</th><th>source</th></tr>{body}</table>
 <figure>{claims_svg(rows) if rows else ""}<figcaption>each claim: method and baseline, mean ± std over seeds, dots: single seeds</figcaption></figure>
+{"".join(f"<figure>{curve_svg(name, metric, lines)}<figcaption>{esc(name)}: {esc(metric)}, mean ± std over seeds</figcaption></figure>"
+         for name, (metric, lines) in (curves or {}).items())}
 </body></html>
 """

@@ -33,27 +33,33 @@ def read_report(name: str, uri: str) -> dict:
               help="An evaluate output; reports named GROUP-<seed> are one group's replicates (repeatable).")
 @click.option("--claim", "claim_specs", multiple=True, required=True, metavar="NAME=SPEC",
               help="'GROUP: MODEL vs BASELINE @ METRIC [| paper A vs B] [| SOURCE]' (repeatable).")
+@click.option("--curve", "curve_specs", multiple=True, metavar="NAME=SPEC",
+              help="'GROUP: MODEL, MODEL @ METRIC': the metric against the number ending each MODEL-<n> (repeatable).")
 @click.option("--title", default="unsupft study", show_default=True, help="The page's title.")
 @click.option("--out", required=True, help="Output URI for study.md, study.html and study.json.")
 @stage.overwrite_option
 @report_user_errors
-def study_command(report_specs: tuple[str, ...], claim_specs: tuple[str, ...], title: str, out: str) -> None:
+def study_command(report_specs: tuple[str, ...], claim_specs: tuple[str, ...], curve_specs: tuple[str, ...], title: str,
+                  out: str) -> None:
     """One page with a row per paper claim: the paper's numbers, ours over seeds, the baseline, a verdict."""
     reports = parse_named(report_specs, "--report")
     claims = [study.parse_claim(name, spec) for name, spec in parse_named(claim_specs, "--claim").items()]
-    run = stage.start("study", store.normalize(out), {"reports": reports, "claims": [asdict(c) for c in claims],
-                                                      "title": title}, inputs=reports)
+    curves = [study.parse_curve(name, spec) for name, spec in parse_named(curve_specs, "--curve").items()]
+    run = stage.start("study", store.normalize(out), {
+        "reports": reports, "claims": [asdict(c) for c in claims], "title": title,
+        **({"curves": [asdict(c) for c in curves]} if curves else {})}, inputs=reports)
     if run is None:
         return
     groups = study.replicate_groups({name: read_report(name, uri) for name, uri in reports.items()})
     for claim in claims:
         study.check_claim(claim, groups)
+    lines = {curve.name: (curve.metric, study.curve_points(curve, groups)) for curve in curves}
 
     run.claim()
     rows = [study.score_claim(claim, groups) for claim in claims]
-    store.write_json(store.join(run.out, study.STUDY_JSON), {"title": title, "rows": rows, "reports": reports})
-    store.write_text(store.join(run.out, study.STUDY_MD), study.render_md(title, rows))
-    store.write_text(store.join(run.out, study.STUDY_HTML), study.render_html(title, rows))
+    store.write_json(store.join(run.out, study.STUDY_JSON), {"title": title, "rows": rows, "curves": lines, "reports": reports})
+    store.write_text(store.join(run.out, study.STUDY_MD), study.render_md(title, rows, lines))
+    store.write_text(store.join(run.out, study.STUDY_HTML), study.render_html(title, rows, lines))
     run.finish(claims=len(rows), verdicts={r["claim"]: r["verdict"] for r in rows})
     click.echo(json.dumps({r["claim"]: r["verdict"] for r in rows}), err=True)
     click.echo(f"{run.out}: study page written ({study.STUDY_MD}, {study.STUDY_HTML})", err=True)
