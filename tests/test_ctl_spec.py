@@ -212,3 +212,10 @@ def test_matrix_expansions_become_kubernetes_objects():
     objs = kube.render(p, kube.Context(p.name, "ml", "creds"), "img:1")
     rendered = {o["metadata"]["labels"].get(kube.LABEL_STAGE) for o in objs}
     assert {"base-0", "base-1", "adapt-1-cutmix", "eval-0", "study"} <= rendered
+
+
+def test_matrix_too_many_stages_is_refused_before_expanding():
+    many = MATRIX.replace("matrix: {seed: [0, 1]}}\n  adapt", "matrix: {seed: [" + ", ".join(map(str, range(40))) + "],"
+                          " lr: [" + ", ".join(f"0.{i + 1}" for i in range(30)) + "]}}\n  adapt")
+    with pytest.raises(UserError, match=r"m.yaml:3: stages: the matrices make 1208 stages; a pipeline holds at most 1000"):
+        spec.parse(many, "m.yaml")

@@ -289,6 +289,7 @@ def _build(doc: Any, where: _Where) -> Pipeline:
 
 
 MATRIX = "matrix"
+MAX_STAGES = 1000  # after expanding matrices: far above a real study, far below what hurts
 
 
 def _expand_matrices(where: _Where, raw_stages: dict[str, Any], datasets: dict[str, str]) -> tuple[dict[str, Any], dict[str, str]]:
@@ -314,6 +315,13 @@ def _expand_matrices(where: _Where, raw_stages: dict[str, Any], datasets: dict[s
             axes_of[sname] = _matrix_axes(where, sname, body)
     if not axes_of:
         return raw_stages, {s: s for s in raw_stages}
+    total = sum(len(list(itertools.product(*axes.values()))) for axes in axes_of.values()) + len(raw_stages) - len(axes_of)
+    if total > MAX_STAGES:
+        raise where.error(("stages",), f"the matrices make {total} stages; a pipeline holds at most {MAX_STAGES}")
+    own_lines: dict[str, list[tuple[tuple, int]]] = {}  # stage as written -> (path below it, line)
+    for where_path, line in where.lines.items():
+        if where_path[:1] == ("stages",) and len(where_path) > 1 and where_path[1] in axes_of:
+            own_lines.setdefault(where_path[1], []).append((where_path[2:], line))
     expanded: dict[str, Any] = {}
     origin: dict[str, str] = {}
     for sname, body in raw_stages.items():
@@ -339,9 +347,8 @@ def _expand_matrices(where: _Where, raw_stages: dict[str, Any], datasets: dict[s
             stage_body.update(values)
             expanded[name], origin[name] = stage_body, sname
             if name != sname:  # the expansion's fields point at the lines of the stage as written
-                for where_path, line in list(where.lines.items()):
-                    if where_path[:2] == ("stages", sname):
-                        where.lines.setdefault(("stages", name) + where_path[2:], line)
+                for below, line in own_lines.get(sname, []):
+                    where.lines.setdefault(("stages", name) + below, line)
                 for axis in values:
                     where.lines[("stages", name, axis)] = where.lines.get(("stages", sname, MATRIX, axis),
                                                                           where.lines[path])
