@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 # torch first and pinned: pip then takes the CPU build on disk instead of the CUDA one from PyPI.
 TORCH  := torch==2.13.0
 
-.PHONY: install system-deps test demo bench clean options-table
+.PHONY: install system-deps test demo study bench clean options-table
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,19 @@ demo: install
 	test -f $(DEMO_DATA)/digits-target/train/dataset.json || \
 	  $(BIN)/unsupft ingest sklearn:digits $(DEMO_DATA)/digits-target --limit 600 --seed 1 --split 0.5
 	$(BIN)/unsupft-ctl run jobs/demo.yaml
+
+# The papers' claims in miniature (jobs/study.yaml, issue 12): Fashion-MNIST's 60,000 training
+# images (Debian's dataset-fashion-mnist, see system-deps) as the unlabeled source, digits as the
+# target; then every stage, three seeds each, and the study page runs/study/study/study.html.
+FASHION := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+
+study: install system-deps
+	test -f $(FASHION) || { echo "error: $(FASHION) missing: apt-get install dataset-fashion-mnist"; exit 2; }
+	test -f $(DEMO_DATA)/study/fashion/dataset.json || \
+	  $(BIN)/unsupft ingest $(FASHION) $(DEMO_DATA)/study/fashion --unlabeled
+	test -f $(DEMO_DATA)/study/digits/train/dataset.json || \
+	  $(BIN)/unsupft ingest sklearn:digits $(DEMO_DATA)/study/digits --split 0.3 --seed 1
+	$(BIN)/unsupft-ctl run jobs/study.yaml
 
 # After changing a stage's options: the static table `unsupft-ctl validate` checks pipelines with.
 options-table: install

@@ -84,15 +84,16 @@ def test_parameters_are_checked_against_the_stage_commands():
     ],
 )
 def test_errors_name_file_field_and_line(change, expected):
-    text = GOOD.replace(*change)
-    assert text != GOOD
+    assert_one_line_error(GOOD, change, "demo.yaml", expected)
+
+
+def assert_one_line_error(original: str, change: tuple[str, str], file: str, expected: str | None) -> None:
+    """`original` with `change` applied is refused with one line holding `expected` (None: accepted)."""
+    text = original.replace(*change)
+    assert text != original
     if expected is None:
-        spec.parse(text, "demo.yaml")
+        spec.parse(text, file)
         return
-    _assert_one_line_error(text, "demo.yaml", expected)
-
-
-def _assert_one_line_error(text: str, file: str, expected: str) -> None:
     with pytest.raises(UserError) as err:
         spec.parse(text, file)
     assert expected in str(err.value)
@@ -135,6 +136,57 @@ def test_chosen_source_reference_renders_a_marker_the_stage_resolves():
     check_options(p, "pick.yaml")
 
 
+# ------------------------------------------------------------------------------------ matrix ---
+
+MATRIX = """\
+name: m
+datasets: {digits: file:///data/digits}
+stages:
+  base: {kind: pretrain, data: [digits], steps: 20, matrix: {seed: [0, 1]}}
+  adapt:
+    kind: adapt
+    init: base
+    target: digits
+    matrix: {seed: [0, 1], mix: [none, cutmix]}
+  eval: {kind: evaluate, model: {base: base, adapt: adapt}, train: digits, test: digits, matrix: {seed: [0, 1]}}
+  all: {kind: evaluate, model: {base: base, data: digits}, train: digits, test: digits}
+  study: {kind: study, report: {uft: eval}, claim: {c: "uft: adapt-cutmix vs base @ fewshot_1_top1"}}
+resources:
+  base: {cpu: 3}
+"""
+
+
+def test_matrix_expands_names_and_sets_each_axis():
+    p = spec.parse(MATRIX, "m.yaml")
+    assert [s for s in p.stages if s.startswith("adapt")] == ["adapt-0-none", "adapt-0-cutmix", "adapt-1-none", "adapt-1-cutmix"]
+    assert "base" not in p.stages and "adapt" not in p.stages
+    assert p.stages["base-1"].params["seed"] == 1
+    assert p.stages["adapt-1-cutmix"].params["seed"] == 1 and p.stages["adapt-1-cutmix"].params["mix"] == "cutmix"
+    assert p.stages["base-0"].resources.cpu == 3 and p.stages["adapt-0-none"].resources.cpu == 1  # per written stage
+    check_options(p, "m.yaml")  # the axes are options of their kind, with values it accepts
+
+
+def test_matrix_binds_shared_axes_and_fans_out_the_others():
+    p = spec.parse(MATRIX, "m.yaml")
+    assert p.stages["adapt-1-none"].params["init"] == "stage:base-1"  # shared axis seed: same value
+    assert p.stages["eval-1"].params["model"] == {"base": "stage:base-1", "adapt-none": "stage:adapt-1-none",
+                                                  "adapt-cutmix": "stage:adapt-1-cutmix"}
+    assert p.stages["all"].params["model"] == {"base-0": "stage:base-0", "base-1": "stage:base-1",
+                                               "data": "/data/digits"}  # no shared axis: every expansion
+    assert p.stages["study"].params["report"] == {"uft-0": "stage:eval-0", "uft-1": "stage:eval-1"}
+    assert p.stages["study"].needs == ("eval-0", "eval-1")
+    listed = spec.parse(MATRIX.replace("data: [digits], steps: 20", "data: [digits], steps: 20, init: x")
+                        .replace("datasets: {digits: file:///data/digits}", "datasets: {digits: file:///data/digits, x: file:///x}")
+                        .replace("  all: {kind: evaluate", "  hpt: {kind: pretrain, data: [base, digits]}\n  all: {kind: evaluate"), "m.yaml")
+    assert listed.stages["hpt"].params["data"] == ["stage:base-0", "stage:base-1", "/data/digits"]
+
+
+def test_matrix_float_and_boolean_values_make_names():
+    text = MATRIX.replace("matrix: {seed: [0, 1], mix: [none, cutmix]}", "matrix: {lr: [0.03, 0.1], seed: [0, 1]}")
+    p = spec.parse(text, "m.yaml")
+    assert "adapt-0-03-1" in p.stages and p.stages["adapt-0-03-1"].params["lr"] == 0.03
+
+
 @pytest.mark.parametrize(
     "change, expected",
     [
@@ -147,6 +199,60 @@ def test_chosen_source_reference_renders_a_marker_the_stage_resolves():
     ],
 )
 def test_chosen_source_reference_errors_name_file_field_and_line(change, expected):
-    text = CHOSEN.replace(*change)
-    assert text != CHOSEN
-    _assert_one_line_error(text, "pick.yaml", expected)
+    assert_one_line_error(CHOSEN, change, "pick.yaml", expected)
+
+
+@pytest.mark.parametrize(
+    "change, expected",
+    [
+        (("matrix: {seed: [0, 1]}}\n  adapt", "matrix: [0, 1]}\n  adapt"),
+         "m.yaml:4: stages.base.matrix: a matrix is a mapping"),
+        (("matrix: {seed: [0, 1], mix", "matrix: {sed: [0, 1], mix"),
+         "m.yaml:9: stages.adapt.matrix.sed: 'adapt' has no option --sed"),
+        (("matrix: {seed: [0, 1], mix", "matrix: {target: [0, 1], mix"),
+         "m.yaml:9: stages.adapt.matrix.target: an input cannot be a matrix axis"),
+        (("mix: [none, cutmix]", "mix: []"), "m.yaml:9: stages.adapt.matrix.mix: expected a non-empty list"),
+        (("mix: [none, cutmix]", "mix: none"), "m.yaml:9: stages.adapt.matrix.mix: expected a non-empty list"),
+        (("mix: [none, cutmix]", "mix: [none, [cutmix]]"), "m.yaml:9: stages.adapt.matrix.mix[1]: a matrix value is a scalar"),
+        (("    target: digits\n", "    target: digits\n    seed: 3\n"),
+         "m.yaml:10: stages.adapt.matrix.seed: given both as a parameter and as a matrix axis"),
+        (("mix: [none, cutmix]", "mix: [cut.mix, cut-mix]"), "m.yaml:9: stages.adapt.matrix: the expansion 'adapt-0-cut-mix' collides"),
+        (("  all: {kind", "  base-1: {kind: pretrain, data: [digits]}\n  all: {kind"),
+         "m.yaml:4: stages.base.matrix: the expansion 'base-1' collides"),
+        (("mix: [none, cutmix]", "mix: [none, cutmix-with-a-very-long-name-indeed-x]"),
+         "m.yaml:9: stages.adapt.matrix: the expansion 'adapt-0-cutmix-with-a-very-long-name-indeed-x' is not a stage name"),
+        (("matrix: {seed: [0, 1], mix", "matrix: {seed: [0, 1, 2], mix"),
+         "m.yaml:7: stages.adapt.init: seed 2 of this stage is not a value of base's matrix axis seed (0, 1)"),
+        (("    init: base\n", "    init: base\n    replay_source: base\n"),
+         None),  # shared axis: binds to one expansion
+        (("matrix: {seed: [0, 1], mix: [none, cutmix]}", "matrix: {mix: [none, cutmix]}"),
+         "m.yaml:7: stages.adapt.init: base is a matrix over seed, which this stage does not share"),
+    ],
+)
+def test_matrix_errors_name_file_field_and_line(change, expected):
+    assert_one_line_error(MATRIX, change, "m.yaml", expected)
+
+
+def test_matrix_cache_keys_differ_per_expansion():
+    from unsupft.ctl.command import stage_keys
+
+    keys = stage_keys(spec.parse(MATRIX, "m.yaml"), "/r")
+    assert len({keys["base-0"], keys["base-1"]}) == 2
+    assert keys["adapt-0-none"] == stage_keys(spec.parse(MATRIX, "m.yaml"), "/r")["adapt-0-none"]
+
+
+def test_matrix_expansions_become_kubernetes_objects():
+    """The kube backend needs no change: it renders the expanded stages like any others."""
+    from unsupft.ctl import kube
+
+    p = spec.parse(MATRIX.replace("file:///data/digits", "s3://bucket/digits").replace("name: m", "name: m\nstore: s3://bucket/runs"), "m.yaml")
+    objs = kube.render(p, kube.Context(p.name, "ml", "creds"), "img:1")
+    rendered = {o["metadata"]["labels"].get(kube.LABEL_STAGE) for o in objs}
+    assert {"base-0", "base-1", "adapt-1-cutmix", "eval-0", "study"} <= rendered
+
+
+def test_matrix_too_many_stages_is_refused_before_expanding():
+    many = MATRIX.replace("matrix: {seed: [0, 1]}}\n  adapt", "matrix: {seed: [" + ", ".join(map(str, range(40))) + "],"
+                          " lr: [" + ", ".join(f"0.{i + 1}" for i in range(30)) + "]}}\n  adapt")
+    with pytest.raises(UserError, match=r"m.yaml:3: stages: the matrices make 1208 stages; a pipeline holds at most 1000"):
+        spec.parse(many, "m.yaml")

@@ -71,6 +71,10 @@ STAGES: dict[str, StageSpec] = {spec.name: spec for spec in (
               "unsupft evaluate --model base=runs/base --model adapt=runs/adapt --train data/tgt/train "
               "--test data/tgt/test --shots 1,4 --baseline base --label label=runs/label --out runs/eval",
               inputs=("model", "train", "test", "label"), datasets=("train", "test")),
+    StageSpec("study", "unsupft.stages.study:study_command",
+              "unsupft study --report uft-0=runs/eval-0 --report uft-1=runs/eval-1 "
+              "--claim 'uft-1shot=uft: adapt vs base @ fewshot_1_top1' --out runs/study",
+              inputs=("report",)),
     StageSpec("annotate", "unsupft.stages.annotate:annotate_command", "unsupft annotate runs/label"),
 )}
 

@@ -19,6 +19,7 @@ pipeline is found at once, before anything runs.
 
 from __future__ import annotations
 
+import itertools
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,7 @@ from typing import Any
 
 import yaml
 
+from unsupft import options as option_table
 from unsupft import store
 from unsupft.errors import UserError
 from unsupft.registry import PIPELINE_KINDS, STAGES
@@ -278,12 +280,152 @@ def _build(doc: Any, where: _Where) -> Pipeline:
             raise where.error(("stages", sname), "a stage and a data set share this name")
 
     resources = _resources(where, doc.get("resources") or {}, raw_stages)
+    raw_stages, origin = _expand_matrices(where, raw_stages, datasets)
+    resources = {s: resources[origin[s]] for s in raw_stages}  # an expansion takes its stage's resources
     stages: dict[str, tuple[str, dict[str, Any], set[str], dict[str, int]]] = {}
     for sname, body in raw_stages.items():
         stages[sname] = _stage(where, sname, body, datasets, raw_stages)
     order = _topological(where, {s: deps for s, (_, _, deps, _) in stages.items()})
     built = {s: Stage(s, stages[s][0], stages[s][1], tuple(sorted(stages[s][2])), resources[s], stages[s][3]) for s in order}
     return Pipeline(name, store_uri, datasets, built, doc)
+
+
+MATRIX = "matrix"
+MAX_STAGES = 1000  # after expanding matrices: far above a real study, far below what hurts
+
+
+def _expand_matrices(where: _Where, raw_stages: dict[str, Any], datasets: dict[str, str]) -> tuple[dict[str, Any], dict[str, str]]:
+    """Stages with a `matrix` -> one stage per combination of its values; inputs bound to expansions.
+
+    The rules (docs/pipelines.md, "Matrix"):
+    - `matrix: {seed: [0, 1], mix: [none, cutmix]}` runs the stage once per combination, with each
+      axis set as that option; an expansion is named `<stage>-<value>-<value>` in the axes' order,
+      every value lower-cased with each run of other characters than a-z, 0-9 turned into '-'
+      (`base-0`, `adapt-1-cutmix`, `lr: 0.03` -> `0-03`); a name that is not a stage name (at most
+      40 characters) or that another stage or data set has is an error.
+    - An input naming a matrixed stage binds each axis the two stages share to the reading stage's
+      own value, and fans out over the axes they do not share: a single input (`init: base`) must end
+      on one expansion, a list input gets every expansion, a mapping input's key gets the same suffix
+      as its stage (`model: {base: base}` -> `{base-0: base-0, base-1: base-1}`).
+    Returns the expanded raw stages in file order and each one's stage as written (for its
+    resources and line numbers). Expansion happens before inputs are resolved, so everything after
+    the parser (validate, run, status, the kube backend, cache keys) sees plain stages.
+    """
+    axes_of: dict[str, dict[str, list[Any]]] = {}
+    for sname, body in raw_stages.items():
+        if isinstance(body, dict) and MATRIX in body and body.get("kind") in PIPELINE_KINDS:
+            axes_of[sname] = _matrix_axes(where, sname, body)
+    if not axes_of:
+        return raw_stages, {s: s for s in raw_stages}
+    total = sum(len(list(itertools.product(*axes.values()))) for axes in axes_of.values()) + len(raw_stages) - len(axes_of)
+    if total > MAX_STAGES:
+        raise where.error(("stages",), f"the matrices make {total} stages; a pipeline holds at most {MAX_STAGES}")
+    own_lines: dict[str, list[tuple[tuple, int]]] = {}  # stage as written -> (path below it, line)
+    for where_path, line in where.lines.items():
+        if where_path[:1] == ("stages",) and len(where_path) > 1 and where_path[1] in axes_of:
+            own_lines.setdefault(where_path[1], []).append((where_path[2:], line))
+    expanded: dict[str, Any] = {}
+    origin: dict[str, str] = {}
+    for sname, body in raw_stages.items():
+        if not isinstance(body, dict) or body.get("kind") not in PIPELINE_KINDS:
+            expanded[sname], origin[sname] = body, sname  # `_stage` says what is wrong with it
+            continue
+        axes = axes_of.get(sname, {})
+        for combo in itertools.product(*axes.values()):
+            values = dict(zip(axes, combo))
+            name = _expansion_name(sname, combo)
+            path = ("stages", sname, MATRIX) if axes else ("stages", sname)
+            if not NAME_RE.match(name):
+                raise where.error(path, f"the expansion {name!r} is not a stage name (lower-case letters, digits "
+                                        "and '-', at most 40): shorten the stage name or the values")
+            if name in expanded or name in datasets or (name != sname and name in raw_stages):
+                raise where.error(path, f"the expansion {name!r} collides with "
+                                        f"{'a data set' if name in datasets else 'another stage or expansion'} of that name")
+            stage_body = {k: v for k, v in body.items() if k != MATRIX}
+            inputs = STAGES[body["kind"]].inputs or ()
+            for key, value in body.items():
+                if isinstance(key, str) and key.replace("-", "_") in inputs:
+                    stage_body[key] = _bind(where, ("stages", sname, key), value, values, axes_of)
+            stage_body.update(values)
+            expanded[name], origin[name] = stage_body, sname
+            if name != sname:  # the expansion's fields point at the lines of the stage as written
+                for below, line in own_lines.get(sname, []):
+                    where.lines.setdefault(("stages", name) + below, line)
+                for axis in values:
+                    where.lines[("stages", name, axis)] = where.lines.get(("stages", sname, MATRIX, axis),
+                                                                          where.lines[path])
+    return expanded, origin
+
+
+def _matrix_axes(where: _Where, sname: str, body: dict[str, Any]) -> dict[str, list[Any]]:
+    """The checked `matrix` of a stage: option name (snake case) -> its values, in file order."""
+    path = ("stages", sname, MATRIX)
+    kind = body["kind"]
+    matrix = body[MATRIX]
+    if not isinstance(matrix, dict) or not matrix:
+        raise where.error(path, "a matrix is a mapping of option names to lists of values, e.g. {seed: [0, 1, 2]}")
+    known = option_table.load().get(kind, {})
+    given = {k.replace("-", "_") for k in body if isinstance(k, str) and k not in ("kind", MATRIX)}
+    axes: dict[str, list[Any]] = {}
+    for axis, values in matrix.items():
+        apath = path + (axis,)
+        option = axis.replace("-", "_") if isinstance(axis, str) else axis
+        if option not in known or option in ("out", "overwrite"):
+            raise where.error(apath, f"'{kind}' has no option --{str(axis).replace('_', '-')} to vary")
+        if option in (STAGES[kind].inputs or ()):
+            raise where.error(apath, "an input cannot be a matrix axis; write one stage per input instead")
+        if option in given:
+            raise where.error(apath, "given both as a parameter and as a matrix axis")
+        if not isinstance(values, list) or not values:
+            raise where.error(apath, "expected a non-empty list of values")
+        for i, value in enumerate(values):
+            if not isinstance(value, Scalar):
+                raise where.error(apath + (i,), f"a matrix value is a scalar, got {type(value).__name__}")
+        axes[option] = values
+    return axes
+
+
+def _expansion_name(sname: str, combo: tuple[Any, ...]) -> str:
+    return "-".join([sname, *(re.sub(r"[^a-z0-9]+", "-", str(v).lower()).strip("-") for v in combo)])
+
+
+def _bind(where: _Where, path: tuple, value: Any, values: dict[str, Any], axes_of: dict[str, dict[str, list[Any]]]) -> Any:
+    """An input's references to matrixed stages -> the expansions they bind to (see `_expand_matrices`)."""
+
+    def expansions(ref: Any, p: tuple) -> list[tuple[str, str]]:
+        """(suffix from the axes not shared, expansion name) per expansion `ref` reaches."""
+        if not isinstance(ref, str) or ref not in axes_of:
+            return [("", ref)]
+        axes = axes_of[ref]
+        for axis, own in values.items():
+            if axis in axes and own not in axes[axis]:
+                raise where.error(p, f"{axis} {own!r} of this stage is not a value of {ref}'s matrix axis {axis} "
+                                     f"({', '.join(map(str, axes[axis]))})")
+        free = [a for a in axes if a not in values]
+        found = []
+        for combo in itertools.product(*(axes[a] for a in free)):
+            chosen = {**values, **dict(zip(free, combo))}
+            found.append((_expansion_name("", combo).lstrip("-"), _expansion_name(ref, tuple(chosen[a] for a in axes))))
+        return found
+
+    if isinstance(value, list):
+        return [name for i, ref in enumerate(value) for _, name in expansions(ref, path + (i,))]
+    if isinstance(value, dict):
+        mapped: dict[Any, Any] = {}
+        for key, ref in value.items():
+            for suffix, name in expansions(ref, path + (key,)):
+                new_key = f"{key}-{suffix}" if suffix else key
+                if new_key in mapped:
+                    raise where.error(path + (key,), f"the fanned-out key {new_key!r} is given twice")
+                mapped[new_key] = name
+        return mapped
+    found = expansions(value, path)
+    if len(found) > 1:
+        free = [a for a in axes_of[value] if a not in values]
+        raise where.error(path, f"{value} is a matrix over {', '.join(free)}, which this stage does not share: "
+                                f"a single input binds to one expansion (give this stage the same matrix axes, "
+                                f"or name one expansion, e.g. {found[0][1]})")
+    return found[0][1]
 
 
 def _stage(where: _Where, sname: str, body: Any, datasets: dict[str, str], stages: dict) -> tuple:
