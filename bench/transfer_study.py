@@ -23,7 +23,17 @@ from unsupft.data import load_arrays
 from unsupft.eval.metrics import top1_accuracy
 from unsupft.models import load_backbone
 from unsupft.eval.fewshot import draw_shots
-from unsupft.train.transfer import FinetuneConfig, finetune, predict
+from unsupft.train.transfer import METHODS, Coin, FinetuneConfig, finetune, predict
+
+
+class CoinOneSchedule(Coin):
+    """COIN as it was before its CE phase restarted the cosine schedule (the baseline row)."""
+
+    def restarts(self) -> tuple[int, ...]:
+        return ()
+
+
+METHODS["coin-one-schedule"] = CoinOneSchedule
 
 
 def cli(*args: str) -> None:
@@ -38,7 +48,8 @@ def main() -> None:
     parser.add_argument("--shots", default="1,2,4")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=100)
-    parser.add_argument("--methods", default="ce,coin,bituning")
+    parser.add_argument("--methods", default="ce,coin,bituning", help="also: coin-one-schedule (COIN before the restart)")
+    parser.add_argument("--coin-alpha", type=float, default=0.7)
     args = parser.parse_args()
     torch.set_num_threads(1)
     data = os.path.join(args.work, "digits")
@@ -57,7 +68,8 @@ def main() -> None:
                 backbone, meta = load_backbone(init)
                 start = time.perf_counter()
                 model = finetune(backbone, meta, train.images[idx], train.labels[idx], len(train.classes),
-                                 FinetuneConfig(method=method, epochs=args.epochs, seed=seed))
+                                 FinetuneConfig(method=method, epochs=args.epochs, seed=seed,
+                                                coin_alpha=args.coin_alpha))
                 acc = top1_accuracy(predict(model, test.images).numpy(), test.labels.numpy())
                 row = {"shots": k, "seed": seed, "method": method, "top1": round(acc, 4),
                        "seconds": round(time.perf_counter() - start, 1)}
