@@ -5,6 +5,8 @@ A stage is its `kind` plus parameters that map one to one onto the stage command
 per kind (`unsupft.registry`): their values name a data set or an earlier stage (or are literal URIs), and
 they define the DAG. Every error names the file, the field and the line, so a typo in a 200-line
 pipeline is found at once, before anything runs.
+A stage's `matrix` (`{seed: [0, 1, 2]}`) expands it into one stage per combination before
+inputs are resolved (`_expand_matrices`), so nothing after the parser knows matrices exist.
 
     name: demo
     store: file://./runs
@@ -297,7 +299,7 @@ MAX_STAGES = 1000  # after expanding matrices: far above a real study, far below
 def _expand_matrices(where: _Where, raw_stages: dict[str, Any], datasets: dict[str, str]) -> tuple[dict[str, Any], dict[str, str]]:
     """Stages with a `matrix` -> one stage per combination of its values; inputs bound to expansions.
 
-    The rules (docs/pipelines.md, "Matrix"):
+    The rules (docs/study.md, "`matrix`"):
     - `matrix: {seed: [0, 1], mix: [none, cutmix]}` runs the stage once per combination, with each
       axis set as that option; an expansion is named `<stage>-<value>-<value>` in the axes' order,
       every value lower-cased with each run of other characters than a-z, 0-9 turned into '-'
