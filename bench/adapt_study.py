@@ -55,8 +55,10 @@ def unsupft(*args) -> None:
         raise SystemExit(proc.stderr)
 
 
-def few_shot_knn(backbone: torch.nn.Module, image_size, train, test, shots: int = 5, trials: int = 5) -> float:
-    """Mean 1-NN accuracy (cosine) on `test` with `shots` random labeled references per class."""
+def few_shot_knn(backbone: torch.nn.Module, train, test, image_size: list[int] | None = None, shots: int = 5,
+                 trials: int = 5) -> float:
+    """Mean 1-NN accuracy (cosine) on `test` with `shots` random labeled references per class, the
+    images resized to `image_size` (a model's recorded input size; None: as stored)."""
     backbone.eval()
     with torch.no_grad():
         ref, query = (F.normalize(backbone(preprocess(s.images, image_size)), dim=1) for s in (train, test))
@@ -71,7 +73,7 @@ def few_shot_knn(backbone: torch.nn.Module, image_size, train, test, shots: int 
 
 def knn_of(model_uri: str, train, test) -> float:
     backbone, meta = load_backbone(model_uri)
-    return few_shot_knn(backbone, meta.get("image_size"), train, test)
+    return few_shot_knn(backbone, train, test, meta.get("image_size"))
 
 
 def write_subset(src: Path, out: Path, count: int) -> None:
