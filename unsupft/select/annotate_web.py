@@ -138,14 +138,21 @@ async function post(path, body) {
                                body: JSON.stringify(body)});
   return [r.ok, await r.json()];
 }
-async function persist() {
-  const [ok, body] = await post("progress", labels);
-  if (!finished) document.getElementById("status").textContent =
-    ok ? `progress saved (${Object.keys(labels).length} answers)` : "error: " + body.error;
+// Saves go one after another: the server handles requests in threads, so two posts in flight
+// could land in the other order and an older snapshot overwrite a newer one (a lost answer).
+let saving = Promise.resolve();
+function persist() {
+  const snapshot = {...labels};
+  saving = saving.then(async () => {
+    const [ok, body] = await post("progress", snapshot);
+    if (!finished) document.getElementById("status").textContent =
+      ok ? `progress saved (${Object.keys(snapshot).length} answers)` : "error: " + body.error;
+  });
 }
 async function finish() {
   finished = true;
   document.getElementById("status").textContent = "saving…";
+  await saving;
   const [ok, body] = await post("labels", labels);
   document.getElementById("status").textContent = ok ? "saved " + body.uri + " — you can close this page"
                                                      : "error: " + body.error;
