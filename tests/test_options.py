@@ -96,6 +96,7 @@ PINNED_HASHES = [
     ("e3c0d47dcb91abb7", 'semi --init i --train t --unlabeled u --test x --shots 2 --seed 1 --threshold 0.9 --mu 3 --unlabeled-weight 0 --ema-decay 0.99 --steps 5 --batch-size 4 --lr-head 0.5 --lr-backbone 0.01 --arch tiny --checkpoint-every 2 --amp off --workers 0 --out o'),
     ("12f898d5e3f6d47c", 'select-source --init i --candidate a=x --candidate b=y --probe-train p --out o'),
     ("3d2ac44a06539908", 'select-source --init i --candidate a=x --candidate b=y --target t --probe-train p --probe-test q --shots 2 --steps 3 --batch-size 8 --lr 0.2 --queue-size 64 --seed 4 --checkpoint-every 1 --workers 0 --out o'),
+    ("a0fd0bfe20881ae7", 'select-source --init i --candidate a=x --candidate b=y --probe-train p --key-momentum 0.99 --crop-scale 0.5 --augment crop,jitter,blur --temperature 0.1 --out o'),
     ("4ed5e1ff031eb07c", 'label --init i --data d --out o'),
     ("65d245bb7f782ae6", 'label --init i --data d --test x --budget 2 --per-round 2 --initial k.csv --annotator manual --selector random --method coin --epochs 3 --seed 5 --out o'),
     ("f98999dda3b9a138", 'evaluate --model a=x --train t --test x --out o'),

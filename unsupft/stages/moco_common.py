@@ -134,7 +134,24 @@ def lr_option(per_256: float) -> Any:
 
 
 @dataclass(frozen=True, kw_only=True)
-class MoCoOptions(stage.StageOptions):
+class MoCoRecipe(options.Options):
+    """How a MoCo run makes and contrasts its views: what suits the data rather than the budget
+    (8 px digits need larger crops and no flip). `pretrain` and `adapt` take these options, and so
+    does `select-source`, which hands them to every candidate's run."""
+
+    temperature: float = options.option(0.2, type=options.number(0, 100, min_open=True))
+    key_momentum: float = options.option(0.999, type=options.number(0, 1, max_open=True),
+                                         help="Key encoder momentum (short runs on small data learn faster with 0.99).")
+    augment: str = options.option(",".join(DEFAULT_AUGMENTS), help="Comma list of augmentations (or 'none').")
+    crop_scale: float = options.option(DEFAULT_CROP_SCALE, type=options.number(0, 1, min_open=True),
+                                       help="Smallest random crop, as a share of the image's area.")
+
+    def identity(self) -> dict[str, Any]:
+        return {**super().identity(), "augment": list(parse_augments(self.augment))}
+
+
+@dataclass(frozen=True, kw_only=True)
+class MoCoOptions(MoCoRecipe, stage.StageOptions):
     """The options `pretrain` and `adapt` share (a stage's config extends this class): one field,
     one option."""
 
@@ -152,20 +169,11 @@ class MoCoOptions(stage.StageOptions):
         "auto", type=options.CountOrAuto(1, 1 << 20),
         help=f"Negative keys kept (at most 2^20: 128 floats each). auto: an epoch's samples rounded "
              f"down to a multiple of the batch, at most {AUTO_QUEUE_CAP}.")
-    temperature: float = options.option(0.2, type=options.number(0, 100, min_open=True))
-    key_momentum: float = options.option(0.999, type=options.number(0, 1, max_open=True),
-                                         help="Key encoder momentum (short runs on small data learn faster with 0.99).")
     image_size: int | None = options.option(None, type=options.count(8, 1024), help="Resize images to this square size.")
-    augment: str = options.option(",".join(DEFAULT_AUGMENTS), help="Comma list of augmentations (or 'none').")
-    crop_scale: float = options.option(DEFAULT_CROP_SCALE, type=options.number(0, 1, min_open=True),
-                                       help="Smallest random crop, as a share of the image's area.")
     checkpoint_every: int = options.option(500, type=options.count(0, 100_000_000), hashed=False)
     amp: str = options.option("auto", type=click.Choice(["auto", "bf16", "off"]), hashed=False)
     workers: int | None = options.option(None, type=options.count(0, 64), hashed=False,
                                          help="DataLoader workers (default: half the cores).")
-
-    def identity(self) -> dict[str, Any]:
-        return {**super().identity(), "augment": list(parse_augments(self.augment))}
 
 
 def run_moco(run: stage.StageRun, task: MoCoTask, images: Mixture, size: list[int], order: EpochOrder | None,

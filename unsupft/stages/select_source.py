@@ -6,7 +6,9 @@ probe wins. Each candidate's run is an ordinary `unsupft pretrain` output inside
 output (`<out>/candidates/<name>`, the command itself run in-process), so a killed selection
 skips the candidates that finished and resumes the one that was running from its checkpoint.
 With `--target`, every candidate run is TUP-style (`pretrain --target`: the candidate with the
-unlabeled target re-balanced into it), as the source would later be used.
+unlabeled target re-balanced into it), as the source would later be used. The runs take pretrain's
+recipe options (`MoCoRecipe`: augmentations, crop scale, key momentum, temperature): a short run
+ranks candidates by what it learned only where the recipe lets it learn (docs/semi.md).
 
 The probe: logistic regression on frozen features (`unsupft.eval.metrics.linear_probe_accuracy`)
 fit on `--probe-train` (all of it, or `--shots` K per class) and scored on `--probe-test` (or, with
@@ -19,7 +21,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import click
@@ -34,6 +36,7 @@ from unsupft.eval.classifier import align_test_labels
 from unsupft.eval.metrics import linear_probe_accuracy
 from unsupft.models import load_backbone
 from unsupft.eval.fewshot import draw_shots
+from unsupft.stages.moco_common import MoCoRecipe
 from unsupft.stages.pretrain import PretrainConfig, pretrain
 
 CANDIDATE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")  # a folder name on every store
@@ -77,7 +80,7 @@ def ranking_table(rows: list[dict[str, Any]], base: float) -> str:
 
 
 @dataclass(frozen=True, kw_only=True)
-class SelectSourceConfig(stage.StageOptions):
+class SelectSourceConfig(MoCoRecipe, stage.StageOptions):
     init: str = options.option(help="The base model every candidate's short pretrain starts from.")
     candidate: tuple[str, ...] = options.option(
         multiple=True, metavar="NAME=URI", hashed=False, help="A candidate source data set (repeatable, at least 2).")
@@ -111,7 +114,11 @@ class SelectSourceConfig(stage.StageOptions):
         return candidates
 
     def identity(self) -> dict[str, Any]:
-        return {**super().identity(), "candidates": self.candidates()}
+        """The recipe options count only where they differ from pretrain's defaults: selections
+        finished before select-source took them keep their config hash."""
+        defaults = MoCoRecipe().identity()
+        return {**{k: v for k, v in super().identity().items() if k not in defaults or v != defaults[k]},
+                "candidates": self.candidates()}
 
 
 @click.command("select-source")
@@ -145,7 +152,7 @@ def select_source_command(config: SelectSourceConfig) -> None:
             data=(uri,), target=config.target, init=config.init, steps=config.steps, batch_size=config.batch_size,
             lr=config.lr, queue_size=config.queue_size, seed=config.seed, checkpoint_every=config.checkpoint_every,
             workers=config.workers, out=candidate_out, trust_checkpoint=config.trust_checkpoint,
-            overwrite=config.overwrite))
+            overwrite=config.overwrite, **{f.name: getattr(config, f.name) for f in fields(MoCoRecipe)}))
         rows.append({"name": name, "uri": uri, "run": candidate_out,
                      "linear_top1": probe(candidate_out, probe_train, sets[0], sets[1], *sets[2:])})
     rows.sort(key=lambda r: -r["linear_top1"])  # stable: ties keep the order given
