@@ -76,7 +76,7 @@ def parse_claim(name: str, spec: str) -> Claim:
     head, *rest = [part.strip() for part in spec.split("|")]
     match = CLAIM_RE.match(head)
     if not match:
-        raise UserError(f"--claim {name}: expected 'GROUP: MODEL vs BASELINE @ METRIC [| paper A vs B] [| SOURCE]', got {spec!r}")
+        raise UserError(f"--claim {name}: expected 'GROUP: MODEL vs BASELINE @ METRIC [| paper A vs B | paper +D] [| SOURCE]', got {spec!r}")
     paper: tuple[float | None, float | None] = (None, None)
     lead = None
     if rest and (numbers := PAPER_RE.match(rest[0])):
