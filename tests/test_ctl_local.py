@@ -168,9 +168,9 @@ def test_stages_share_the_cores_instead_of_fighting_over_them(monkeypatch):
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
-    assert default_parallel() == 1 and stage_env(1)["OMP_NUM_THREADS"] == "2"
+    assert default_parallel() == 1 and stage_env(1)["OMP_NUM_THREADS"] == "1"
     monkeypatch.setattr(os, "cpu_count", lambda: 16)
-    assert default_parallel() == 4 and stage_env(4)["OMP_NUM_THREADS"] == "4"
+    assert default_parallel() == 4 and stage_env(4)["OMP_NUM_THREADS"] == "2"
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     assert stage_env(4)["OMP_NUM_THREADS"] == "3"
 

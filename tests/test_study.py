@@ -24,8 +24,16 @@ def test_claim_syntax():
     claim = study.parse_claim("c", "uft: a vs b @ fewshot_1_top1 | paper 0.62 vs - | UFT Table 2")
     assert (claim.group, claim.model, claim.baseline, claim.metric) == ("uft", "a", "b", "fewshot_1_top1")
     assert claim.paper == (0.62, None) and claim.source == "UFT Table 2"
+    assert claim.paper_lead is None  # one number missing: no lead
     assert study.parse_claim("c", "g: a vs b @ sdbw").paper == (None, None)
-    for bad in ("a vs b @ x", "g: a b @ x", "g: a vs b @ x | paper x vs 1", "g: a vs b @ x | s | t"):
+    assert study.parse_claim("c", "g: a vs b @ x | paper 0.62 vs 0.55").paper_lead == pytest.approx(0.07)
+    # a paper that states only the gain: `paper +D` (sign required), no method/baseline numbers
+    lead_only = study.parse_claim("c", "g: a vs b @ x | paper +0.0257 | COIN abstract")
+    assert (lead_only.paper, lead_only.paper_lead, lead_only.source) == ((None, None), 0.0257, "COIN abstract")
+    assert study.parse_claim("c", "g: a vs b @ sdbw | paper -0.5").paper_lead == -0.5
+    assert study.parse_claim("c", "g: a vs b @ x | paper 0.03").source == "paper 0.03"  # unsigned: a source text
+    for bad in ("a vs b @ x", "g: a b @ x", "g: a vs b @ x | paper x vs 1", "g: a vs b @ x | s | t",
+                "g: a vs b @ x | paper +x", "g: a vs b @ x | paper +0.1 | s | t"):
         with pytest.raises(UserError, match="--claim c: "):
             study.parse_claim("c", bad)
 
@@ -51,6 +59,20 @@ def test_claims_naming_what_no_report_has_are_refused():
                           ("g: m vs b @ retrieval_top5", "has retrieval_top5 for 'm'")):
         with pytest.raises(UserError, match=message):
             study.check_claim(study.parse_claim("c", spec), groups)
+
+
+def test_page_sets_the_papers_lead_beside_ours():
+    reports = {f"g-{i}": _report({"m": 0.60 + i / 100, "b": 0.50}) for i in range(2)}
+    groups = study.replicate_groups(reports)
+    rows = [study.score_claim(study.parse_claim("given", "g: m vs b @ linear_top1 | paper 0.70 vs 0.80 | T1"), groups),
+            study.score_claim(study.parse_claim("gain", "g: m vs b @ linear_top1 | paper +0.107 | abstract"), groups),
+            study.score_claim(study.parse_claim("none", "g: m vs b @ linear_top1"), groups)]
+    assert rows[0]["paper"]["lead"] == pytest.approx(-0.10) and rows[0]["lead_ours"] == pytest.approx(0.105)
+    page = study.render_md("t", rows)
+    assert "| given (m vs b) | linear_top1 | 0.700 vs 0.800 | -0.100 vs +0.105 |" in page
+    assert "| gain (m vs b) | linear_top1 | – vs – | +0.107 vs +0.105 |" in page
+    assert "| none (m vs b) | linear_top1 | – vs – | – vs +0.105 |" in page
+    assert "<td>+0.107 vs +0.105</td>" in study.render_html("t", rows)
 
 
 def test_label_rounds_are_a_metric():
@@ -97,7 +119,7 @@ stages:
         assert row["verdict"] == (study.REPRODUCED if lead > spread else study.CONTRADICTED if lead < -spread
                                   else study.NOT_AT_THIS_SCALE)
     page = (out / "study.md").read_text()
-    assert "| adapt-1shot (naive vs base) | fewshot_1_top1 | 0.600 vs 0.500 |" in page
+    assert "| adapt-1shot (naive vs base) | fewshot_1_top1 | 0.600 vs 0.500 | +0.100 vs " in page
     assert f"(n=2) | {rows['adapt-1shot']['verdict']} | UFT Table 2 |" in page
     assert "<svg" in (out / "study.html").read_text()
 

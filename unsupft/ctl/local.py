@@ -96,7 +96,9 @@ def default_parallel() -> int:
 
 
 def stage_env(max_parallel: int) -> dict[str, str]:
-    """A child stage's environment: its share of the cores as OpenMP threads, unless the user chose.
+    """A child stage's environment: half its share of the cores as OpenMP threads (the other half
+    runs its DataLoader workers), unless the user chose. On 2 cores, 2 threads beside 1 worker made
+    a MoCo step 5-10x slower than 1 thread (spinning OpenMP threads; BENCHMARKS.md, "Threads").
 
     The pipeline file alone says what a stage does: stage options from the controller's own
     environment (`UNSUPFT_<STAGE>_<OPTION>`) would change stages behind their cache keys, and
@@ -105,7 +107,7 @@ def stage_env(max_parallel: int) -> dict[str, str]:
     dropped = option_env_prefixes()
     env = {k: v for k, v in os.environ.items() if not k.startswith(dropped) and k != TRUST_ENV}
     env["PYTHONUNBUFFERED"] = "1"
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max_parallel)))
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max_parallel // 2)))
     return env
 
 

@@ -5,9 +5,12 @@ A study reads evaluate reports (`report.json`, `unsupft.eval.report`) named `GRO
 
     uft: uft vs pretrained @ fewshot_1_top1 | paper 0.62 vs 0.55 | UFT Table 2, 1-shot
 
-that is `GROUP: MODEL vs BASELINE @ METRIC`, then optionally `| paper OURS vs THEIRS` (the paper's
-numbers for the method and its baseline, `-` when it gives none) and `| SOURCE` (where the paper
-says it). METRIC is a column key of the evaluate report (`fewshot_4_top1`, `retrieval_top5`,
+that is `GROUP: MODEL vs BASELINE @ METRIC`, then optionally `| paper A vs B` (the paper's numbers
+for the method and its baseline, `-` when it gives none) or `| paper +D` (a paper that states only
+the method's lead over its baseline: "+2.57 points" is `paper +0.0257`; the sign is required), and
+`| SOURCE` (where the paper says it). Papers report their own data at their own scale, so the page
+sets the paper's lead (method minus baseline) beside ours: the direction compares, the size rarely.
+METRIC is a column key of the evaluate report (`fewshot_4_top1`, `retrieval_top5`,
 `cluster_bcubed_precision`, `sdbw`, `linear_top1`, `classifier_top1`; which way is better comes
 from the report's column) or `round_N`, the test top-1 after round N of an evaluated label run
 (`evaluate --label NAME=URI`). For each claim the study takes the value of MODEL and BASELINE in
@@ -41,6 +44,7 @@ STUDY_MD, STUDY_HTML, STUDY_JSON = "study.md", "study.html", "study.json"
 
 CLAIM_RE = re.compile(r"^\s*(?P<group>[a-z0-9][-a-z0-9]*)\s*:\s*(?P<model>\S+)\s+vs\s+(?P<baseline>\S+)\s*@\s*(?P<metric>\w+)\s*$")
 PAPER_RE = re.compile(r"^\s*paper\s+(?P<ours>\S+)\s+vs\s+(?P<theirs>\S+)\s*$")
+PAPER_LEAD_RE = re.compile(r"^\s*paper\s+(?P<lead>[+-]\S+)\s*$")
 ROUND_RE = re.compile(r"^round_(\d+)$")
 CURVE_RE = re.compile(r"^\s*(?P<group>[a-z0-9][-a-z0-9]*)\s*:\s*(?P<models>[^@]+?)\s*@\s*(?P<metric>\w+)\s*$")
 
@@ -54,6 +58,7 @@ class Claim:
     metric: str
     paper: tuple[float | None, float | None]  # the paper's (method, baseline) numbers, None where not given
     source: str
+    paper_lead: float | None  # the paper's method minus baseline: given (`paper +D`) or A - B
 
 
 def _paper_number(text: str, claim: str) -> float | None:
@@ -66,18 +71,26 @@ def _paper_number(text: str, claim: str) -> float | None:
 
 
 def parse_claim(name: str, spec: str) -> Claim:
-    """`GROUP: MODEL vs BASELINE @ METRIC [| paper A vs B] [| SOURCE]` -> a `Claim` (one line on error)."""
+    """`GROUP: MODEL vs BASELINE @ METRIC [| paper A vs B | paper +D] [| SOURCE]` -> a `Claim` (one line
+    on error)."""
     head, *rest = [part.strip() for part in spec.split("|")]
     match = CLAIM_RE.match(head)
     if not match:
-        raise UserError(f"--claim {name}: expected 'GROUP: MODEL vs BASELINE @ METRIC [| paper A vs B] [| SOURCE]', got {spec!r}")
+        raise UserError(f"--claim {name}: expected 'GROUP: MODEL vs BASELINE @ METRIC [| paper A vs B | paper +D] [| SOURCE]', got {spec!r}")
     paper: tuple[float | None, float | None] = (None, None)
-    if rest and PAPER_RE.match(rest[0]):
-        numbers = PAPER_RE.match(rest.pop(0))
+    lead = None
+    if rest and (numbers := PAPER_RE.match(rest[0])):
+        rest.pop(0)
         paper = (_paper_number(numbers["ours"], name), _paper_number(numbers["theirs"], name))
+        lead = None if None in paper else paper[0] - paper[1]
+    elif rest and (given := PAPER_LEAD_RE.match(rest[0])):
+        rest.pop(0)
+        lead = _paper_number(given["lead"], name)
     if len(rest) > 1:
-        raise UserError(f"--claim {name}: at most a 'paper A vs B' part and a source after the claim, got {spec!r}")
-    return Claim(name, match["group"], match["model"], match["baseline"], match["metric"], paper, rest[0] if rest else "")
+        raise UserError(f"--claim {name}: at most a 'paper A vs B' (or 'paper +D') part and a source after the claim, "
+                        f"got {spec!r}")
+    return Claim(name, match["group"], match["model"], match["baseline"], match["metric"], paper,
+                 rest[0] if rest else "", lead)
 
 
 @dataclass(frozen=True)
@@ -182,12 +195,18 @@ def score_claim(claim: Claim, groups: dict[str, dict[str, dict[str, Any]]]) -> d
     higher = higher_is_better(claim.metric)
     return {"claim": claim.name, "group": claim.group, "model": claim.model, "baseline": claim.baseline,
             "metric": claim.metric, "higher_is_better": higher, "source": claim.source,
-            "paper": {"model": claim.paper[0], "baseline": claim.paper[1]},
-            "ours": ours_stats, "baseline_ours": base_stats, "verdict": verdict(ours_stats, base_stats, higher)}
+            "paper": {"model": claim.paper[0], "baseline": claim.paper[1], "lead": claim.paper_lead},
+            "ours": ours_stats, "baseline_ours": base_stats, "lead_ours": ours_stats["mean"] - base_stats["mean"],
+            "verdict": verdict(ours_stats, base_stats, higher)}
 
 
 def _num(value: float | None) -> str:
     return "–" if value is None else f"{value:.3f}"
+
+
+def _lead(row: dict[str, Any]) -> str:
+    """`paper vs ours`: method minus baseline, signed (the metric column says which way is better)."""
+    return " vs ".join("–" if v is None else f"{v:+.3f}" for v in (row["paper"]["lead"], row["lead_ours"]))
 
 
 def _ours(stats: dict[str, Any]) -> str:
@@ -198,13 +217,16 @@ def render_md(title: str, rows: list[dict[str, Any]], curves: dict | None = None
     """study.md: one row per claim, then a table per curve."""
     lines = [f"# {title}", "",
              "Ours: mean ± std over replicates (seeds), n of them. Verdict: the method's lead over its baseline "
-             "(in the paper's direction) against the larger seed std: reproduced / not at this scale / contradicted.", "",
-             "| claim | metric | paper: method vs baseline | ours: method | ours: baseline | verdict | source |",
-             "|---|---|---|---|---|---|---|"]
+             "(in the paper's direction) against the larger seed std: reproduced / not at this scale / contradicted. "
+             "Lead: method minus baseline, the paper's (on its own data and scale) and our mean: compare the signs, "
+             "not the sizes.", "",
+             "| claim | metric | paper: method vs baseline | lead: paper vs ours | ours: method | ours: baseline | "
+             "verdict | source |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         direction = "" if r["higher_is_better"] else " (lower better)"
         lines.append(f"| {r['claim']} ({r['model']} vs {r['baseline']}) | {r['metric']}{direction} | "
-                     f"{_num(r['paper']['model'])} vs {_num(r['paper']['baseline'])} | {_ours(r['ours'])} | "
+                     f"{_num(r['paper']['model'])} vs {_num(r['paper']['baseline'])} | {_lead(r)} | {_ours(r['ours'])} | "
                      f"{_ours(r['baseline_ours'])} | {r['verdict']} | {r['source']} |")
     return "\n".join(lines) + "\n" + curves_md(curves or {})
 
@@ -268,7 +290,8 @@ def render_html(title: str, rows: list[dict[str, Any]], curves: dict | None = No
     body = "".join(
         f"<tr><td class=name>{esc(r['claim'])}<br><small>{esc(r['model'])} vs {esc(r['baseline'])}</small></td>"
         f"<td class=name>{esc(r['metric'])}{'' if r['higher_is_better'] else ' (lower better)'}</td>"
-        f"<td>{_num(r['paper']['model'])} vs {_num(r['paper']['baseline'])}</td><td>{esc(_ours(r['ours']))}</td>"
+        f"<td>{_num(r['paper']['model'])} vs {_num(r['paper']['baseline'])}</td><td>{_lead(r)}</td>"
+        f"<td>{esc(_ours(r['ours']))}</td>"
         f"<td>{esc(_ours(r['baseline_ours']))}</td><td style=\"background:{colour[r['verdict']]}\">{esc(r['verdict'])}</td>"
         f"<td class=name>{esc(r['source'])}</td></tr>" for r in rows)
     return f"""<!doctype html>
@@ -277,8 +300,9 @@ def render_html(title: str, rows: list[dict[str, Any]], curves: dict | None = No
 td,th{{border:1px solid #bbb;padding:4px 8px;text-align:right}}td.name{{text-align:left}}th{{background:#eee}}</style>
 </head><body><h1>{esc(title)}</h1>
 <p>Ours: mean ± std over seeds (n). Verdict: the method's lead over its baseline in the paper's direction,
-against the larger seed std.</p>
-<table><tr><th>claim</th><th>metric</th><th>paper: method vs baseline</th><th>ours: method</th>
+against the larger seed std. Lead: method minus baseline, the paper's (on its own data and scale) and our
+mean: compare the signs, not the sizes.</p>
+<table><tr><th>claim</th><th>metric</th><th>paper: method vs baseline</th><th>lead: paper vs ours</th><th>ours: method</th>
 <th>ours: baseline</th><th>verdict</th><th>source</th></tr>{body}</table>
 <figure>{claims_svg(rows) if rows else ""}<figcaption>each claim: method and baseline, mean ± std over seeds, dots: single seeds</figcaption></figure>
 {"".join(f"<figure>{curve_svg(name, metric, lines)}<figcaption>{esc(name)}: {esc(metric)}, mean ± std over seeds</figcaption></figure>"

@@ -34,7 +34,7 @@ class StudyConfig(stage.StageOptions):
         help="An evaluate output; reports named GROUP-<seed> are one group's replicates (repeatable).")
     claim: tuple[str, ...] = options.option(
         multiple=True, metavar="NAME=SPEC",
-        help="'GROUP: MODEL vs BASELINE @ METRIC [| paper A vs B] [| SOURCE]' (repeatable).")
+        help="'GROUP: MODEL vs BASELINE @ METRIC [| paper A vs B | paper +D] [| SOURCE]' (repeatable).")
     curve: tuple[str, ...] = options.option(
         (), multiple=True, metavar="NAME=SPEC", hashed="given",
         help="'GROUP: MODEL, MODEL @ METRIC': the metric against the number ending each MODEL-<n> (repeatable).")
