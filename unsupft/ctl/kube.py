@@ -224,10 +224,6 @@ def exit_code_of(message: str, pods: list[dict[str, Any]]) -> int | None:
 class BatchJob(JobKind):
     group, version, kind, plural = "batch", "v1", "Job", "jobs"
 
-    @property
-    def api_version(self) -> str:
-        return "batch/v1"
-
     def render(self, ctx, stage, args, name, attempt):
         res = stage.resources
         main = container("unsupft", ["unsupft", *args], res, ctx)
