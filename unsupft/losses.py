@@ -45,9 +45,7 @@ def supcon_loss(features: torch.Tensor, labels: torch.Tensor, tau: float = 0.3) 
     return -(pos_log_prob[has_pos] / num_pos[has_pos]).mean()
 
 
-def _positive_set_cross_entropy(
-    own: torch.Tensor, queue_logits: torch.Tensor, labels: torch.Tensor
-) -> torch.Tensor:
+def _positive_set_cross_entropy(own: torch.Tensor, queue_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Cross-entropy against a uniform target over {own} + the K queue entries of the anchor's class.
 
     `own` [N] is each anchor's logit with its own positive, `queue_logits` [N, C, K] its logits
@@ -62,13 +60,8 @@ def _positive_set_cross_entropy(
     return (log_norm - positive_sum / (k + 1)).mean()
 
 
-def bituning_contrastive_ce(
-    features: torch.Tensor,
-    class_weights: torch.Tensor,
-    labels: torch.Tensor,
-    queue: torch.Tensor,
-    tau: float = 0.07,
-) -> torch.Tensor:
+def bituning_contrastive_ce(features: torch.Tensor, class_weights: torch.Tensor, labels: torch.Tensor,
+                            queue: torch.Tensor, tau: float = 0.07) -> torch.Tensor:
     """Bi-tuning's contrastive cross-entropy on the classifier head (Zhong et al. 2020, Eq. 3-4).
 
     The classifier's weight vector of the anchor's class is the *query*: it should score the
@@ -88,13 +81,8 @@ def bituning_contrastive_ce(
     return _positive_set_cross_entropy(own, queue_logits, labels)
 
 
-def bituning_categorical_contrastive(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    labels: torch.Tensor,
-    queue: torch.Tensor,
-    tau: float = 0.07,
-) -> torch.Tensor:
+def bituning_categorical_contrastive(query: torch.Tensor, key: torch.Tensor, labels: torch.Tensor, queue: torch.Tensor,
+                                     tau: float = 0.07) -> torch.Tensor:
     """Bi-tuning's categorical contrastive loss on the projector head (Zhong et al. 2020, Eq. 5-6).
 
     Like MoCo, but every key of the query's class is a positive: the query's own key (the momentum

@@ -183,15 +183,8 @@ def is_done(out: str, config: dict[str, Any]) -> bool:
     return False
 
 
-def write_done(
-    out: str,
-    stage: str,
-    config: dict[str, Any],
-    inputs: dict[str, str],
-    outputs: Iterable[str],
-    started: float,
-    **extra: Any,
-) -> dict[str, Any]:
+def write_done(out: str, stage: str, config: dict[str, Any], inputs: dict[str, str], outputs: Iterable[str],
+               started: float, **extra: Any) -> dict[str, Any]:
     """Write `_DONE.json` last: from here on the stage counts as complete. The writer lease is
     renewed first (a process that lost it must not mark another's output done) and given up after."""
     claim = _claims.get(out)

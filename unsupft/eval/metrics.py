@@ -37,13 +37,8 @@ def nearest_neighbors(queries: np.ndarray, database: np.ndarray, k: int) -> np.n
     return neighbors
 
 
-def retrieval_accuracy(
-    query_features: np.ndarray,
-    query_labels: np.ndarray,
-    database_features: np.ndarray,
-    database_labels: np.ndarray,
-    k: int = 5,
-) -> float:
+def retrieval_accuracy(query_features: np.ndarray, query_labels: np.ndarray, database_features: np.ndarray,
+                       database_labels: np.ndarray, k: int = 5) -> float:
     """Each query retrieves its k nearest database items (cosine); the share of them with the query's
     label, averaged over queries."""
     neighbors = nearest_neighbors(query_features, database_features, k)
@@ -138,9 +133,8 @@ def s_dbw(features: np.ndarray, labels: np.ndarray) -> float:
     return scat + dens_bw
 
 
-def linear_probe_accuracy(
-    train_features: np.ndarray, train_labels: np.ndarray, test_features: np.ndarray, test_labels: np.ndarray
-) -> float:
+def linear_probe_accuracy(train_features: np.ndarray, train_labels: np.ndarray, test_features: np.ndarray,
+                          test_labels: np.ndarray) -> float:
     """Top-1 test accuracy of a logistic-regression classifier fit on frozen, standardised features."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline

@@ -136,9 +136,11 @@ def _pyplot():
     return plt
 
 
-def _figure_png(fig) -> bytes:
+def _figure_png(plt, fig) -> bytes:
+    """The figure as PNG bytes; the figure is closed (pyplot keeps every open one in memory)."""
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
     return buffer.getvalue()
 
 
@@ -158,9 +160,7 @@ def feature_map_png(maps: dict[str, tuple[np.ndarray, np.ndarray]], classes: lis
     fig.legend(handles, names, loc="center right", markerscale=2.5, fontsize=8, title="class")
     fig.suptitle(f"test features, 2-D {method} map, coloured by class")
     fig.subplots_adjust(right=0.88)
-    data = _figure_png(fig)
-    plt.close(fig)
-    return data
+    return _figure_png(plt, fig)
 
 
 def _accuracy_plot_png(plt, fig, ax, xlabel: str, ylabel: str, title: str) -> bytes:
@@ -171,9 +171,7 @@ def _accuracy_plot_png(plt, fig, ax, xlabel: str, ylabel: str, title: str) -> by
     ax.grid(alpha=0.3)
     ax.legend()
     ax.set_title(title)
-    data = _figure_png(fig)
-    plt.close(fig)
-    return data
+    return _figure_png(plt, fig)
 
 
 def curves_png(models: dict[str, dict[str, Any]]) -> bytes:
@@ -340,12 +338,8 @@ trials per K: {_esc(config.get("trials", ""))} (mean ± std)</p>
 """
 
 
-def write_report(
-    out: str,
-    report: dict[str, Any],
-    maps: dict[str, tuple[np.ndarray, np.ndarray]],
-    classes: list[str],
-) -> list[str]:
+def write_report(out: str, report: dict[str, Any], maps: dict[str, tuple[np.ndarray, np.ndarray]],
+                 classes: list[str]) -> list[str]:
     """Complete `report` (best per column, differences against `report["baseline"]`, the map method),
     then write report.json, the pictures that have data and report.html under `out`; returns their names."""
     models = report["models"]
