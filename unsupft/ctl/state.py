@@ -22,9 +22,8 @@ from typing import Any
 
 import click
 
-from unsupft import lease
+from unsupft import lease, store
 from unsupft import stage as stage_contract
-from unsupft import store
 from unsupft.ctl.command import stage_args, stage_keys
 from unsupft.ctl.spec import Pipeline
 from unsupft.errors import UserError

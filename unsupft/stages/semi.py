@@ -34,7 +34,7 @@ from torch import nn
 import unsupft._torchvision  # noqa: F401  (must precede torchvision imports)
 from torchvision.transforms import v2
 
-from unsupft import losses, options, stage, store
+from unsupft import distributed, losses, options, stage, store
 from unsupft.preprocess import to_input
 from unsupft.data.samples import Fitted, default_workers, image_size_of, open_samples, subset
 from unsupft.errors import UserError, report_user_errors
@@ -42,7 +42,6 @@ from unsupft.eval.classifier import align_test_labels, score_classifier
 from unsupft.eval.fewshot import select_training_set
 from unsupft.models import ARCHS, load_backbone, save_model
 from unsupft.models.io import describe
-from unsupft import distributed
 from unsupft.models.heads import momentum_update
 from unsupft.seeding import mix_seed, seed_everything
 from unsupft.train.batches import LoaderBatches
