@@ -215,7 +215,8 @@ def ingest(config: IngestConfig) -> None:
     kept = class_ids if class_ids is not None else list(range(len(all_classes)))
     label_map = {old: new for new, old in enumerate(kept)} if labeled and not config.unlabeled else None
     names = [all_classes[c] for c in kept] if label_map is not None else []
-    parts = dict(zip(part_uris, [indices] if test_fraction is None else split(indices, labels, test_fraction, config.seed)))
+    halves = [indices] if test_fraction is None else split(indices, labels, test_fraction, config.seed)
+    parts = dict(zip(part_uris, halves))
     for uri, part in parts.items():
         if len(part) == 0:
             raise UserError(f"{uri}: would be empty (check --classes/--limit/--split)")

@@ -89,7 +89,8 @@ def evaluate_model(backbone: torch.nn.Module, meta: dict[str, Any], train: Sampl
             for trial in range(trials):
                 trial_seed = seed * 1000 + trial
                 idx = draw_shots(train_y, k, trial_seed, classes)
-                recipe = FinetuneConfig(method=config.method, epochs=config.epochs, seed=trial_seed, batch_size=batch_size)
+                recipe = FinetuneConfig(method=config.method, epochs=config.epochs, seed=trial_seed,
+                                        batch_size=batch_size)
                 model = finetune(copy.deepcopy(backbone), meta, subset(train, size, idx), train.labels[idx],
                                  len(classes), recipe)
                 predictions = predict(model, test_images).numpy()
