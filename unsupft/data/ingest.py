@@ -235,12 +235,9 @@ def ingest(config: IngestConfig) -> None:
             else:
                 samples = _samples(data, part, label_map, encoding, skipped)
                 image_size = common_size(data.sizes[part], config.resize)
-            manifest = write_dataset(
-                uri, samples, classes=names,
-                labeled=label_map is not None, channels=channels, image_size=image_size,
-                source=f"{source} {options}{' --unlabeled' if config.unlabeled else ''}".strip(),
-                shard_size=config.shard_size,
-            )
+            manifest = write_dataset(uri, samples, classes=names, labeled=label_map is not None, channels=channels,
+                                     image_size=image_size, shard_size=config.shard_size,
+                                     source=f"{source} {options}{' --unlabeled' if config.unlabeled else ''}".strip())
             click.echo(f"{uri}: {manifest['samples']} samples in {len(manifest['shards'])} shards", file=sys.stderr)
     if skipped:
         click.echo(f"skipped {len(skipped)} unreadable image files (first: {skipped[0]})", file=sys.stderr)

@@ -51,10 +51,8 @@ def kmeans(features: np.ndarray, clusters: int, seed: int = 0, iterations: int =
     faiss subsamples to 256 points per centroid by default; evaluation wants the clustering of the
     whole set, so every point takes part in training."""
     x = _normalized(features)
-    model = faiss.Kmeans(
-        x.shape[1], clusters, niter=iterations, seed=seed, verbose=False,
-        max_points_per_centroid=-(-len(x) // clusters),
-    )
+    model = faiss.Kmeans(x.shape[1], clusters, niter=iterations, seed=seed, verbose=False,
+                         max_points_per_centroid=-(-len(x) // clusters))
     model.train(x)
     _, assignment = model.index.search(x, 1)
     return assignment[:, 0]

@@ -257,10 +257,8 @@ def load_backbone(uri: str, *, arch: str | None = None, in_channels: int | None 
     except RuntimeError as exc:  # shape mismatches raise even with strict=False
         raise UserError(f"{file_uri}: weights do not fit a {arch} backbone (tensor shapes differ)") from exc
     if missing or unexpected:
-        raise UserError(
-            f"{file_uri}: weights do not fit a {arch} backbone "
-            f"({len(missing)} missing, e.g. {missing[:1]}; {len(unexpected)} unexpected, e.g. {unexpected[:1]})"
-        )
+        raise UserError(f"{file_uri}: weights do not fit a {arch} backbone ({len(missing)} missing, "
+                        f"e.g. {missing[:1]}; {len(unexpected)} unexpected, e.g. {unexpected[:1]})")
     meta.update(arch=arch, in_channels=in_channels)
     return model, meta
 

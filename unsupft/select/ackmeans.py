@@ -195,9 +195,5 @@ def ackmeans(features: torch.Tensor, anchor_idx: Sequence[int] | torch.Tensor, k
         if converged:
             break
         centers = _update(x, assign, dist, centers, m, free, metric)
-    return ACKMeansResult(
-        centers=centers,
-        eigen=eigen_samples(x, centers, free, metric, block).to(features.device),
-        assignment=assign.to(features.device),
-        iterations=iterations,
-    )
+    return ACKMeansResult(centers=centers, eigen=eigen_samples(x, centers, free, metric, block).to(features.device),
+                          assignment=assign.to(features.device), iterations=iterations)
