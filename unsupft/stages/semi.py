@@ -40,13 +40,13 @@ from unsupft.data.samples import Fitted, default_workers, image_size_of, open_sa
 from unsupft.errors import UserError, report_user_errors
 from unsupft.eval.classifier import align_test_labels, score_classifier
 from unsupft.eval.fewshot import select_training_set
-from unsupft.models import ARCHS, load_backbone, save_model
+from unsupft.models import ARCHS, load_backbone
 from unsupft.models.io import describe
 from unsupft.models.heads import momentum_update
 from unsupft.seeding import mix_seed, seed_everything
 from unsupft.train.batches import LoaderBatches
 from unsupft.train.loop import LoopConfig, TrainTask, train, unwrap
-from unsupft.train.transfer import TransferModel
+from unsupft.train.transfer import TransferModel, save_finetuned
 
 EMA_WARMUP = 10  # the n-th EMA update decays by min(decay, n / (EMA_WARMUP - 1 + n)): short runs forget the init
 
@@ -248,9 +248,7 @@ def semi_command(config: SemiConfig) -> None:
         final["test_top1"] = score_classifier(model, test_images, truth, data.classes, batch_size=batch_size)["top1"]
         raw = unwrap(task.model).model.cpu()
         final["test_top1_raw"] = score_classifier(raw, test_images, truth, data.classes, batch_size=batch_size)["top1"]
-    store.write_text(store.join(run.out, "train_keys.txt"), "".join(data.key(int(i)) + "\n" for i in indices))
-    save_model(store.join(run.out, "model.pt"), model.backbone, meta["arch"], meta["in_channels"], size,
-               classifier=model.fc, classes=list(data.classes))
+    save_finetuned(run.out, model, meta, data, indices)
     run.finish(trained_on=int(len(indices)),
                      unlabeled_images=len(unlabeled) if config.unlabeled_weight > 0 else 0, final_metrics=final)
     shown = {k: round(v, 4) for k, v in final.items() if k in ("pseudo_label_rate", "test_top1", "test_top1_raw")}
