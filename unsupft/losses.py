@@ -45,14 +45,18 @@ def supcon_loss(features: torch.Tensor, labels: torch.Tensor, tau: float = 0.3) 
     return -(pos_log_prob[has_pos] / num_pos[has_pos]).mean()
 
 
-def _positive_set_cross_entropy(own: torch.Tensor, queue_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy against a uniform target over {own} + the K queue entries of the anchor's class.
+def _positive_set_cross_entropy(anchor: torch.Tensor, own_positive: torch.Tensor, queue: torch.Tensor,
+                                labels: torch.Tensor, tau: float) -> torch.Tensor:
+    """Cross-entropy against a uniform target over {own positive} + the K queue entries of the anchor's class.
 
-    `own` [N] is each anchor's logit with its own positive, `queue_logits` [N, C, K] its logits
-    with every queued key; the softmax runs over all 1 + C*K logits. Shared by both Bi-tuning losses,
-    which differ only in what plays anchor and keys.
+    Each `anchor` [N, F] has a logit (dot product / tau) with its own positive [N, F] and with every
+    queued key, `queue` [C, K, F]; the softmax runs over all 1 + C*K logits. Shared by both Bi-tuning
+    losses, which differ only in what plays anchor and keys.
     """
-    n, _, k = queue_logits.shape
+    own = (anchor * own_positive).sum(dim=1) / tau
+    c, k, f = queue.shape
+    queue_logits = (anchor @ queue.reshape(c * k, f).T).reshape(-1, c, k) / tau
+    n = anchor.shape[0]
     all_logits = torch.cat([own[:, None], queue_logits.reshape(n, -1)], dim=1)
     log_norm = torch.logsumexp(all_logits, dim=1)
     own_class = queue_logits[torch.arange(n, device=labels.device), labels]  # [N, K]
@@ -74,11 +78,7 @@ def bituning_contrastive_ce(features: torch.Tensor, class_weights: torch.Tensor,
         L_i = -1/(K+1) * sum_{p in {h_i} + queue[y_i]} log( exp(w.p / tau)
                                                     / (exp(w.h_i / tau) + sum_{c,k} exp(w.queue[c,k] / tau)) )
     """
-    w = class_weights[labels]  # [N, F]
-    own = (w * features).sum(dim=1) / tau
-    c, k, f = queue.shape
-    queue_logits = (w @ queue.reshape(c * k, f).T).reshape(-1, c, k) / tau
-    return _positive_set_cross_entropy(own, queue_logits, labels)
+    return _positive_set_cross_entropy(class_weights[labels], features, queue, labels, tau)
 
 
 def bituning_categorical_contrastive(query: torch.Tensor, key: torch.Tensor, labels: torch.Tensor, queue: torch.Tensor,
@@ -93,10 +93,7 @@ def bituning_categorical_contrastive(query: torch.Tensor, key: torch.Tensor, lab
         L_i = -1/(K+1) * sum_{p in {k_i} + queue[y_i]} log( exp(q_i.p / tau)
                                                     / (exp(q_i.k_i / tau) + sum_{c,k} exp(q_i.queue[c,k] / tau)) )
     """
-    own = (query * key).sum(dim=1) / tau
-    c, k, d = queue.shape
-    queue_logits = (query @ queue.reshape(c * k, d).T).reshape(-1, c, k) / tau
-    return _positive_set_cross_entropy(own, queue_logits, labels)
+    return _positive_set_cross_entropy(query, key, queue, labels, tau)
 
 
 # --------------------------------------------------------------------------------------------
