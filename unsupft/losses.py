@@ -45,16 +45,18 @@ def supcon_loss(features: torch.Tensor, labels: torch.Tensor, tau: float = 0.3) 
     return -(pos_log_prob[has_pos] / num_pos[has_pos]).mean()
 
 
-def _positive_set_cross_entropy(
-    own: torch.Tensor, queue_logits: torch.Tensor, labels: torch.Tensor
-) -> torch.Tensor:
-    """Cross-entropy against a uniform target over {own} + the K queue entries of the anchor's class.
+def _positive_set_cross_entropy(anchor: torch.Tensor, own_positive: torch.Tensor, queue: torch.Tensor,
+                                labels: torch.Tensor, tau: float) -> torch.Tensor:
+    """Cross-entropy against a uniform target over {own positive} + the K queue entries of the anchor's class.
 
-    `own` [N] is each anchor's logit with its own positive, `queue_logits` [N, C, K] its logits
-    with every queued key; the softmax runs over all 1 + C*K logits. Shared by both Bi-tuning losses,
-    which differ only in what plays anchor and keys.
+    Each `anchor` [N, F] has a logit (dot product / tau) with its own positive [N, F] and with every
+    queued key, `queue` [C, K, F]; the softmax runs over all 1 + C*K logits. Shared by both Bi-tuning
+    losses, which differ only in what plays anchor and keys.
     """
-    n, _, k = queue_logits.shape
+    own = (anchor * own_positive).sum(dim=1) / tau
+    c, k, f = queue.shape
+    queue_logits = (anchor @ queue.reshape(c * k, f).T).reshape(-1, c, k) / tau
+    n = anchor.shape[0]
     all_logits = torch.cat([own[:, None], queue_logits.reshape(n, -1)], dim=1)
     log_norm = torch.logsumexp(all_logits, dim=1)
     own_class = queue_logits[torch.arange(n, device=labels.device), labels]  # [N, K]
@@ -62,13 +64,8 @@ def _positive_set_cross_entropy(
     return (log_norm - positive_sum / (k + 1)).mean()
 
 
-def bituning_contrastive_ce(
-    features: torch.Tensor,
-    class_weights: torch.Tensor,
-    labels: torch.Tensor,
-    queue: torch.Tensor,
-    tau: float = 0.07,
-) -> torch.Tensor:
+def bituning_contrastive_ce(features: torch.Tensor, class_weights: torch.Tensor, labels: torch.Tensor,
+                            queue: torch.Tensor, tau: float = 0.07) -> torch.Tensor:
     """Bi-tuning's contrastive cross-entropy on the classifier head (Zhong et al. 2020, Eq. 3-4).
 
     The classifier's weight vector of the anchor's class is the *query*: it should score the
@@ -81,20 +78,11 @@ def bituning_contrastive_ce(
         L_i = -1/(K+1) * sum_{p in {h_i} + queue[y_i]} log( exp(w.p / tau)
                                                     / (exp(w.h_i / tau) + sum_{c,k} exp(w.queue[c,k] / tau)) )
     """
-    w = class_weights[labels]  # [N, F]
-    own = (w * features).sum(dim=1) / tau
-    c, k, f = queue.shape
-    queue_logits = (w @ queue.reshape(c * k, f).T).reshape(-1, c, k) / tau
-    return _positive_set_cross_entropy(own, queue_logits, labels)
+    return _positive_set_cross_entropy(class_weights[labels], features, queue, labels, tau)
 
 
-def bituning_categorical_contrastive(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    labels: torch.Tensor,
-    queue: torch.Tensor,
-    tau: float = 0.07,
-) -> torch.Tensor:
+def bituning_categorical_contrastive(query: torch.Tensor, key: torch.Tensor, labels: torch.Tensor, queue: torch.Tensor,
+                                     tau: float = 0.07) -> torch.Tensor:
     """Bi-tuning's categorical contrastive loss on the projector head (Zhong et al. 2020, Eq. 5-6).
 
     Like MoCo, but every key of the query's class is a positive: the query's own key (the momentum
@@ -105,10 +93,7 @@ def bituning_categorical_contrastive(
         L_i = -1/(K+1) * sum_{p in {k_i} + queue[y_i]} log( exp(q_i.p / tau)
                                                     / (exp(q_i.k_i / tau) + sum_{c,k} exp(q_i.queue[c,k] / tau)) )
     """
-    own = (query * key).sum(dim=1) / tau
-    c, k, d = queue.shape
-    queue_logits = (query @ queue.reshape(c * k, d).T).reshape(-1, c, k) / tau
-    return _positive_set_cross_entropy(own, queue_logits, labels)
+    return _positive_set_cross_entropy(query, key, queue, labels, tau)
 
 
 # --------------------------------------------------------------------------------------------

@@ -105,30 +105,29 @@ def differences(old: dict[str, Any], new: dict[str, Any]) -> str:
     return ", ".join(named) + (f" and {len(keys) - 6} more" if len(keys) > 6 else "")
 
 
-def _foreign(out: str, config: dict[str, Any]) -> str | None:
-    """Why `out` is not this config's to write (None when it is: empty, or holding this config)."""
+def _foreign(out: str, config: dict[str, Any]) -> bool:
+    """Whether `out` is not this config's to write (it is when empty, or holding this config):
+    refused here, unless --overwrite lets the caller replace it."""
     names = [n for n in store.list_prefix(out) if n != lease.LEASE]
+    why = None
     if CONFIG in names:  # one listing, then the config: a writer starting meanwhile is seen whole
         existing = store.read_json(store.join(out, CONFIG))
         if not isinstance(existing, dict):
-            return f"holds a {CONFIG} that is not a stage config"
-        if config_hash(existing) != config_hash(config):
-            return f"holds the output of another config ({differences(existing, config)})"
-        return None
-    if names:
-        return f"is not empty and holds no {CONFIG} (e.g. {names[0]}): not a stage output of this config"
-    return None
+            why = f"holds a {CONFIG} that is not a stage config"
+        elif config_hash(existing) != config_hash(config):
+            why = f"holds the output of another config ({differences(existing, config)})"
+    elif names:
+        why = f"is not empty and holds no {CONFIG} (e.g. {names[0]}): not a stage output of this config"
+    if why is not None and not _overwrite:
+        raise UserError(f"{out}: {why}; use another --out, or --overwrite to replace it")
+    return why is not None
 
 
 def _refuse_or_clean(out: str, config: dict[str, Any]) -> None:
-    why = _foreign(out, config)
-    if why is None:
-        return
-    if not _overwrite:
-        raise UserError(f"{out}: {why}; use another --out, or --overwrite to replace it")
-    for name in store.list_prefix(out):
-        if name != lease.LEASE:
-            store.delete(store.join(out, name))
+    if _foreign(out, config):
+        for name in store.list_prefix(out):
+            if name != lease.LEASE:
+                store.delete(store.join(out, name))
 
 
 def write_config(out: str, config: dict[str, Any]) -> None:
@@ -177,21 +176,12 @@ def is_done(out: str, config: dict[str, Any]) -> bool:
     done = read_done(out)
     if done is not None and done.get("config_hash") == config_hash(config):
         return True
-    why = _foreign(out, config)
-    if why is not None and not _overwrite:
-        raise UserError(f"{out}: {why}; use another --out, or --overwrite to replace it")
+    _foreign(out, config)  # refuses it here unless --overwrite
     return False
 
 
-def write_done(
-    out: str,
-    stage: str,
-    config: dict[str, Any],
-    inputs: dict[str, str],
-    outputs: Iterable[str],
-    started: float,
-    **extra: Any,
-) -> dict[str, Any]:
+def write_done(out: str, stage: str, config: dict[str, Any], inputs: dict[str, str], outputs: Iterable[str],
+               started: float, **extra: Any) -> dict[str, Any]:
     """Write `_DONE.json` last: from here on the stage counts as complete. The writer lease is
     renewed first (a process that lost it must not mark another's output done) and given up after."""
     claim = _claims.get(out)

@@ -214,13 +214,11 @@ def _retrying(uri: str, operation: Callable[[], T], rewind: Callable[[], None] |
 @functools.lru_cache(maxsize=256)
 def _bucket_exists(bucket: str) -> bool:
     """Whether `bucket` exists (asked only after a 404, where HEAD cannot tell a missing bucket)."""
-    from botocore.exceptions import ClientError
-
     try:
         _retrying(f"s3://{bucket}", lambda: _s3_client().head_bucket(Bucket=bucket))
         return True
     except UserError as exc:
-        if isinstance(exc.__cause__, ClientError) and exc.__cause__.response.get("Error", {}).get("Code") in ("404", "NoSuchBucket", "NotFound"):
+        if _not_found(exc, ("404", "NoSuchBucket", "NotFound")):
             return False
         raise
 
@@ -330,11 +328,12 @@ def version(uri: str) -> str:
     return f"{stat.st_size}:{stat.st_mtime_ns}"
 
 
-def _not_found(exc: UserError) -> bool:
+def _not_found(exc: UserError, codes: tuple[str, ...] = ("404", "NoSuchKey", "NotFound")) -> bool:
+    """Whether `exc` came from an S3 answer with one of these "not found" codes."""
     from botocore.exceptions import ClientError
 
     cause = exc.__cause__
-    return isinstance(cause, ClientError) and cause.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound")
+    return isinstance(cause, ClientError) and cause.response.get("Error", {}).get("Code") in codes
 
 
 def _missing_bucket_named(uri: str, operation: Callable[[], T]) -> T:
@@ -352,14 +351,12 @@ def exists(uri: str) -> bool:
     if is_s3(uri):
         bucket, key = _split_s3(uri)
         try:
-            _retrying(uri, lambda: _s3_client().head_object(Bucket=bucket, Key=key))
+            _missing_bucket_named(uri, lambda: _retrying(uri, lambda: _s3_client().head_object(Bucket=bucket, Key=key)))
             return True
         except UserError as exc:
-            if not _not_found(exc):
-                raise
-        if not _bucket_exists(bucket):
-            raise UserError(f"{uri}: no such bucket '{bucket}'")
-        return False
+            if _not_found(exc):  # the object is missing, not the bucket (that one is named above)
+                return False
+            raise
     return _local(uri).is_file()
 
 

@@ -9,6 +9,7 @@ run state from the store, so they work from any machine that can reach it.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -30,10 +31,7 @@ DEFAULT_STORE = "file://./runs"
 def _load(file: str, store_override: str | None) -> spec_mod.Pipeline:
     pipeline = spec_mod.load(file)
     check_options(pipeline, file)
-    if store_override:
-        pipeline = spec_mod.Pipeline(pipeline.name, store.normalize(store_override), pipeline.datasets,
-                                     pipeline.stages, pipeline.source)
-    return pipeline
+    return dataclasses.replace(pipeline, store=store.normalize(store_override)) if store_override else pipeline
 
 
 def _preflight(pipeline: spec_mod.Pipeline) -> None:
@@ -42,6 +40,12 @@ def _preflight(pipeline: spec_mod.Pipeline) -> None:
     for name, uri in pipeline.datasets.items():
         if not store.exists(store.join(uri, "dataset.json")):
             raise UserError(f"datasets.{name}: {uri}: incomplete data set (no dataset.json); run `unsupft ingest` first")
+
+
+def _recorded(run_: st.Run, store_uri: str | None) -> spec_mod.Pipeline:
+    """The pipeline as the run recorded it in run.json (in `store_uri` when given)."""
+    pipeline = spec_mod.parse(yaml.safe_dump(run_.data["spec"]), f"{run_.uri}/run.json")
+    return dataclasses.replace(pipeline, store=store_uri) if store_uri else pipeline
 
 
 def _store(ctx: click.Context) -> str:
@@ -287,9 +291,7 @@ def drive(ctx: click.Context, run_id: str, create_from: str | None, namespace: s
         ctx.obj["store"] = pipeline.store
     run_ = st.open_run(_store(ctx), run_id)
     st.take(run_)  # a restarted driver takes over once its predecessor's lease has expired
-    pipeline = spec_mod.parse(yaml.safe_dump(run_.data["spec"]), f"{run_.uri}/run.json")
-    if ctx.obj.get("store"):
-        pipeline = spec_mod.Pipeline(pipeline.name, _store(ctx), pipeline.datasets, pipeline.stages, pipeline.source)
+    pipeline = _recorded(run_, _store(ctx) if ctx.obj.get("store") else None)
     if run_.data["backend"] == "local":
         sys.exit(0 if _drive_local(run_, pipeline, None) else 1)
     from unsupft.ctl import kube, kubeapi, kubedriver
@@ -433,8 +435,7 @@ def resume(ctx: click.Context, run_id: str, image: str | None, wait: bool) -> No
     for name in again:  # a fresh retry budget; attempts keep counting so object names stay unique
         run_.stages[name].update(state=st.PENDING, first_attempt=None, message="resumed")
     run_.save()
-    pipeline = spec_mod.parse(yaml.safe_dump(run_.data["spec"]), f"{run_.uri}/run.json")
-    pipeline = spec_mod.Pipeline(pipeline.name, run_.data["store"], pipeline.datasets, pipeline.stages, pipeline.source)
+    pipeline = _recorded(run_, run_.data["store"])
     if run_.data["backend"] == "local":
         click.echo(f"resuming run {run_id}: {', '.join(again)}")
         sys.exit(0 if _drive_local(run_, pipeline, None) else 1)

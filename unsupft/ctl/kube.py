@@ -181,6 +181,12 @@ class JobKind:
         return f"{self.group}/{self.version}"
 
     def render(self, ctx: Context, stage: Stage, args: list[str], name: str, attempt: int) -> dict[str, Any]:
+        """One stage attempt as this kind's object: its spec, named and labelled (in its queue, if any)."""
+        return {"apiVersion": self.api_version, "kind": self.kind,
+                "metadata": metadata(ctx, name, labels(ctx.run_id, stage.name, attempt), stage.resources.queue),
+                "spec": self.spec(ctx, stage, args, attempt)}
+
+    def spec(self, ctx: Context, stage: Stage, args: list[str], attempt: int) -> dict[str, Any]:
         raise NotImplementedError
 
     @staticmethod
@@ -224,14 +230,10 @@ def exit_code_of(message: str, pods: list[dict[str, Any]]) -> int | None:
 class BatchJob(JobKind):
     group, version, kind, plural = "batch", "v1", "Job", "jobs"
 
-    @property
-    def api_version(self) -> str:
-        return "batch/v1"
-
-    def render(self, ctx, stage, args, name, attempt):
+    def spec(self, ctx, stage, args, attempt):
         res = stage.resources
         main = container("unsupft", ["unsupft", *args], res, ctx)
-        spec: dict[str, Any] = {
+        return {
             # One more pod after a crash; the driver adds whole new attempts.
             "backoffLimit": 1,
             "activeDeadlineSeconds": res.deadline_s,
@@ -239,14 +241,12 @@ class BatchJob(JobKind):
             "podFailurePolicy": pod_failure_policy("unsupft"),
             "template": pod_template(ctx, stage, attempt, pod_spec(main, res, restart="Never")),
         }
-        return {"apiVersion": self.api_version, "kind": self.kind,
-                "metadata": metadata(ctx, name, labels(ctx.run_id, stage.name, attempt), res.queue), "spec": spec}
 
 
 class PyTorchJob(JobKind):
     group, version, kind, plural = "kubeflow.org", "v1", "PyTorchJob", "pytorchjobs"
 
-    def render(self, ctx, stage, args, name, attempt):
+    def spec(self, ctx, stage, args, attempt):
         res = stage.resources
         command = ["torchrun", "--nproc-per-node", str(res.procs_per_node), "-m", "unsupft", *args]
 
@@ -260,12 +260,10 @@ class PyTorchJob(JobKind):
         replicas = {"Master": replica(1)}
         if res.nodes > 1:
             replicas["Worker"] = replica(res.nodes - 1)
-        return {"apiVersion": self.api_version, "kind": self.kind,
-                "metadata": metadata(ctx, name, labels(ctx.run_id, stage.name, attempt), res.queue),
-                "spec": {"nprocPerNode": str(res.procs_per_node),
-                         "runPolicy": {"backoffLimit": 1, "activeDeadlineSeconds": res.deadline_s,
-                                       "ttlSecondsAfterFinished": TTL_SECONDS, "cleanPodPolicy": "Running"},
-                         "pytorchReplicaSpecs": replicas}}
+        return {"nprocPerNode": str(res.procs_per_node),
+                "runPolicy": {"backoffLimit": 1, "activeDeadlineSeconds": res.deadline_s,
+                              "ttlSecondsAfterFinished": TTL_SECONDS, "cleanPodPolicy": "Running"},
+                "pytorchReplicaSpecs": replicas}
 
 
 class TrainJob(JobKind):
@@ -274,24 +272,22 @@ class TrainJob(JobKind):
 
     group, version, kind, plural = "trainer.kubeflow.org", "v1alpha1", "TrainJob", "trainjobs"
 
-    def render(self, ctx, stage, args, name, attempt):
+    def spec(self, ctx, stage, args, attempt):
         res = stage.resources
         if res.priority_class:
             raise UserError(f"stages.{stage.name}: priority_class cannot be set on a TrainJob (Trainer {TRAINER_VERSION} "
                             f"runtimePatches do not allow priorityClassName); set it in the TrainingRuntime "
                             f"{res.runtime!r} or use job_api: pytorchjob")
         node = {"name": "node", "template": {"spec": {"template": pod_template(ctx, stage, attempt, placement(res))}}}
-        return {"apiVersion": self.api_version, "kind": self.kind,
-                "metadata": metadata(ctx, name, labels(ctx.run_id, stage.name, attempt), res.queue),
-                "spec": {
-                    "runtimeRef": {"apiGroup": self.group, "kind": res.runtime_kind, "name": res.runtime},
-                    "activeDeadlineSeconds": res.deadline_s,
-                    "trainer": {"image": res.image, "command": ["torchrun", "-m", "unsupft", *args],
-                                "env": container_env(ctx, res), "numNodes": res.nodes, "numProcPerNode": res.procs_per_node,
-                                "resourcesPerNode": _resources(res)},
-                    "runtimePatches": [{"manager": RUNTIME_PATCH_MANAGER, "trainingRuntimeSpec": {
-                        "template": {"spec": {"replicatedJobs": [node]}}}}],
-                }}
+        return {
+            "runtimeRef": {"apiGroup": self.group, "kind": res.runtime_kind, "name": res.runtime},
+            "activeDeadlineSeconds": res.deadline_s,
+            "trainer": {"image": res.image, "command": ["torchrun", "-m", "unsupft", *args],
+                        "env": container_env(ctx, res), "numNodes": res.nodes, "numProcPerNode": res.procs_per_node,
+                        "resourcesPerNode": _resources(res)},
+            "runtimePatches": [{"manager": RUNTIME_PATCH_MANAGER, "trainingRuntimeSpec": {
+                "template": {"spec": {"replicatedJobs": [node]}}}}],
+        }
 
 
 JOB_KINDS: dict[str, JobKind] = {"trainjob": TrainJob(), "pytorchjob": PyTorchJob()}

@@ -83,18 +83,23 @@ class Api:
         """A core-API call answered as plain JSON (the typed models are not needed here)."""
         return json.loads(self._call(fn, *args, _preload_content=False, **kwargs).data)
 
-    # ------------------------------------------------------------------------ discovery ---
-    def served(self, kind: JobKind) -> bool:
-        """Does the cluster serve this kind (its CRD installed)? Discovery, as kubectl does it."""
+    @staticmethod
+    def _unless_missing(call: Callable[[], T]) -> T | None:
+        """`call()`, or None when the API server answers 404 (no such object, or no such CRD)."""
         from kubernetes.client.exceptions import ApiException
 
         try:
-            found = self._raw(self.custom.get_api_resources, kind.group, kind.version)
+            return call()
         except ApiException as exc:
             if exc.status == 404:
-                return False
+                return None
             raise
-        return any(r.get("name") == kind.plural for r in found.get("resources", []))
+
+    # ------------------------------------------------------------------------ discovery ---
+    def served(self, kind: JobKind) -> bool:
+        """Does the cluster serve this kind (its CRD installed)? Discovery, as kubectl does it."""
+        found = self._unless_missing(lambda: self._raw(self.custom.get_api_resources, kind.group, kind.version))
+        return any(r.get("name") == kind.plural for r in (found or {}).get("resources", []))
 
     def choose_job_api(self) -> str:
         """"trainjob" when Kubeflow Trainer v2 is installed, else "pytorchjob", else a one-line error."""
@@ -114,26 +119,14 @@ class Api:
         return self._call(self.custom.create_namespaced_custom_object, group, version, ns, _plural(obj), obj)
 
     def get(self, kind: JobKind, namespace: str, name: str) -> dict[str, Any] | None:
-        from kubernetes.client.exceptions import ApiException
-
-        try:
-            return self._call(self.custom.get_namespaced_custom_object, kind.group, kind.version, namespace, kind.plural, name)
-        except ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise
+        return self._unless_missing(lambda: self._call(self.custom.get_namespaced_custom_object, kind.group,
+                                                       kind.version, namespace, kind.plural, name))
 
     def delete(self, kind: JobKind, namespace: str, name: str) -> None:
         """Delete an attempt and, before it goes, its pods (foreground): a next attempt never
         shares GPUs or the rendezvous with the previous one's leftovers."""
-        from kubernetes.client.exceptions import ApiException
-
-        try:
-            self._call(self.custom.delete_namespaced_custom_object, kind.group, kind.version, namespace, kind.plural, name,
-                       propagation_policy="Foreground")
-        except ApiException as exc:
-            if exc.status != 404:
-                raise
+        self._unless_missing(lambda: self._call(self.custom.delete_namespaced_custom_object, kind.group, kind.version,
+                                                namespace, kind.plural, name, propagation_policy="Foreground"))
 
     def pods(self, namespace: str, selector: str) -> list[dict[str, Any]]:
         return self._raw(self.core.list_namespaced_pod, namespace, label_selector=selector).get("items", [])
@@ -142,49 +135,25 @@ class Api:
         return self._raw(self.core.list_namespaced_event, namespace, field_selector="type=Warning").get("items", [])
 
     def configmap(self, namespace: str, name: str) -> dict[str, Any] | None:
-        from kubernetes.client.exceptions import ApiException
-
-        try:
-            return self._raw(self.core.read_namespaced_config_map, name, namespace)
-        except ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise
+        return self._unless_missing(lambda: self._raw(self.core.read_namespaced_config_map, name, namespace))
 
     def delete_configmap(self, namespace: str, name: str) -> None:
-        from kubernetes.client.exceptions import ApiException
-
-        try:  # background: the garbage collector removes what the ConfigMap owns
-            self._call(self.core.delete_namespaced_config_map, name, namespace, propagation_policy="Background")
-        except ApiException as exc:
-            if exc.status != 404:
-                raise
+        # background: the garbage collector removes what the ConfigMap owns
+        self._unless_missing(lambda: self._call(self.core.delete_namespaced_config_map, name, namespace,
+                                                propagation_policy="Background"))
 
     def service_account_exists(self, namespace: str, name: str) -> bool:
-        from kubernetes.client.exceptions import ApiException
-
-        try:
-            self._raw(self.core.read_namespaced_service_account, name, namespace)
-            return True
-        except ApiException as exc:
-            if exc.status == 404:
-                return False
-            raise
+        found = self._unless_missing(lambda: self._raw(self.core.read_namespaced_service_account, name, namespace))
+        return found is not None
 
     def delete_run(self, namespace: str, run_id: str, *, include_driver: bool) -> None:
         """Delete every stage object of the run (every kind the cluster serves), optionally the driver."""
-        from kubernetes.client.exceptions import ApiException
-
         selector = f"{LABEL_RUN}={run_id}" + ("" if include_driver else f",{LABEL_COMPONENT}=stage")
         for kind in (BATCH, *JOB_KINDS.values()):
-            try:
-                listed = self._call(self.custom.list_namespaced_custom_object, kind.group, kind.version, namespace,
-                                    kind.plural, label_selector=selector)
-            except ApiException as exc:
-                if exc.status == 404:  # that CRD is not installed
-                    continue
-                raise
-            for item in listed.get("items", []):
+            listed = self._unless_missing(lambda: self._call(
+                self.custom.list_namespaced_custom_object, kind.group, kind.version, namespace, kind.plural,
+                label_selector=selector))
+            for item in (listed or {}).get("items", []):
                 self.delete(kind, namespace, item["metadata"]["name"])
 
     def stage_logs(self, namespace: str, run_id: str, stage: str) -> str:

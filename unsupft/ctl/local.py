@@ -10,6 +10,7 @@ for), one whose process is gone counts as done if its `_DONE.json` appeared, els
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import signal
@@ -26,6 +27,7 @@ from unsupft import store
 from unsupft.ctl import state as st
 from unsupft.ctl.spec import Pipeline
 from unsupft.errors import EXIT_WAITING_FOR_LABELS
+from unsupft.lease import process_alive, process_start
 from unsupft.registry import option_env_prefixes
 from unsupft.trust import TRUST_ENV
 
@@ -53,15 +55,9 @@ def kill_group(pid: int, grace_s: float = KILL_GRACE_S) -> None:
                 os.killpg(pid, 0)
             except ProcessLookupError:
                 return
-            _reap(pid)
+            with contextlib.suppress(ChildProcessError):  # reap our own child, or it lingers as a zombie
+                os.waitpid(pid, os.WNOHANG)
             time.sleep(0.05)
-
-
-def _reap(pid: int) -> None:
-    try:
-        os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        pass
 
 
 @dataclass
@@ -75,14 +71,10 @@ class _Proc:
 
     def exit_code(self) -> int | None:
         """The exit code when finished (None for an adopted process, whose code is unknowable)."""
-        if self.popen is not None:
-            return self.popen.poll()
-        return None
+        return self.popen.poll() if self.popen is not None else None
 
     def finished(self) -> bool:
-        if self.popen is not None:
-            return self.popen.poll() is not None
-        return not st.process_alive(self.pid, self.start)
+        return self.popen.poll() is not None if self.popen is not None else not process_alive(self.pid, self.start)
 
 
 def default_parallel() -> int:
@@ -124,7 +116,7 @@ class LocalBackend:
     def execute(self) -> bool:
         """Run the pipeline to the end (or to a cancel); True when every stage succeeded."""
         self.run.data["controller"] = {"host": socket.gethostname(), "pid": os.getpid(),
-                                       "pid_start": st.process_start(os.getpid())}
+                                       "pid_start": process_start(os.getpid())}
         self.run.save()
         self._reconcile()
         try:
@@ -154,7 +146,7 @@ class LocalBackend:
                     self.run.set(name, state=st.SUCCEEDED)
                 self._event(name, "cached")
                 continue
-            if rec["state"] == st.RUNNING and rec.get("host") == host and st.process_alive(rec.get("pid"), rec.get("pid_start")):
+            if rec["state"] == st.RUNNING and rec.get("host") == host and process_alive(rec.get("pid"), rec.get("pid_start")):
                 self.procs[name] = _Proc(rec["pid"], None, rec.get("pid_start"), None, None)
                 self._event(name, f"adopted (pid {rec['pid']})")
                 continue
@@ -195,7 +187,7 @@ class LocalBackend:
         log.flush()
         popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                  start_new_session=True, env=stage_env(self.max_parallel))
-        start = st.process_start(popen.pid)
+        start = process_start(popen.pid)
         self.procs[name] = _Proc(popen.pid, popen, start, log, local if store.is_s3(log_uri) else None)
         self.run.set(name, state=st.RUNNING, attempts=attempt, started=time.time(), finished=None,
                      pid=popen.pid, pid_start=start, host=socket.gethostname(), started_key=rec["key"],
@@ -267,7 +259,7 @@ def cancel_local(run: st.Run) -> None:
     run.request_cancel()
     host = socket.gethostname()
     for name, rec in run.stages.items():
-        if rec["state"] == st.RUNNING and rec.get("host") == host and st.process_alive(rec.get("pid"), rec.get("pid_start")):
+        if rec["state"] == st.RUNNING and rec.get("host") == host and process_alive(rec.get("pid"), rec.get("pid_start")):
             kill_group(rec["pid"])
     if not st.controller_alive(run):
         for name, rec in run.stages.items():

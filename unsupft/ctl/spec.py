@@ -169,9 +169,8 @@ class _Where:
                 if name in seen:
                     raise UserError(f"{self.file}:{key.start_mark.line + 1}: {self.dotted(path + (name,))}: duplicate key")
                 seen.add(name)
-                self.lines[path + (name,)] = key.start_mark.line + 1
+                self.lines[path + (name,)] = key.start_mark.line + 1  # the key's line, not its value's
                 size += 1 + self._walk(value, path + (name,), active)
-                self.lines[path + (name,)] = key.start_mark.line + 1
         elif isinstance(node, yaml.SequenceNode):
             for i, item in enumerate(node.value):
                 size += self._walk(item, path + (i,), active)

@@ -22,13 +22,12 @@ from typing import Any
 
 import click
 
-from unsupft import lease
+from unsupft import lease, store
 from unsupft import stage as stage_contract
-from unsupft import store
 from unsupft.ctl.command import stage_args, stage_keys
 from unsupft.ctl.spec import Pipeline
 from unsupft.errors import UserError
-from unsupft.lease import process_alive, process_start  # noqa: F401 (the backends use them from here)
+from unsupft.lease import process_alive
 
 PENDING, RUNNING, WAITING, SUCCEEDED, FAILED, CANCELLED = (
     "pending", "running", "waiting-for-labels", "succeeded", "failed", "cancelled",
@@ -143,10 +142,9 @@ def refresh(run: Run, pipeline: Pipeline) -> None:
         prev = old.get(name)
         if prev is None:
             continue
-        for keep in ("attempts", "started", "finished", "done_key", "done_hash", "pid", "pid_start", "host",
-                     "exit_code", "message", "object", "started_key"):
-            if keep in prev:
-                rec[keep] = prev[keep]
+        rec.update({keep: prev[keep] for keep in ("attempts", "started", "finished", "done_key", "done_hash", "pid",
+                                                  "pid_start", "host", "exit_code", "message", "object", "started_key")
+                    if keep in prev})
         rec["state"] = prev["state"] if prev["key"] == rec["key"] else PENDING
     run.data.update(spec=fresh["spec"], order=fresh["order"], stages=fresh["stages"])
     run.save()

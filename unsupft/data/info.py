@@ -45,25 +45,18 @@ def read_info(uri: str) -> DatasetInfo:
     uri = store.normalize(uri)
     info_uri = store.join(uri, INFO_NAME)
     if not store.exists(info_uri):
-        raise UserError(
-            f"{uri}: incomplete data set (no {INFO_NAME}); ingestion did not finish or this is not a data set "
-            f"(make one with `unsupft ingest SOURCE {uri}`)"
-        )
+        raise UserError(f"{uri}: incomplete data set (no {INFO_NAME}); ingestion did not finish or this is not a "
+                        f"data set (make one with `unsupft ingest SOURCE {uri}`)")
     raw = store.read_json(info_uri)
     try:
         if raw.get("format") != FORMAT:
             raise UserError(f"{info_uri}: format {raw.get('format')!r} is not {FORMAT!r}")
         size = raw["image_size"]
         height, width = (int(v) for v in size) if size is not None else (0, 0)
-        info = DatasetInfo(
-            uri=uri,
-            samples=int(raw["samples"]),
-            classes=[str(c) for c in raw["classes"]],
-            labeled=bool(raw["labeled"]),
-            image_size=(height, width) if size is not None else None,
-            channels=int(raw["channels"]),
-            shards=[ShardInfo(str(s["name"]), int(s["samples"]), str(s["sha256"])) for s in raw["shards"]],
-        )
+        shards = [ShardInfo(str(s["name"]), int(s["samples"]), str(s["sha256"])) for s in raw["shards"]]
+        info = DatasetInfo(uri=uri, samples=int(raw["samples"]), classes=[str(c) for c in raw["classes"]],
+                           labeled=bool(raw["labeled"]), image_size=(height, width) if size is not None else None,
+                           channels=int(raw["channels"]), shards=shards)
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise UserError(f"{info_uri}: malformed data set manifest ({type(exc).__name__}: {exc})") from exc
     if info.channels not in (1, 3):

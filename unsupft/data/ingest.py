@@ -20,6 +20,7 @@ import io
 import signal
 import sys
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -27,7 +28,7 @@ import click
 import numpy as np
 from PIL import Image
 
-from unsupft import store
+from unsupft import options, store
 from unsupft.data.encode import (DEFAULT_QUALITY, FORMATS, KEEP, Encoding, UnreadableImage, encode_array, encode_bytes,
                                   encode_file, stored_size)
 from unsupft.data.index import SampleIndex
@@ -36,6 +37,39 @@ from unsupft.data.samples import Samples, image_format, open_samples
 from unsupft.data.shards import CorruptShard, Sample, write_dataset
 from unsupft.data.sources import SourceData, is_shard_source, open_source
 from unsupft.errors import UserError
+
+
+@dataclass(frozen=True, kw_only=True)
+class IngestConfig(options.Options):
+    """The options of `unsupft ingest` (its command is `unsupft.stages.ingest`): declared here, so
+    that `ingest` takes them whole and the library still imports no stage."""
+
+    source: str = options.option(argument=True)
+    out_uri: str = options.option(argument=True)
+    labels_file: str | None = options.option(None, flag="--labels", metavar="FILE",
+                                             help="IDX labels file for an IDX image SOURCE (gzip or not).")
+    test_fraction: float | None = options.option(
+        None, flag="--split", type=float, metavar="FRACTION",
+        help="Share of each class that goes to OUT_URI/test; the rest goes to OUT_URI/train.")
+    classes: str | None = options.option(None, metavar="LIST",
+                                         help="Comma list of class names or ids to keep (renumbered 0..k-1).")
+    limit: int | None = options.option(None, type=click.IntRange(min=1),
+                                       help="Keep at most this many samples (a seeded random subset).")
+    shard_size: int = options.option(10000, type=click.IntRange(min=1), help="Samples per shard.")
+    unlabeled: bool = options.option(False, is_flag=True, help="Drop the labels (an unlabeled data set).")
+    seed: int = options.option(0, type=options.SEED, help="Seed of the subset, order and split.")
+    resize: int | None = options.option(
+        None, type=int, metavar="SHORT_SIDE",
+        help="Shrink images whose short side is longer to SHORT_SIDE pixels, keeping the aspect ratio.")
+    fmt: str = options.option(
+        KEEP, flag="--format", metavar="[keep|jpg|png|webp]",
+        help="Stored image format; keep: a JPEG/PNG/WebP file stays in its format (its very bytes when "
+             "it needs no change), arrays and other formats become PNG.")
+    quality: int = options.option(DEFAULT_QUALITY, type=int, help="JPEG/WebP quality of re-encoded images (1..100).")
+    skip_corrupt: bool = options.option(
+        False, is_flag=True, help="Leave out unreadable image files (counted and named) instead of stopping at the first.")
+    overwrite: bool = options.option(
+        False, is_flag=True, help="Replace a complete data set at OUT_URI (it stays readable until the new one is complete).")
 
 
 def resolve_classes(requested: str, classes: list[str]) -> list[int]:
@@ -142,56 +176,56 @@ def _sigterm_exits() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def check_options(resize: int | None, fmt: str, quality: int, test_fraction: float | None) -> None:
+def check_options(config: IngestConfig) -> None:
     """Refuse bad option values with one line, before anything is read or written."""
-    if test_fraction is not None and not 0.0 < test_fraction < 1.0:
-        raise UserError(f"--split: {test_fraction} is not a fraction strictly between 0 and 1")
-    if resize is not None and resize < 1:
-        raise UserError(f"--resize: {resize} is not a positive number of pixels (the short side after resizing)")
-    if fmt not in (KEEP, *FORMATS):
-        raise UserError(f"--format: {fmt!r} is not one of {', '.join((KEEP, *FORMATS))}")
-    if not 1 <= quality <= 100:
-        raise UserError(f"--quality: {quality} is not in 1..100")
+    if config.test_fraction is not None and not 0.0 < config.test_fraction < 1.0:
+        raise UserError(f"--split: {config.test_fraction} is not a fraction strictly between 0 and 1")
+    if config.resize is not None and config.resize < 1:
+        raise UserError(f"--resize: {config.resize} is not a positive number of pixels (the short side after resizing)")
+    if config.fmt not in (KEEP, *FORMATS):
+        raise UserError(f"--format: {config.fmt!r} is not one of {', '.join((KEEP, *FORMATS))}")
+    if not 1 <= config.quality <= 100:
+        raise UserError(f"--quality: {config.quality} is not in 1..100")
 
 
-def ingest(source: str, out_uri: str, *, labels_file: str | None = None, test_fraction: float | None = None,
-           classes: str | None = None, limit: int | None = None, shard_size: int = 10000, unlabeled: bool = False,
-           seed: int = 0, resize: int | None = None, fmt: str = KEEP, quality: int = DEFAULT_QUALITY,
-           skip_corrupt: bool = False, overwrite: bool = False) -> None:
-    """Write `source` as WebDataset shards plus dataset.json under `out_uri` (or its train/ and test/
-    halves with `test_fraction`); the options are those of `unsupft ingest`."""
-    check_options(resize, fmt, quality, test_fraction)
-    out_uri = store.normalize(out_uri)
+def ingest(config: IngestConfig) -> None:
+    """Write `config.source` as WebDataset shards plus dataset.json under `config.out_uri` (or its
+    train/ and test/ halves with `--split`)."""
+    check_options(config)
+    source, test_fraction = config.source, config.test_fraction
+    out_uri = store.normalize(config.out_uri)
     part_uris = [out_uri] if test_fraction is None else [store.join(out_uri, "train"), store.join(out_uri, "test")]
     for uri in part_uris:
-        if not overwrite and store.exists(store.join(uri, INFO_NAME)):
+        if not config.overwrite and store.exists(store.join(uri, INFO_NAME)):
             raise UserError(f"{uri}: holds a complete data set already (add --overwrite to replace it)")
     stored, data = None, None
     if is_shard_source(source):
-        if labels_file is not None:
+        if config.labels_file is not None:
             raise UserError(f"{source}: --labels is for IDX image files only, not shards")
         stored = open_samples(source)
         selectable, labels, all_classes, channels = stored.index, stored.index.labels, stored.classes, stored.channels
     else:
-        data = open_source(source, labels_file, skip_unreadable=skip_corrupt)
+        data = open_source(source, config.labels_file, skip_unreadable=config.skip_corrupt)
         selectable, labels, all_classes, channels = data, data.labels, data.classes, data.channels
     labeled = labels is not None
-    if classes is not None and not labeled:
+    if config.classes is not None and not labeled:
         raise UserError(f"--classes: {source} has no labels to select classes by")
-    class_ids = resolve_classes(classes, all_classes) if classes is not None else None
-    indices = select(selectable, class_ids=class_ids, limit=limit, seed=seed)
+    class_ids = resolve_classes(config.classes, all_classes) if config.classes is not None else None
+    indices = select(selectable, class_ids=class_ids, limit=config.limit, seed=config.seed)
     kept = class_ids if class_ids is not None else list(range(len(all_classes)))
-    label_map = {old: new for new, old in enumerate(kept)} if labeled and not unlabeled else None
+    label_map = {old: new for new, old in enumerate(kept)} if labeled and not config.unlabeled else None
     names = [all_classes[c] for c in kept] if label_map is not None else []
-    parts = dict(zip(part_uris, [indices] if test_fraction is None else split(indices, labels, test_fraction, seed)))
+    halves = [indices] if test_fraction is None else split(indices, labels, test_fraction, config.seed)
+    parts = dict(zip(part_uris, halves))
     for uri, part in parts.items():
         if len(part) == 0:
             raise UserError(f"{uri}: would be empty (check --classes/--limit/--split)")
     options = " ".join(f"{flag} {value}" for flag, value in (
-        ("--labels", labels_file), ("--classes", classes), ("--limit", limit), ("--split", test_fraction),
-        ("--seed", seed), ("--resize", resize), ("--format", fmt if fmt != KEEP else None)) if value is not None)
-    encoding = Encoding(fmt=fmt, short_side=resize, quality=quality, channels=channels)
-    skipped = list(data.unreadable) if skip_corrupt and data is not None else None
+        ("--labels", config.labels_file), ("--classes", config.classes), ("--limit", config.limit),
+        ("--split", test_fraction), ("--seed", config.seed), ("--resize", config.resize),
+        ("--format", config.fmt if config.fmt != KEEP else None)) if value is not None)
+    encoding = Encoding(fmt=config.fmt, short_side=config.resize, quality=config.quality, channels=channels)
+    skipped = list(data.unreadable) if config.skip_corrupt and data is not None else None
     with _sigterm_exits():
         for uri, part in parts.items():
             if stored is not None:
@@ -200,12 +234,10 @@ def ingest(source: str, out_uri: str, *, labels_file: str | None = None, test_fr
                 image_size = functools.partial(_only_size, sizes)
             else:
                 samples = _samples(data, part, label_map, encoding, skipped)
-                image_size = common_size(data.sizes[part], resize)
-            manifest = write_dataset(
-                uri, samples, classes=names,
-                labeled=label_map is not None, channels=channels, image_size=image_size,
-                source=f"{source} {options}{' --unlabeled' if unlabeled else ''}".strip(), shard_size=shard_size,
-            )
+                image_size = common_size(data.sizes[part], config.resize)
+            manifest = write_dataset(uri, samples, classes=names, labeled=label_map is not None, channels=channels,
+                                     image_size=image_size, shard_size=config.shard_size,
+                                     source=f"{source} {options}{' --unlabeled' if config.unlabeled else ''}".strip())
             click.echo(f"{uri}: {manifest['samples']} samples in {len(manifest['shards'])} shards", file=sys.stderr)
     if skipped:
         click.echo(f"skipped {len(skipped)} unreadable image files (first: {skipped[0]})", file=sys.stderr)

@@ -74,17 +74,9 @@ class _ShardBuilder:
         return ShardInfo(self.name, self.samples, digest.hexdigest())
 
 
-def write_dataset(
-    out: str,
-    samples: Iterable[Sample],
-    *,
-    classes: list[str],
-    labeled: bool,
-    channels: int,
-    image_size: tuple[int, int] | None | Callable[[], tuple[int, int] | None],
-    source: str,
-    shard_size: int,
-) -> dict[str, Any]:
+def write_dataset(out: str, samples: Iterable[Sample], *, classes: list[str], labeled: bool, channels: int,
+                  image_size: tuple[int, int] | None | Callable[[], tuple[int, int] | None], source: str,
+                  shard_size: int) -> dict[str, Any]:
     """Write `samples` as shards of `shard_size` under `out`, then `dataset.json` last; returns it.
 
     A data set already at `out` stays complete and readable until the new manifest replaces it in

@@ -75,9 +75,8 @@ def read_label_list(uri: str, keys: Sequence[str], classes: Sequence[str]) -> tu
     return np.asarray(indices, dtype=np.int64), (np.asarray(labels, dtype=np.int64) if label_col is not None else None)
 
 
-def select_training_set(
-    data: Samples, shots: int | None, seed: int, labels_file: str | None
-) -> tuple[np.ndarray, torch.Tensor]:
+def select_training_set(data: Samples, shots: int | None, seed: int,
+                        labels_file: str | None) -> tuple[np.ndarray, torch.Tensor]:
     """(indices, labels) of the samples to train on: K per class, a key list, or every labeled one.
     Chosen from the index's labels and keys: no image is decoded."""
     classes = data.classes

@@ -37,13 +37,8 @@ def nearest_neighbors(queries: np.ndarray, database: np.ndarray, k: int) -> np.n
     return neighbors
 
 
-def retrieval_accuracy(
-    query_features: np.ndarray,
-    query_labels: np.ndarray,
-    database_features: np.ndarray,
-    database_labels: np.ndarray,
-    k: int = 5,
-) -> float:
+def retrieval_accuracy(query_features: np.ndarray, query_labels: np.ndarray, database_features: np.ndarray,
+                       database_labels: np.ndarray, k: int = 5) -> float:
     """Each query retrieves its k nearest database items (cosine); the share of them with the query's
     label, averaged over queries."""
     neighbors = nearest_neighbors(query_features, database_features, k)
@@ -56,10 +51,8 @@ def kmeans(features: np.ndarray, clusters: int, seed: int = 0, iterations: int =
     faiss subsamples to 256 points per centroid by default; evaluation wants the clustering of the
     whole set, so every point takes part in training."""
     x = _normalized(features)
-    model = faiss.Kmeans(
-        x.shape[1], clusters, niter=iterations, seed=seed, verbose=False,
-        max_points_per_centroid=-(-len(x) // clusters),
-    )
+    model = faiss.Kmeans(x.shape[1], clusters, niter=iterations, seed=seed, verbose=False,
+                         max_points_per_centroid=-(-len(x) // clusters))
     model.train(x)
     _, assignment = model.index.search(x, 1)
     return assignment[:, 0]
@@ -138,9 +131,8 @@ def s_dbw(features: np.ndarray, labels: np.ndarray) -> float:
     return scat + dens_bw
 
 
-def linear_probe_accuracy(
-    train_features: np.ndarray, train_labels: np.ndarray, test_features: np.ndarray, test_labels: np.ndarray
-) -> float:
+def linear_probe_accuracy(train_features: np.ndarray, train_labels: np.ndarray, test_features: np.ndarray,
+                          test_labels: np.ndarray) -> float:
     """Top-1 test accuracy of a logistic-regression classifier fit on frozen, standardised features."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline

@@ -136,9 +136,11 @@ def _pyplot():
     return plt
 
 
-def _figure_png(fig) -> bytes:
+def figure_bytes(plt, fig, fmt: str = "png") -> bytes:
+    """The figure as PNG (or `fmt`) bytes; the figure is closed (pyplot keeps every open one in memory)."""
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    fig.savefig(buffer, format=fmt, dpi=110, bbox_inches="tight")
+    plt.close(fig)
     return buffer.getvalue()
 
 
@@ -158,22 +160,16 @@ def feature_map_png(maps: dict[str, tuple[np.ndarray, np.ndarray]], classes: lis
     fig.legend(handles, names, loc="center right", markerscale=2.5, fontsize=8, title="class")
     fig.suptitle(f"test features, 2-D {method} map, coloured by class")
     fig.subplots_adjust(right=0.88)
-    data = _figure_png(fig)
-    plt.close(fig)
-    return data
+    return figure_bytes(plt, fig)
 
 
-def _accuracy_plot_png(plt, fig, ax, xlabel: str, ylabel: str, title: str) -> bytes:
-    """Finish a plot of accuracies (0 to 1) against labels and return it as PNG bytes."""
+def label_plot(ax, xlabel: str, ylabel: str, title: str) -> None:
+    """Finish a plot of lines: axis labels, grid, legend, title."""
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
     ax.legend()
     ax.set_title(title)
-    data = _figure_png(fig)
-    plt.close(fig)
-    return data
 
 
 def curves_png(models: dict[str, dict[str, Any]]) -> bytes:
@@ -193,7 +189,9 @@ def curves_png(models: dict[str, dict[str, Any]]) -> bytes:
     ax.set_xscale("log", base=2)
     ax.set_xticks(sorted(all_shots), [str(k) for k in sorted(all_shots)])
     ax.minorticks_off()
-    return _accuracy_plot_png(plt, fig, ax, "labeled images per class", "top-1 accuracy", "few-shot transfer")
+    ax.set_ylim(0, 1)
+    label_plot(ax, "labeled images per class", "top-1 accuracy", "few-shot transfer")
+    return figure_bytes(plt, fig)
 
 
 def label_curves_png(curves: dict[str, list[dict[str, Any]]]) -> bytes:
@@ -205,8 +203,10 @@ def label_curves_png(curves: dict[str, list[dict[str, Any]]]) -> bytes:
         ax.plot([r["labels"] for r in rounds], [r["test_top1"] for r in rounds], marker="o", label=name)
         spent.update(r["labels"] for r in rounds)
     ax.set_xticks(sorted(spent))
-    return _accuracy_plot_png(plt, fig, ax, "labels spent (all rounds so far)", "test top-1 accuracy",
-                              "progressive labeling: accuracy per round")
+    ax.set_ylim(0, 1)
+    label_plot(ax, "labels spent (all rounds so far)", "test top-1 accuracy",
+               "progressive labeling: accuracy per round")
+    return figure_bytes(plt, fig)
 
 
 def _fmt(value: Any) -> str:
@@ -340,12 +340,8 @@ trials per K: {_esc(config.get("trials", ""))} (mean ± std)</p>
 """
 
 
-def write_report(
-    out: str,
-    report: dict[str, Any],
-    maps: dict[str, tuple[np.ndarray, np.ndarray]],
-    classes: list[str],
-) -> list[str]:
+def write_report(out: str, report: dict[str, Any], maps: dict[str, tuple[np.ndarray, np.ndarray]],
+                 classes: list[str]) -> list[str]:
     """Complete `report` (best per column, differences against `report["baseline"]`, the map method),
     then write report.json, the pictures that have data and report.html under `out`; returns their names."""
     models = report["models"]

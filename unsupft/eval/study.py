@@ -29,7 +29,6 @@ is no spread: the verdict is `not at this scale` and the row says n = 1.
 from __future__ import annotations
 
 import html
-import io
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -37,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from unsupft.errors import UserError
-from unsupft.eval.report import SCALAR_COLUMNS, _pyplot, columns
+from unsupft.eval.report import SCALAR_COLUMNS, _pyplot, columns, figure_bytes, label_plot
 
 REPRODUCED, NOT_AT_THIS_SCALE, CONTRADICTED = "reproduced", "not at this scale", "contradicted"
 STUDY_MD, STUDY_HTML, STUDY_JSON = "study.md", "study.html", "study.json"
@@ -231,11 +230,8 @@ def render_md(title: str, rows: list[dict[str, Any]], curves: dict | None = None
     return "\n".join(lines) + "\n" + curves_md(curves or {})
 
 
-def _svg(fig, plt) -> str:
-    buffer = io.StringIO()
-    fig.savefig(buffer, format="svg", bbox_inches="tight")
-    plt.close(fig)
-    svg = buffer.getvalue()
+def _svg(plt, fig) -> str:
+    svg = figure_bytes(plt, fig, "svg").decode()
     return svg[svg.index("<svg"):]  # inline: without the XML prolog and doctype
 
 
@@ -246,12 +242,8 @@ def curve_svg(title: str, metric: str, lines: dict[str, list[tuple[int, dict[str
     for prefix, points in lines.items():
         ax.errorbar([x for x, _ in points], [p["mean"] for _, p in points], yerr=[p["std"] for _, p in points],
                     marker="o", capsize=3, label=prefix)
-    ax.set_xlabel("the number in the model's name (e.g. pretraining steps)")
-    ax.set_ylabel(metric)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    ax.set_title(title)
-    return _svg(fig, plt)
+    label_plot(ax, "the number in the model's name (e.g. pretraining steps)", metric, title)
+    return _svg(plt, fig)
 
 
 def curves_md(curves: dict[str, tuple[str, dict[str, list[tuple[int, dict[str, Any]]]]]]) -> str:
@@ -280,7 +272,7 @@ def claims_svg(rows: list[dict[str, Any]]) -> str:
     ax.set_ylabel("metric value (mean ± std, dots: seeds)")
     ax.grid(alpha=0.3, axis="y")
     ax.legend()
-    return _svg(fig, plt)
+    return _svg(plt, fig)
 
 
 def render_html(title: str, rows: list[dict[str, Any]], curves: dict | None = None) -> str:

@@ -18,13 +18,8 @@ from unsupft.preprocess import preprocess
 
 
 @torch.no_grad()
-def extract_features(
-    backbone: nn.Module,
-    images: Dataset | torch.Tensor,
-    batch_size: int = 256,
-    image_size: Sequence[int] | None = None,
-    device: torch.device | None = None,
-) -> torch.Tensor:
+def extract_features(backbone: nn.Module, images: Dataset | torch.Tensor, batch_size: int = 256,
+                     image_size: Sequence[int] | None = None, device: torch.device | None = None) -> torch.Tensor:
     """Pooled backbone features, float32 [N, D] on the CPU, taken in eval mode (BatchNorm uses its
     running statistics, so a sample's features do not depend on its batch).
 

@@ -78,15 +78,8 @@ class Preprocess:
         return x if images.ndim == 4 else x[0]
 
 
-def save_model(
-    uri: str,
-    backbone: nn.Module,
-    arch: str,
-    in_channels: int,
-    image_size: tuple[int, int] | list[int],
-    classifier: nn.Linear | dict[str, torch.Tensor] | None = None,
-    classes: list[str] | None = None,
-) -> None:
+def save_model(uri: str, backbone: nn.Module, arch: str, in_channels: int, image_size: tuple[int, int] | list[int],
+               classifier: nn.Linear | dict[str, torch.Tensor] | None = None, classes: list[str] | None = None) -> None:
     """Write an unsupft `model.pt` (atomically) that torchvision-style code can load."""
     state: dict[str, Any] = {
         "format": MODEL_FORMAT,
@@ -239,9 +232,8 @@ def _adapt_stem(state: dict[str, torch.Tensor], in_channels: int) -> dict[str, t
     return {**state, "conv1.weight": weight}
 
 
-def load_backbone(
-    uri: str, *, arch: str | None = None, in_channels: int | None = None, trust: bool | None = None
-) -> tuple[nn.Module, dict[str, Any]]:
+def load_backbone(uri: str, *, arch: str | None = None, in_channels: int | None = None,
+                  trust: bool | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """A backbone with the weights at `uri` (a checkpoint file or a stage output) and its metadata.
 
     `meta` holds `arch`, `in_channels`, `image_size`, `format`, and when the checkpoint has them
@@ -265,10 +257,8 @@ def load_backbone(
     except RuntimeError as exc:  # shape mismatches raise even with strict=False
         raise UserError(f"{file_uri}: weights do not fit a {arch} backbone (tensor shapes differ)") from exc
     if missing or unexpected:
-        raise UserError(
-            f"{file_uri}: weights do not fit a {arch} backbone "
-            f"({len(missing)} missing, e.g. {missing[:1]}; {len(unexpected)} unexpected, e.g. {unexpected[:1]})"
-        )
+        raise UserError(f"{file_uri}: weights do not fit a {arch} backbone ({len(missing)} missing, "
+                        f"e.g. {missing[:1]}; {len(unexpected)} unexpected, e.g. {unexpected[:1]})")
     meta.update(arch=arch, in_channels=in_channels)
     return model, meta
 

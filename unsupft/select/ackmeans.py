@@ -57,9 +57,7 @@ def _center_terms(x: torch.Tensor, centers: torch.Tensor, metric: Metric) -> tor
     return torch.addmm((centers * centers).sum(1)[None, :], x, centers.T, alpha=-2.0)
 
 
-def distances(
-    x: torch.Tensor, centers: torch.Tensor, metric: Metric, x_sq: torch.Tensor | None = None
-) -> torch.Tensor:
+def distances(x: torch.Tensor, centers: torch.Tensor, metric: Metric, x_sq: torch.Tensor | None = None) -> torch.Tensor:
     """[n, k] squared L2 distances (cosine distances for normalised inputs)."""
     d = _center_terms(x, centers, metric)
     if metric == "l2":
@@ -67,9 +65,8 @@ def distances(
     return d.clamp_min_(0.0)
 
 
-def nearest(
-    x: torch.Tensor, centers: torch.Tensor, metric: Metric, block: int, x_sq: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
+def nearest(x: torch.Tensor, centers: torch.Tensor, metric: Metric, block: int,
+            x_sq: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(distance, index) of each row's nearest center, computed block by block to bound memory."""
     best_d = torch.empty(len(x), dtype=x.dtype, device=x.device)
     best_i = torch.empty(len(x), dtype=torch.long, device=x.device)
@@ -83,16 +80,8 @@ def nearest(
     return best_d, best_i
 
 
-def _kmeanspp(
-    x: torch.Tensor,
-    x_sq: torch.Tensor | None,
-    anchors: torch.Tensor,
-    free: torch.Tensor,
-    k: int,
-    metric: Metric,
-    generator: torch.Generator,
-    block: int,
-) -> torch.Tensor:
+def _kmeanspp(x: torch.Tensor, x_sq: torch.Tensor | None, anchors: torch.Tensor, free: torch.Tensor, k: int,
+              metric: Metric, generator: torch.Generator, block: int) -> torch.Tensor:
     """Greedy k-means++ seeding among the free samples, the anchors counting as chosen centers.
 
     Each step draws a few candidates with probability proportional to their distance to the nearest
@@ -121,15 +110,8 @@ def _kmeanspp(
     return x[chosen].clone()
 
 
-def _update(
-    x: torch.Tensor,
-    assign: torch.Tensor,
-    dist: torch.Tensor,
-    centers: torch.Tensor,
-    m: int,
-    free: torch.Tensor,
-    metric: Metric,
-) -> torch.Tensor:
+def _update(x: torch.Tensor, assign: torch.Tensor, dist: torch.Tensor, centers: torch.Tensor, m: int,
+            free: torch.Tensor, metric: Metric) -> torch.Tensor:
     """Means of the new clusters; empty ones re-seeded at the free samples farthest from their center."""
     k = len(centers)
     rel = assign - m
@@ -147,9 +129,8 @@ def _update(
     return new
 
 
-def eigen_samples(
-    x: torch.Tensor, centers: torch.Tensor, free: torch.Tensor, metric: Metric, block: int = 65536
-) -> torch.Tensor:
+def eigen_samples(x: torch.Tensor, centers: torch.Tensor, free: torch.Tensor, metric: Metric,
+                  block: int = 65536) -> torch.Tensor:
     """For each center the nearest free sample, all distinct.
 
     Each center keeps its K nearest free candidates (merged block by block, so memory stays
@@ -177,18 +158,9 @@ def eigen_samples(
     return torch.tensor(eigen, dtype=torch.long)
 
 
-def ackmeans(
-    features: torch.Tensor,
-    anchor_idx: Sequence[int] | torch.Tensor,
-    k: int,
-    *,
-    metric: Metric = "l2",
-    seed: int = 0,
-    max_iter: int = 100,
-    init: torch.Tensor | None = None,
-    device: torch.device | str | None = None,
-    block: int = 65536,
-) -> ACKMeansResult:
+def ackmeans(features: torch.Tensor, anchor_idx: Sequence[int] | torch.Tensor, k: int, *, metric: Metric = "l2",
+             seed: int = 0, max_iter: int = 100, init: torch.Tensor | None = None,
+             device: torch.device | str | None = None, block: int = 65536) -> ACKMeansResult:
     """Cluster `features` [N, d] with the rows `anchor_idx` as fixed centers and `k` moving ones.
 
     Returns the new centers, their eigen-samples (indices into `features`, never an anchor, all
@@ -223,9 +195,5 @@ def ackmeans(
         if converged:
             break
         centers = _update(x, assign, dist, centers, m, free, metric)
-    return ACKMeansResult(
-        centers=centers,
-        eigen=eigen_samples(x, centers, free, metric, block).to(features.device),
-        assignment=assign.to(features.device),
-        iterations=iterations,
-    )
+    return ACKMeansResult(centers=centers, eigen=eigen_samples(x, centers, free, metric, block).to(features.device),
+                          assignment=assign.to(features.device), iterations=iterations)

@@ -95,9 +95,7 @@ def read_requested_keys(out: str, round_index: int) -> list[str]:
     return read_request(out, round_index)[0]
 
 
-def parse_labels(
-    text: str, source: str, requested: Sequence[str], classes: Sequence[str]
-) -> dict[str, int]:
+def parse_labels(text: str, source: str, requested: Sequence[str], classes: Sequence[str]) -> dict[str, int]:
     """Validate a returned `key,label` file against the request; one-line errors naming the line.
     Keys answered `?` (unsure) count as answered and are left out of the result."""
     class_id = {name: i for i, name in enumerate(classes)}
@@ -149,10 +147,8 @@ class ManualAnnotator:
     `guesses(round, keys)`, when given, returns the current model's class name per key (or None
     when there is no model with a classifier yet); the page pre-selects them."""
 
-    def __init__(
-        self, out: str, classes: Sequence[str], image_of: Callable[[str], torch.Tensor],
-        guesses: Callable[[int, Sequence[str]], dict[str, str] | None] | None = None,
-    ) -> None:
+    def __init__(self, out: str, classes: Sequence[str], image_of: Callable[[str], torch.Tensor],
+                 guesses: Callable[[int, Sequence[str]], dict[str, str] | None] | None = None) -> None:
         if not classes:
             raise UserError("--annotator manual needs class names (dataset.json has no classes)")
         self.out, self.classes, self.image_of, self.guesses = out, list(classes), image_of, guesses

@@ -51,19 +51,8 @@ class Engine(Protocol):
     def features(self, model_uri: str, images: Any) -> torch.Tensor:
         """Float features [N, d] of uint8 images [N, C, H, W] (a tensor or a lazy view)."""
 
-    def finetune(
-        self,
-        init: str,
-        images: torch.Tensor,
-        labels: torch.Tensor,
-        classes: Sequence[str],
-        out: str,
-        *,
-        method: str,
-        epochs: int,
-        seed: int,
-        test: tuple[Any, torch.Tensor] | None,
-    ) -> float | None:
+    def finetune(self, init: str, images: torch.Tensor, labels: torch.Tensor, classes: Sequence[str], out: str, *,
+                 method: str, epochs: int, seed: int, test: tuple[Any, torch.Tensor] | None) -> float | None:
         """Finetune `init` on the labeled images, write `<out>/model.pt`; test accuracy or None."""
 
 
@@ -190,14 +179,8 @@ def select(cfg: LabelConfig, state: State, target: Target, engine: Engine, k: in
     return [target.keys[i] for i in picked.tolist()]
 
 
-def run_label(
-    cfg: LabelConfig,
-    target: Target,
-    annotator: Annotator,
-    engine: Engine,
-    test: tuple[Any, torch.Tensor] | None = None,
-    log=print,
-) -> State:
+def run_label(cfg: LabelConfig, target: Target, annotator: Annotator, engine: Engine,
+              test: tuple[Any, torch.Tensor] | None = None, log=print) -> State:
     """Run (or resume) the rounds until the budget is spent; raises WaitingForLabels for a person."""
     C = len(target.classes)
     state = State.load(cfg.out) or State()

@@ -57,12 +57,12 @@ def summary(values: list[float]) -> tuple[float, float]:
 
 
 def evaluate_model(backbone: torch.nn.Module, meta: dict[str, Any], train: Samples, test: Samples,
-                   test_labels: torch.Tensor, enabled: list[str], shots: list[int], trials: int, method: str,
-                   epochs: int, seed: int, batch_size: int,
+                   test_labels: torch.Tensor, enabled: list[str], shots: list[int], config: EvaluateConfig,
                    own_labels: np.ndarray | None = None) -> tuple[dict[str, Any], np.ndarray | None]:
     """(metrics of one model, test feature 2-D map or None). Images are read batch by batch (only
     features stay in memory); each few-shot draw loads just its K x C training images.
     `own_labels`: the test labels as ids of the model's own classifier's classes, when it has one."""
+    seed, batch_size, trials = config.seed, config.batch_size, config.trials
     result: dict[str, Any] = {}
     classes = train.classes
     train_y, test_y = train.labels.numpy(), test_labels.numpy()
@@ -89,7 +89,8 @@ def evaluate_model(backbone: torch.nn.Module, meta: dict[str, Any], train: Sampl
             for trial in range(trials):
                 trial_seed = seed * 1000 + trial
                 idx = draw_shots(train_y, k, trial_seed, classes)
-                recipe = FinetuneConfig(method=method, epochs=epochs, seed=trial_seed, batch_size=batch_size)
+                recipe = FinetuneConfig(method=config.method, epochs=config.epochs, seed=trial_seed,
+                                        batch_size=batch_size)
                 model = finetune(copy.deepcopy(backbone), meta, subset(train, size, idx), train.labels[idx],
                                  len(classes), recipe)
                 predictions = predict(model, test_images).numpy()
@@ -182,8 +183,7 @@ def evaluate_command(config: EvaluateConfig) -> None:
     maps: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     lines = []
     for name, (backbone, meta, own) in loaded.items():
-        results[name], coords = evaluate_model(backbone, meta, train, test, test_labels, enabled, shot_list,
-                                               config.trials, config.method, config.epochs, seed, config.batch_size,
+        results[name], coords = evaluate_model(backbone, meta, train, test, test_labels, enabled, shot_list, config,
                                                own)
         if coords is not None:
             maps[name] = coords

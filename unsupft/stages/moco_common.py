@@ -15,18 +15,16 @@ from typing import Any, ClassVar, Sequence
 import click
 import torch
 
-from unsupft import checkpoint, options, stage, store
+from unsupft import checkpoint, distributed, options, stage, store
 from unsupft.data.augment import DEFAULT_AUGMENTS, DEFAULT_CROP_SCALE, moco_v2_augment, parse_augments
-from unsupft.preprocess import to_input
 from unsupft.data.mixing import cutmix, mixup
 from unsupft.data.samples import Mixture, default_workers
 from unsupft.data.shardcache import window_bytes
-from unsupft.preprocess import fit
+from unsupft.preprocess import fit, to_input
 from unsupft.errors import UserError
 from unsupft.models import ARCHS, build_backbone, load_backbone, save_model
 from unsupft.models.io import describe
 from unsupft.models.moco import MoCo, save_moco
-from unsupft import distributed
 from unsupft.train.batches import EpochOrder, LoaderBatches, ShardWindows, Shuffled
 from unsupft.train.loop import LoopConfig, TrainTask, train, unwrap
 

@@ -34,20 +34,19 @@ from torch import nn
 import unsupft._torchvision  # noqa: F401  (must precede torchvision imports)
 from torchvision.transforms import v2
 
-from unsupft import losses, options, stage, store
+from unsupft import distributed, losses, options, stage, store
 from unsupft.preprocess import to_input
 from unsupft.data.samples import Fitted, default_workers, image_size_of, open_samples, subset
 from unsupft.errors import UserError, report_user_errors
 from unsupft.eval.classifier import align_test_labels, score_classifier
 from unsupft.eval.fewshot import select_training_set
-from unsupft.models import ARCHS, load_backbone, save_model
+from unsupft.models import ARCHS, load_backbone
 from unsupft.models.io import describe
-from unsupft import distributed
 from unsupft.models.heads import momentum_update
 from unsupft.seeding import mix_seed, seed_everything
 from unsupft.train.batches import LoaderBatches
 from unsupft.train.loop import LoopConfig, TrainTask, train, unwrap
-from unsupft.train.transfer import TransferModel
+from unsupft.train.transfer import TransferModel, save_finetuned
 
 EMA_WARMUP = 10  # the n-th EMA update decays by min(decay, n / (EMA_WARMUP - 1 + n)): short runs forget the init
 
@@ -105,21 +104,18 @@ class FixMatchTask(TrainTask):
     exactly; `finish` applies the last step's update.
     """
 
-    def __init__(self, model: TransferModel, threshold: float, unlabeled_weight: float, ema_decay: float,
-                 lr_head: float, lr_backbone: float) -> None:
-        self.model = SemiModel(model)
-        self.threshold, self.unlabeled_weight, self.ema_decay = threshold, unlabeled_weight, ema_decay
-        self.lr_head, self.lr_backbone = lr_head, lr_backbone
+    def __init__(self, model: TransferModel, config: SemiConfig) -> None:
+        self.model, self.config = SemiModel(model), config
 
     def param_groups(self) -> list[dict[str, Any]]:
         m = unwrap(self.model).model
-        return [{"params": list(m.fc.parameters()), "lr": self.lr_head},
-                {"params": list(m.backbone.parameters()), "lr": self.lr_backbone}]
+        return [{"params": list(m.fc.parameters()), "lr": self.config.lr_head},
+                {"params": list(m.backbone.parameters()), "lr": self.config.lr_backbone}]
 
     def update_ema(self, updates: int) -> None:
         """The EMA step after `updates` optimizer steps (warm-up: early averages forget the init)."""
         m = unwrap(self.model)
-        ema_update(m.ema, m.model, min(self.ema_decay, updates / (EMA_WARMUP - 1 + updates)))
+        ema_update(m.ema, m.model, min(self.config.ema_decay, updates / (EMA_WARMUP - 1 + updates)))
 
     def finish(self, steps: int) -> TransferModel:
         """The EMA model after the run's `steps` steps, on the CPU in eval mode."""
@@ -129,7 +125,7 @@ class FixMatchTask(TrainTask):
     def training_step(self, batch: Any, step: int) -> tuple[torch.Tensor, dict[str, Any]]:
         if step > 0:
             self.update_ema(step)
-        if self.unlabeled_weight == 0:
+        if self.config.unlabeled_weight == 0:
             images, labels = batch
             logits = self.model(images).float()
             loss = nn.functional.cross_entropy(logits, labels)
@@ -137,8 +133,8 @@ class FixMatchTask(TrainTask):
         (images, labels), (weak, strong) = batch
         logits = self.model(torch.cat([images, weak, strong])).float()
         labeled, weak_logits, strong_logits = logits.split([len(images), len(weak), len(strong)])
-        parts = losses.fixmatch_loss(labeled, labels, weak_logits, strong_logits, self.threshold,
-                                     self.unlabeled_weight)
+        parts = losses.fixmatch_loss(labeled, labels, weak_logits, strong_logits, self.config.threshold,
+                                     self.config.unlabeled_weight)
         return parts.total, {"ce": parts.supervised, "unlabeled": parts.unlabeled,
                              "pseudo_label_rate": parts.mask.mean(),
                              "train_top1": (labeled.argmax(1) == labels).float().mean()}
@@ -228,8 +224,7 @@ def semi_command(config: SemiConfig) -> None:
         run.claim(image_size=size)
         click.echo(f"init: {describe(meta)}", err=True)
     seed_everything(seed)
-    task = FixMatchTask(TransferModel(backbone, len(data.classes), size), config.threshold, config.unlabeled_weight,
-                        config.ema_decay, config.lr_head, config.lr_backbone)
+    task = FixMatchTask(TransferModel(backbone, len(data.classes), size), config)
     weak, strong = weak_augment(size), strong_augment(size)
     labeled_images = subset(data, size, indices)
     labeled_batches = LoaderBatches(
@@ -253,9 +248,7 @@ def semi_command(config: SemiConfig) -> None:
         final["test_top1"] = score_classifier(model, test_images, truth, data.classes, batch_size=batch_size)["top1"]
         raw = unwrap(task.model).model.cpu()
         final["test_top1_raw"] = score_classifier(raw, test_images, truth, data.classes, batch_size=batch_size)["top1"]
-    store.write_text(store.join(run.out, "train_keys.txt"), "".join(data.key(int(i)) + "\n" for i in indices))
-    save_model(store.join(run.out, "model.pt"), model.backbone, meta["arch"], meta["in_channels"], size,
-               classifier=model.fc, classes=list(data.classes))
+    save_finetuned(run.out, model, meta, data, indices)
     run.finish(trained_on=int(len(indices)),
                      unlabeled_images=len(unlabeled) if config.unlabeled_weight > 0 else 0, final_metrics=final)
     shown = {k: round(v, 4) for k, v in final.items() if k in ("pseudo_label_rate", "test_top1", "test_top1_raw")}

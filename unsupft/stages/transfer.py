@@ -24,9 +24,9 @@ from unsupft.data.samples import Fitted, image_size_of, open_samples, subset
 from unsupft.errors import UserError, report_user_errors
 from unsupft.eval.classifier import labels_in_classes, score_classifier, summary_of
 from unsupft.eval.fewshot import select_training_set
-from unsupft.models import ARCHS, load_backbone, save_model
+from unsupft.models import ARCHS, load_backbone
 from unsupft.models.io import describe
-from unsupft.train.transfer import METHODS, FinetuneConfig, finetune
+from unsupft.train.transfer import METHODS, FinetuneConfig, finetune, save_finetuned
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -83,9 +83,7 @@ def transfer_command(config: TransferConfig) -> None:
     run.claim(image_size=meta["image_size"])
     model = finetune(backbone, meta, subset(data, meta["image_size"], indices), labels, len(data.classes),
                      config.finetuning(), out=run.out)
-    store.write_text(store.join(run.out, "train_keys.txt"), "".join(data.key(int(i)) + "\n" for i in indices))
-    save_model(store.join(run.out, "model.pt"), model.backbone, meta["arch"], meta["in_channels"], meta["image_size"],
-               classifier=model.fc, classes=list(data.classes))
+    save_finetuned(run.out, model, meta, data, indices)
     scored = {}
     if test is not None:
         score = score_classifier(model.to(default_device()), Fitted(test, meta["image_size"]), test_labels,

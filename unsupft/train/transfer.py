@@ -42,9 +42,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from unsupft import losses
-from unsupft.data.samples import batches_of, default_workers
+from unsupft import losses, store
+from unsupft.data.samples import Samples, batches_of, default_workers
 from unsupft.errors import UserError
+from unsupft.models import save_model
 from unsupft.models.features import extract_features
 from unsupft.models.heads import momentum_update, projection_head
 from unsupft.preprocess import preprocess
@@ -347,6 +348,14 @@ def finetune(backbone: nn.Module, meta: dict[str, Any], images: Dataset | torch.
 
 
 @torch.no_grad()
+def save_finetuned(out: str, model: TransferModel, meta: dict[str, Any], data: Samples, indices: Sequence[int]) -> None:
+    """A finetuning stage's last files in `out`: `train_keys.txt` (the keys trained on, for
+    reproducibility), then `model.pt` (backbone + classifier + classes, at the model's input size)."""
+    store.write_text(store.join(out, "train_keys.txt"), "".join(data.key(int(i)) + "\n" for i in indices))
+    save_model(store.join(out, "model.pt"), model.backbone, meta["arch"], meta["in_channels"], model.image_size,
+               classifier=model.fc, classes=list(data.classes))
+
+
 def predict(model: TransferModel, images: Dataset | torch.Tensor, batch_size: int = 256) -> torch.Tensor:
     """Predicted class ids [N] for uint8 images [N, C, H, W], in memory or lazy (eval mode, same
     preprocessing), read batch by batch."""
