@@ -142,10 +142,12 @@ def test_lease_of_a_dead_process_on_this_host_is_taken_at_once(store_uri):
 
 def test_lease_of_another_host_is_taken_after_its_ttl_unless_renewed(store_uri):
     uri = store.join(store_uri, "out", lease.LEASE)
-    store.create_exclusive(uri, _record(host="elsewhere", renewed=time.time()))
-    started = time.monotonic()
+    renewed = time.time()
+    store.create_exclusive(uri, _record(host="elsewhere", renewed=renewed))
     held = lease.acquire(uri, "unsupft test", "out")  # watched it for its 2 s ttl: nobody renewed
-    assert 1.0 < time.monotonic() - started < 6
+    # counted from the record's own renewal time: a slow store write under load shortens the wait
+    # after it, not the ttl
+    assert 2.0 <= time.time() - renewed < 8
     held.release()
 
     # A live holder elsewhere renews within its ttl: the newcomer stops with one line.
