@@ -79,6 +79,15 @@ def test_ce_transfer_beats_chance(digits, tmp_path, one_thread):
     assert (out / "_DONE.json").exists()
 
 
+def test_predict_builds_no_autograd_graph(one_thread):
+    """Prediction over a whole test set must not keep activations for a backward pass."""
+    model = TransferModel(build_backbone("tiny", 1), 10, [8, 8])
+    grad_enabled = []
+    model.fc.register_forward_hook(lambda module, inputs, output: grad_enabled.append(output.requires_grad))
+    predict(model, torch.randint(0, 256, (5, 1, 8, 8), dtype=torch.uint8), batch_size=2)
+    assert grad_enabled == [False, False, False]
+
+
 @pytest.mark.parametrize("method", ["coin", "bituning", "linear"])
 def test_other_methods_train(digits, tmp_path, one_thread, method):
     out = tmp_path / method

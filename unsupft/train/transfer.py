@@ -347,7 +347,6 @@ def finetune(backbone: nn.Module, meta: dict[str, Any], images: Dataset | torch.
     return model.cpu().eval()
 
 
-@torch.no_grad()
 def save_finetuned(out: str, model: TransferModel, meta: dict[str, Any], data: Samples, indices: Sequence[int]) -> None:
     """A finetuning stage's last files in `out`: `train_keys.txt` (the keys trained on, for
     reproducibility), then `model.pt` (backbone + classifier + classes, at the model's input size)."""
@@ -356,6 +355,7 @@ def save_finetuned(out: str, model: TransferModel, meta: dict[str, Any], data: S
                classifier=model.fc, classes=list(data.classes))
 
 
+@torch.no_grad()
 def predict(model: TransferModel, images: Dataset | torch.Tensor, batch_size: int = 256) -> torch.Tensor:
     """Predicted class ids [N] for uint8 images [N, C, H, W], in memory or lazy (eval mode, same
     preprocessing), read batch by batch."""
