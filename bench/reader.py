@@ -186,7 +186,7 @@ def main() -> None:
         f"fetched into the cache, S3 gives {s3_vs_local(rows, 1):.2f}x (1 worker) and {s3_vs_local(rows, 2):.2f}x (2 workers)"
         " of the local rate in the windowed training order, and keeps ahead of training.",
         "",
-        f"Integrity (issue 16): the first read scans every shard once (tar headers for the index, sha256 and",
+        "Integrity (issue 16): the first read scans every shard once (tar headers for the index, sha256 and",
         f"sample count against dataset.json): **{scan_s:.1f} s** for the {shards} shards, of which the sha256 is",
         f"{hash_s:.1f} s ({hash_s / scan_s * 100:.0f}%); the rest is the tar parsing the index needs anyway. One",
         f"decoding pass with 1 worker takes {60000 / rows[0][2]:.1f} s. Afterwards the cached index carries the",

@@ -52,7 +52,6 @@ from unsupft.data.augment import DEFAULT_AUGMENTS  # noqa: E402
 from unsupft.data.samples import Mixture  # noqa: E402
 from unsupft.data.shardcache import cache_folder  # noqa: E402
 from unsupft.stages.moco_common import two_view_batches  # noqa: E402
-from unsupft.train.batches import ShardWindows, Shuffled  # noqa: E402
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 BASE = 10_000

@@ -49,7 +49,7 @@ def reference_ackmeans(x, anchor_idx, init, metric, max_iter=100):
             )
             for j, i in zip(empty, free_far):
                 centers[j] = x[i]
-    eigen, taken = [], set()
+    eigen = []
     for j in range(k):
         ds = [(dist(x[i], centers[j]), i) for i in range(len(x)) if i not in set(anchor_idx)]
         eigen.append(min(ds)[1])
