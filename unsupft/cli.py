@@ -66,22 +66,16 @@ def _load(spec: StageSpec) -> click.Command:
 
 
 class LazyGroup(OneLineGroup):
-    """A click group whose sub-commands are imported only when used."""
-
-    def __init__(self, *args, lazy: dict[str, StageSpec], **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.lazy = lazy
+    """A click group whose sub-commands, the stages of `unsupft.registry`, are imported only when used."""
 
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted(set(super().list_commands(ctx)) | set(self.lazy))
+        return sorted(STAGES)
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
-        if name in self.lazy:
-            return _load(self.lazy[name])
-        return super().get_command(ctx, name)
+        return _load(STAGES[name]) if name in STAGES else None
 
 
-@click.group(cls=LazyGroup, lazy=STAGES, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="unsupft")
 def main() -> None:
     """unsupft stages: each reads inputs from URIs and writes its outputs to --out."""
