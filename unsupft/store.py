@@ -48,7 +48,6 @@ from unsupft.errors import InfraError, UserError
 
 _MULTIPART_THRESHOLD = 64 * 1024 * 1024
 RETRY_ENV = "UNSUPFT_STORE_RETRY_SECONDS"
-DEFAULT_RETRY_SECONDS = 60.0
 T = TypeVar("T")
 
 
@@ -151,11 +150,6 @@ def env_seconds(name: str, default: float, low: float, high: float) -> float:
     return value
 
 
-def retry_seconds() -> float:
-    """The retry budget of one store operation (`UNSUPFT_STORE_RETRY_SECONDS`, default 60)."""
-    return env_seconds(RETRY_ENV, DEFAULT_RETRY_SECONDS, 0, 86400)
-
-
 @contextlib.contextmanager
 def _s3_errors(uri: str) -> Iterator[None]:
     """Classify S3 failures: a user's (`UserError`, one line naming the URI) or transient (`_Transient`)."""
@@ -190,11 +184,10 @@ def _s3_errors(uri: str) -> Iterator[None]:
 
 
 def _retrying(uri: str, operation: Callable[[], T], rewind: Callable[[], None] | None = None) -> T:
-    """Run one S3 operation, retrying transient failures with backoff within `retry_seconds()`.
-
-    `rewind` resets an upload's source stream before a retry (or raises when it cannot).
+    """Run one S3 operation, retrying transient failures with backoff for `UNSUPFT_STORE_RETRY_SECONDS`
+    (default 60). `rewind` resets an upload's source stream before a retry (or raises when it cannot).
     """
-    budget = retry_seconds()
+    budget = env_seconds(RETRY_ENV, 60.0, 0, 86400)
     deadline = time.monotonic() + budget
     delay = 0.25
     while True:
