@@ -483,16 +483,7 @@ def _local_parent_ok(uri: str, path: Path) -> None:
 
 def write_bytes(uri: str, data: bytes) -> None:
     """Write `data` to `uri` atomically (replacing what was there)."""
-    if is_s3(uri):
-        upload_stream(uri, io.BytesIO(data))
-        return
-    path = _local(uri)
-    _local_parent_ok(uri, path)
-    try:
-        with _atomic_local_file(path) as tmp:
-            tmp.write_bytes(data)
-    except PermissionError as exc:
-        raise UserError(f"{uri}: permission denied") from exc
+    upload_stream(uri, io.BytesIO(data))
 
 
 def write_text(uri: str, text: str) -> None:
@@ -536,8 +527,11 @@ def upload_stream(uri: str, stream: IO[bytes]) -> None:
         return
     path = _local(uri)
     _local_parent_ok(uri, path)
-    with _atomic_local_file(path) as tmp, tmp.open("wb") as out:
-        shutil.copyfileobj(stream, out, 1 << 20)
+    try:
+        with _atomic_local_file(path) as tmp, tmp.open("wb") as out:
+            shutil.copyfileobj(stream, out, 1 << 20)
+    except PermissionError as exc:
+        raise UserError(f"{uri}: permission denied") from exc
 
 
 def upload_file(path: str | os.PathLike, uri: str) -> None:
