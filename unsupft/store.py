@@ -223,8 +223,7 @@ def read_bytes(uri: str) -> bytes:
     """The whole object at `uri`."""
     if is_s3(uri):
         bucket, key = _split_s3(uri)
-        return _missing_bucket_named(uri, lambda: _retrying(
-            uri, lambda: _s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()))
+        return _missing_bucket_named(uri, lambda: _s3_client().get_object(Bucket=bucket, Key=key)["Body"].read())
     path = _local(uri)
     try:
         return path.read_bytes()
@@ -304,7 +303,7 @@ def read_into(uri: str, out: IO[bytes]) -> str:
                     raise InfraError(f"{uri}: cannot write its local copy ({exc})") from exc
         return f"{response['ContentLength']}:{response.get('ETag', '')}"
 
-    return _missing_bucket_named(uri, lambda: _retrying(uri, copy))
+    return _missing_bucket_named(uri, copy)
 
 
 def version(uri: str) -> str:
@@ -312,7 +311,7 @@ def version(uri: str) -> str:
     mtime locally): the key of caches derived from the object. A missing object is a `UserError`."""
     if is_s3(uri):
         bucket, key = _split_s3(uri)
-        head = _missing_bucket_named(uri, lambda: _retrying(uri, lambda: _s3_client().head_object(Bucket=bucket, Key=key)))
+        head = _missing_bucket_named(uri, lambda: _s3_client().head_object(Bucket=bucket, Key=key))
         return f"{head['ContentLength']}:{head.get('ETag', '')}"
     try:
         stat = _local(uri).stat()
@@ -330,12 +329,14 @@ def _not_found(exc: UserError, codes: tuple[str, ...] = ("404", "NoSuchKey", "No
 
 
 def _missing_bucket_named(uri: str, operation: Callable[[], T]) -> T:
-    """Run `operation`; a "not found" whose bucket is missing says so (HEAD cannot tell them apart)."""
+    """`_retrying(uri, operation)`, where a "not found" whose bucket is missing says so (HEAD cannot
+    tell them apart)."""
     try:
-        return operation()
+        return _retrying(uri, operation)
     except UserError as exc:
-        if _not_found(exc) and not _bucket_exists(_split_s3(uri)[0]):
-            raise UserError(f"{uri}: no such bucket '{_split_s3(uri)[0]}'") from exc
+        bucket = _split_s3(uri)[0]
+        if _not_found(exc) and not _bucket_exists(bucket):
+            raise UserError(f"{uri}: no such bucket '{bucket}'") from exc
         raise
 
 
@@ -344,7 +345,7 @@ def exists(uri: str) -> bool:
     if is_s3(uri):
         bucket, key = _split_s3(uri)
         try:
-            _missing_bucket_named(uri, lambda: _retrying(uri, lambda: _s3_client().head_object(Bucket=bucket, Key=key)))
+            _missing_bucket_named(uri, lambda: _s3_client().head_object(Bucket=bucket, Key=key))
             return True
         except UserError as exc:
             if _not_found(exc):  # the object is missing, not the bucket (that one is named above)
