@@ -11,7 +11,7 @@ stage chose, `unsupft.stage.resolve_chosen`): resolved here, before the stage se
 from __future__ import annotations
 
 import functools
-import importlib
+import pkgutil
 from typing import Any
 
 import click
@@ -58,8 +58,7 @@ def _resolve_chosen_sources(spec: StageSpec, command: click.Command) -> None:
 @functools.cache
 def _load(spec: StageSpec) -> click.Command:
     """The stage's command, imported and prepared once per process."""
-    module_name, attr = spec.command.split(":")
-    command = getattr(importlib.import_module(module_name), attr)
+    command = pkgutil.resolve_name(spec.command)
     _add_environment(spec, command)
     _resolve_chosen_sources(spec, command)
     return command

@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import pkgutil
 from dataclasses import MISSING, Field, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Literal
@@ -205,14 +206,9 @@ def describe(command: click.Command) -> dict[str, dict[str, Any]]:
 
 def generate() -> dict[str, dict[str, dict[str, Any]]]:
     """The table of every stage command (imports the stages: torch and all)."""
-    import importlib
-
     from unsupft.registry import STAGES
 
-    table = {}
-    for kind, spec in sorted(STAGES.items()):
-        module_name, attr = spec.command.split(":")
-        table[kind] = describe(getattr(importlib.import_module(module_name), attr))
+    table = {kind: describe(pkgutil.resolve_name(spec.command)) for kind, spec in sorted(STAGES.items())}
     return json.loads(json.dumps(table))  # tuples -> lists, as read back from the file
 
 
