@@ -23,7 +23,6 @@ _SCHEMAS = (
     "nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
     "qnms(Tensor qdets, Tensor scores, float iou_threshold) -> Tensor",
 )
-_fallback_library: torch.library.Library | None = None
 
 
 def _extension_loads() -> bool:
@@ -39,19 +38,12 @@ def _extension_loads() -> bool:
     return False
 
 
-def _declare_missing_ops() -> None:
-    global _fallback_library
-    if _fallback_library is not None or _extension_loads():
-        return
+if not _extension_loads():
+    # Held by the module: a Library's definitions are withdrawn when it is garbage collected.
     _fallback_library = torch.library.Library("torchvision", "FRAGMENT")
     for schema in _SCHEMAS:
         _fallback_library.define(schema)
 
-
-_declare_missing_ops()
-
 import torchvision  # noqa: E402  (must follow the schema declaration)
 
-extension_loaded = _fallback_library is None
-
-__all__ = ["torchvision", "extension_loaded"]
+__all__ = ["torchvision"]

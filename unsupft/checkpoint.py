@@ -25,8 +25,6 @@ from unsupft import store
 from unsupft.errors import UserError
 from unsupft.trust import TRUST_ENV, trusted
 
-__all__ = ["SUFFIXES", "TRUST_ENV", "load", "resolve", "save", "trusted"]
-
 SUFFIXES = (".pt", ".pth", ".tar", ".ckpt", ".bin", ".safetensors")
 
 

@@ -11,7 +11,7 @@ stage chose, `unsupft.stage.resolve_chosen`): resolved here, before the stage se
 from __future__ import annotations
 
 import functools
-import importlib
+import pkgutil
 from typing import Any
 
 import click
@@ -58,30 +58,23 @@ def _resolve_chosen_sources(spec: StageSpec, command: click.Command) -> None:
 @functools.cache
 def _load(spec: StageSpec) -> click.Command:
     """The stage's command, imported and prepared once per process."""
-    module_name, attr = spec.command.split(":")
-    command = getattr(importlib.import_module(module_name), attr)
+    command = pkgutil.resolve_name(spec.command)
     _add_environment(spec, command)
     _resolve_chosen_sources(spec, command)
     return command
 
 
 class LazyGroup(OneLineGroup):
-    """A click group whose sub-commands are imported only when used."""
-
-    def __init__(self, *args, lazy: dict[str, StageSpec], **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.lazy = lazy
+    """A click group whose sub-commands, the stages of `unsupft.registry`, are imported only when used."""
 
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted(set(super().list_commands(ctx)) | set(self.lazy))
+        return sorted(STAGES)
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
-        if name in self.lazy:
-            return _load(self.lazy[name])
-        return super().get_command(ctx, name)
+        return _load(STAGES[name]) if name in STAGES else None
 
 
-@click.group(cls=LazyGroup, lazy=STAGES, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="unsupft")
 def main() -> None:
     """unsupft stages: each reads inputs from URIs and writes its outputs to --out."""

@@ -64,15 +64,11 @@ def setup() -> tuple[Dist, torch.device]:
         raise UserError(f"local rank {d.local_rank} has no GPU: {gpus} visible on this node; start one process "
                         "per GPU, or set CUDA_VISIBLE_DEVICES= to train on the CPU")
     device = torch.device(f"cuda:{d.local_rank}") if gpus else torch.device("cpu")
-    if device.type == "cuda":
+    if gpus:
         torch.cuda.set_device(device)
     if d.enabled and not dist.is_initialized():
-        dist.init_process_group(
-            "nccl" if device.type == "cuda" else "gloo",
-            rank=d.rank,
-            world_size=d.world_size,
-            device_id=device if device.type == "cuda" else None,
-        )
+        dist.init_process_group("nccl" if gpus else "gloo", rank=d.rank, world_size=d.world_size,
+                                device_id=device if gpus else None)
         # A group still alive at interpreter exit can abort the process ("terminate called without
         # an active exception", Gloo's threads) after the stage has finished: tear it down first.
         atexit.register(_destroy_process_group)

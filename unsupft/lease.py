@@ -22,6 +22,7 @@ O_EXCL) and `replace_if`, a compare-and-swap (S3 `If-Match: <etag>`, local `floc
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import os
 import socket
@@ -41,10 +42,6 @@ DEFAULT_TTL = 60.0
 
 class LeaseHeld(InfraError):
     """Another live process holds the lease (exit 69: the same command may succeed later)."""
-
-
-def ttl_seconds() -> float:
-    return store.env_seconds(TTL_ENV, DEFAULT_TTL, 1, 86400)
 
 
 def process_start(pid: int) -> str | None:
@@ -95,9 +92,7 @@ def _gone(record: dict[str, Any] | None) -> bool:
     """Whether a holder is certainly gone: released, unreadable, or a dead process on this host."""
     if record is None or record.get("released"):
         return True
-    if record.get("host") == socket.gethostname():
-        return not process_alive(record.get("pid"), record.get("pid_start"))
-    return False
+    return record.get("host") == socket.gethostname() and not process_alive(record.get("pid"), record.get("pid_start"))
 
 
 class Lease:
@@ -133,18 +128,15 @@ class Lease:
             except ReportedError as exc:
                 # A lost lease (or a store gone past its retries): stop writing at once, whatever
                 # the main thread is doing; a successor may already be writing.
-                sys.stderr.write(f"error: {exc}\n")
-                sys.stderr.flush()
+                print(f"error: {exc}", file=sys.stderr, flush=True)
                 os._exit(EXIT_INFRA)
 
     def release(self) -> None:
         """Give the lease up (idempotent); a lost lease or an unreachable store is left to expire."""
         self._stop.set()
         atexit.unregister(self.release)
-        try:
+        with contextlib.suppress(ReportedError):
             self._swap({**self.record, "released": True, "renewed": time.time()})
-        except ReportedError:
-            pass
         with self._lock:
             self.version = None
 
@@ -154,7 +146,7 @@ def acquire(uri: str, purpose: str, what: str) -> Lease:
 
     `what` names the thing guarded in the message (an output URI, a run).
     """
-    ttl = ttl_seconds()
+    ttl = store.env_seconds(TTL_ENV, DEFAULT_TTL, 1, 86400)
     record = {"purpose": purpose, "token": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid(),
               "pid_start": process_start(os.getpid()), "ttl": ttl, "acquired": time.time()}
     while True:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import pkgutil
 from dataclasses import MISSING, Field, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Literal
@@ -46,9 +47,6 @@ class Number(click.FloatRange):
             self.fail(f"{value!r} is not a finite number", param, ctx)
         return super().convert(number, param, ctx)
 
-    def to_info_dict(self) -> dict[str, Any]:
-        return {**super().to_info_dict(), "param_type": "Number"}
-
 
 class Count(click.IntRange):
     """An integer inside [min, max]; booleans (YAML `true`) are refused rather than taken as 1."""
@@ -59,9 +57,6 @@ class Count(click.IntRange):
         if isinstance(value, bool) or isinstance(value, float) and not value.is_integer():
             self.fail(f"{value!r} is not an integer", param, ctx)
         return super().convert(value, param, ctx)
-
-    def to_info_dict(self) -> dict[str, Any]:
-        return {**super().to_info_dict(), "param_type": "Count"}
 
 
 class CountOrAuto(Count):
@@ -74,9 +69,6 @@ class CountOrAuto(Count):
         if value == "auto":
             return value
         return super().convert(value, param, ctx)
-
-    def to_info_dict(self) -> dict[str, Any]:
-        return {**super().to_info_dict(), "param_type": "CountOrAuto"}
 
 
 def number(min: float | None = None, max: float | None = None, *, min_open: bool = False,
@@ -135,12 +127,10 @@ def option_fields(config_class: type[Options]) -> list[Field]:
     groups it extends, so that shared options (`--out`, ...) close the list. A field that a class
     declares again (to give it its own help) keeps the place where it was first declared."""
     merged = {f.name: f for f in fields(config_class) if OPTION in f.metadata}
-    first_declared = {}
-    for klass in reversed(config_class.__mro__):
-        for name in vars(klass).get("__annotations__", {}):
-            first_declared.setdefault(name, klass)
-    return [merged[name] for klass in config_class.__mro__ for name in vars(klass).get("__annotations__", {})
-            if name in merged and first_declared[name] is klass]
+    names: list[str] = []
+    for klass in reversed(config_class.__mro__):  # the bases first; each class puts its new options in front
+        names = [n for n in vars(klass).get("__annotations__", {}) if n in merged and n not in names] + names
+    return [merged[n] for n in names]
 
 
 def _parameter(f: Field) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -185,13 +175,12 @@ def parse_named(specs: tuple[str, ...], option: str) -> dict[str, str]:
 
 
 def param_type(info: dict[str, Any]) -> click.ParamType:
-    """The Click type an entry of the table describes (the inverse of `to_info_dict`)."""
+    """The Click type an entry of the table describes (the inverse of `to_info_dict`, whose
+    `param_type` is the type's class name)."""
     kind = info["param_type"]
-    if kind == "Number":
-        return Number(info["min"], info["max"], min_open=info["min_open"], max_open=info["max_open"])
-    if kind in ("Count", "CountOrAuto"):
-        int_type = Count if kind == "Count" else CountOrAuto
-        return int_type(info["min"], info["max"], min_open=info["min_open"], max_open=info["max_open"])
+    ranged = {"Number": Number, "Count": Count, "CountOrAuto": CountOrAuto}
+    if kind in ranged:
+        return ranged[kind](info["min"], info["max"], min_open=info["min_open"], max_open=info["max_open"])
     if kind == "Choice":
         return click.Choice(info["choices"], case_sensitive=info["case_sensitive"])
     simple = {"Int": click.INT, "Float": click.FLOAT, "Bool": click.BOOL, "String": click.STRING}
@@ -217,14 +206,9 @@ def describe(command: click.Command) -> dict[str, dict[str, Any]]:
 
 def generate() -> dict[str, dict[str, dict[str, Any]]]:
     """The table of every stage command (imports the stages: torch and all)."""
-    import importlib
-
     from unsupft.registry import STAGES
 
-    table = {}
-    for kind, spec in sorted(STAGES.items()):
-        module_name, attr = spec.command.split(":")
-        table[kind] = describe(getattr(importlib.import_module(module_name), attr))
+    table = {kind: describe(pkgutil.resolve_name(spec.command)) for kind, spec in sorted(STAGES.items())}
     return json.loads(json.dumps(table))  # tuples -> lists, as read back from the file
 
 

@@ -105,9 +105,9 @@ def differences(old: dict[str, Any], new: dict[str, Any]) -> str:
     return ", ".join(named) + (f" and {len(keys) - 6} more" if len(keys) > 6 else "")
 
 
-def _foreign(out: str, config: dict[str, Any]) -> bool:
-    """Whether `out` is not this config's to write (it is when empty, or holding this config):
-    refused here, unless --overwrite lets the caller replace it."""
+def _foreign(out: str, config: dict[str, Any]) -> list[str]:
+    """The files of `out` when it is not this config's to write (none when it is: empty, or holding
+    this config): refused here, unless --overwrite lets the caller replace them."""
     names = [n for n in store.list_prefix(out) if n != lease.LEASE]
     why = None
     if CONFIG in names:  # one listing, then the config: a writer starting meanwhile is seen whole
@@ -120,14 +120,7 @@ def _foreign(out: str, config: dict[str, Any]) -> bool:
         why = f"is not empty and holds no {CONFIG} (e.g. {names[0]}): not a stage output of this config"
     if why is not None and not _overwrite:
         raise UserError(f"{out}: {why}; use another --out, or --overwrite to replace it")
-    return why is not None
-
-
-def _refuse_or_clean(out: str, config: dict[str, Any]) -> None:
-    if _foreign(out, config):
-        for name in store.list_prefix(out):
-            if name != lease.LEASE:
-                store.delete(store.join(out, name))
+    return names if why is not None else []
 
 
 def write_config(out: str, config: dict[str, Any]) -> None:
@@ -136,7 +129,8 @@ def write_config(out: str, config: dict[str, Any]) -> None:
     if out not in _claims:
         held = lease.acquire(store.join(out, lease.LEASE), f"unsupft {config.get('stage', 'stage')}", out)
         try:
-            _refuse_or_clean(out, config)
+            for name in _foreign(out, config):  # only with --overwrite: the output starts clean
+                store.delete(store.join(out, name))
         except BaseException:
             held.release()
             raise

@@ -48,7 +48,6 @@ from unsupft.errors import InfraError, UserError
 
 _MULTIPART_THRESHOLD = 64 * 1024 * 1024
 RETRY_ENV = "UNSUPFT_STORE_RETRY_SECONDS"
-DEFAULT_RETRY_SECONDS = 60.0
 T = TypeVar("T")
 
 
@@ -151,11 +150,6 @@ def env_seconds(name: str, default: float, low: float, high: float) -> float:
     return value
 
 
-def retry_seconds() -> float:
-    """The retry budget of one store operation (`UNSUPFT_STORE_RETRY_SECONDS`, default 60)."""
-    return env_seconds(RETRY_ENV, DEFAULT_RETRY_SECONDS, 0, 86400)
-
-
 @contextlib.contextmanager
 def _s3_errors(uri: str) -> Iterator[None]:
     """Classify S3 failures: a user's (`UserError`, one line naming the URI) or transient (`_Transient`)."""
@@ -190,11 +184,10 @@ def _s3_errors(uri: str) -> Iterator[None]:
 
 
 def _retrying(uri: str, operation: Callable[[], T], rewind: Callable[[], None] | None = None) -> T:
-    """Run one S3 operation, retrying transient failures with backoff within `retry_seconds()`.
-
-    `rewind` resets an upload's source stream before a retry (or raises when it cannot).
+    """Run one S3 operation, retrying transient failures with backoff for `UNSUPFT_STORE_RETRY_SECONDS`
+    (default 60). `rewind` resets an upload's source stream before a retry (or raises when it cannot).
     """
-    budget = retry_seconds()
+    budget = env_seconds(RETRY_ENV, 60.0, 0, 86400)
     deadline = time.monotonic() + budget
     delay = 0.25
     while True:
@@ -230,8 +223,7 @@ def read_bytes(uri: str) -> bytes:
     """The whole object at `uri`."""
     if is_s3(uri):
         bucket, key = _split_s3(uri)
-        return _missing_bucket_named(uri, lambda: _retrying(
-            uri, lambda: _s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()))
+        return _missing_bucket_named(uri, lambda: _s3_client().get_object(Bucket=bucket, Key=key)["Body"].read())
     path = _local(uri)
     try:
         return path.read_bytes()
@@ -311,7 +303,7 @@ def read_into(uri: str, out: IO[bytes]) -> str:
                     raise InfraError(f"{uri}: cannot write its local copy ({exc})") from exc
         return f"{response['ContentLength']}:{response.get('ETag', '')}"
 
-    return _missing_bucket_named(uri, lambda: _retrying(uri, copy))
+    return _missing_bucket_named(uri, copy)
 
 
 def version(uri: str) -> str:
@@ -319,7 +311,7 @@ def version(uri: str) -> str:
     mtime locally): the key of caches derived from the object. A missing object is a `UserError`."""
     if is_s3(uri):
         bucket, key = _split_s3(uri)
-        head = _missing_bucket_named(uri, lambda: _retrying(uri, lambda: _s3_client().head_object(Bucket=bucket, Key=key)))
+        head = _missing_bucket_named(uri, lambda: _s3_client().head_object(Bucket=bucket, Key=key))
         return f"{head['ContentLength']}:{head.get('ETag', '')}"
     try:
         stat = _local(uri).stat()
@@ -337,12 +329,14 @@ def _not_found(exc: UserError, codes: tuple[str, ...] = ("404", "NoSuchKey", "No
 
 
 def _missing_bucket_named(uri: str, operation: Callable[[], T]) -> T:
-    """Run `operation`; a "not found" whose bucket is missing says so (HEAD cannot tell them apart)."""
+    """`_retrying(uri, operation)`, where a "not found" whose bucket is missing says so (HEAD cannot
+    tell them apart)."""
     try:
-        return operation()
+        return _retrying(uri, operation)
     except UserError as exc:
-        if _not_found(exc) and not _bucket_exists(_split_s3(uri)[0]):
-            raise UserError(f"{uri}: no such bucket '{_split_s3(uri)[0]}'") from exc
+        bucket = _split_s3(uri)[0]
+        if _not_found(exc) and not _bucket_exists(bucket):
+            raise UserError(f"{uri}: no such bucket '{bucket}'") from exc
         raise
 
 
@@ -351,7 +345,7 @@ def exists(uri: str) -> bool:
     if is_s3(uri):
         bucket, key = _split_s3(uri)
         try:
-            _missing_bucket_named(uri, lambda: _retrying(uri, lambda: _s3_client().head_object(Bucket=bucket, Key=key)))
+            _missing_bucket_named(uri, lambda: _s3_client().head_object(Bucket=bucket, Key=key))
             return True
         except UserError as exc:
             if _not_found(exc):  # the object is missing, not the bucket (that one is named above)
@@ -490,16 +484,7 @@ def _local_parent_ok(uri: str, path: Path) -> None:
 
 def write_bytes(uri: str, data: bytes) -> None:
     """Write `data` to `uri` atomically (replacing what was there)."""
-    if is_s3(uri):
-        upload_stream(uri, io.BytesIO(data))
-        return
-    path = _local(uri)
-    _local_parent_ok(uri, path)
-    try:
-        with _atomic_local_file(path) as tmp:
-            tmp.write_bytes(data)
-    except PermissionError as exc:
-        raise UserError(f"{uri}: permission denied") from exc
+    upload_stream(uri, io.BytesIO(data))
 
 
 def write_text(uri: str, text: str) -> None:
@@ -543,8 +528,11 @@ def upload_stream(uri: str, stream: IO[bytes]) -> None:
         return
     path = _local(uri)
     _local_parent_ok(uri, path)
-    with _atomic_local_file(path) as tmp, tmp.open("wb") as out:
-        shutil.copyfileobj(stream, out, 1 << 20)
+    try:
+        with _atomic_local_file(path) as tmp, tmp.open("wb") as out:
+            shutil.copyfileobj(stream, out, 1 << 20)
+    except PermissionError as exc:
+        raise UserError(f"{uri}: permission denied") from exc
 
 
 def upload_file(path: str | os.PathLike, uri: str) -> None:
