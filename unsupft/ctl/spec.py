@@ -22,6 +22,7 @@ inputs are resolved (`_expand_matrices`), so nothing after the parser knows matr
 from __future__ import annotations
 
 import itertools
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -154,7 +155,7 @@ class _Where:
         if id(node) in self.sizes:  # an alias to a node walked before: its size, no second walk
             return self.sizes[id(node)]
         if id(node) in active:
-            raise UserError(f"{self.file}:{line}: {self.dotted(path) or '(document)'}: a recursive alias (refers to itself)")
+            raise UserError(f"{self.file}:{line}: {self.dotted(path)}: a recursive alias (refers to itself)")
         if len(path) > MAX_DEPTH:
             raise UserError(f"{self.file}:{line}: {self.dotted(path)}: nested deeper than {MAX_DEPTH} levels")
         active.add(id(node))
@@ -163,7 +164,7 @@ class _Where:
             seen = set()
             for key, value in node.value:
                 if not isinstance(key, yaml.ScalarNode):
-                    raise UserError(f"{self.file}:{key.start_mark.line + 1}: {self.dotted(path) or '(document)'}: "
+                    raise UserError(f"{self.file}:{key.start_mark.line + 1}: {self.dotted(path)}: "
                                     "a key must be a plain name, not a list or mapping")
                 name = key.value
                 if name in seen:
@@ -176,14 +177,16 @@ class _Where:
                 size += self._walk(item, path + (i,), active)
         active.discard(id(node))
         if size > MAX_NODES:
-            raise UserError(f"{self.file}:{line}: {self.dotted(path) or '(document)'}: more than {MAX_NODES} values "
+            raise UserError(f"{self.file}:{line}: {self.dotted(path)}: more than {MAX_NODES} values "
                             "with its aliases expanded; a pipeline is far smaller")
         self.sizes[id(node)] = size
         return size
 
     @staticmethod
     def dotted(path: tuple) -> str:
-        return "".join(f"[{p}]" if isinstance(p, int) else (f".{p}" if i else str(p)) for i, p in enumerate(path))
+        """`stages.base.data[0]`, or "(document)" for the document itself."""
+        dotted = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path).removeprefix(".")
+        return dotted or "(document)"
 
     def error(self, path: tuple, message: str) -> UserError:
         probe = path
@@ -191,7 +194,7 @@ class _Where:
             probe = probe[:-1]
         line = self.lines.get(probe)
         where = f"{self.file}:{line}" if line else self.file
-        return UserError(f"{where}: {self.dotted(path) or '(document)'}: {message}")
+        return UserError(f"{where}: {self.dotted(path)}: {message}")
 
 
 def load(path: str | Path) -> Pipeline:
@@ -282,13 +285,10 @@ def _build(doc: Any, where: _Where) -> Pipeline:
 
     resources = _resources(where, doc.get("resources") or {}, raw_stages)
     raw_stages, origin = _expand_matrices(where, raw_stages, datasets)
-    resources = {s: resources[origin[s]] for s in raw_stages}  # an expansion takes its stage's resources
-    stages: dict[str, tuple[str, dict[str, Any], set[str], dict[str, int]]] = {}
-    for sname, body in raw_stages.items():
-        stages[sname] = _stage(where, sname, body, datasets, raw_stages)
-    order = _topological(where, {s: deps for s, (_, _, deps, _) in stages.items()})
-    built = {s: Stage(s, stages[s][0], stages[s][1], tuple(sorted(stages[s][2])), resources[s], stages[s][3]) for s in order}
-    return Pipeline(name, store_uri, datasets, built, doc)
+    # an expansion takes the resources of its stage as written
+    stages = {s: _stage(where, s, body, datasets, raw_stages, resources[origin[s]]) for s, body in raw_stages.items()}
+    order = _topological(where, {s: stage.needs for s, stage in stages.items()})
+    return Pipeline(name, store_uri, datasets, {s: stages[s] for s in order}, doc)
 
 
 MATRIX = "matrix"
@@ -318,7 +318,7 @@ def _expand_matrices(where: _Where, raw_stages: dict[str, Any], datasets: dict[s
             axes_of[sname] = _matrix_axes(where, sname, body)
     if not axes_of:
         return raw_stages, {s: s for s in raw_stages}
-    total = sum(len(list(itertools.product(*axes.values()))) for axes in axes_of.values()) + len(raw_stages) - len(axes_of)
+    total = sum(math.prod(map(len, axes.values())) for axes in axes_of.values()) + len(raw_stages) - len(axes_of)
     if total > MAX_STAGES:
         raise where.error(("stages",), f"the matrices make {total} stages; a pipeline holds at most {MAX_STAGES}")
     own_lines: dict[str, list[tuple[tuple, int]]] = {}  # stage as written -> (path below it, line)
@@ -343,7 +343,7 @@ def _expand_matrices(where: _Where, raw_stages: dict[str, Any], datasets: dict[s
                 raise where.error(path, f"the expansion {name!r} collides with "
                                         f"{'a data set' if name in datasets else 'another stage or expansion'} of that name")
             stage_body = {k: v for k, v in body.items() if k != MATRIX}
-            inputs = STAGES[body["kind"]].inputs or ()
+            inputs = STAGES[body["kind"]].inputs
             for key, value in body.items():
                 if isinstance(key, str) and key.replace("-", "_") in inputs:
                     stage_body[key] = _bind(where, ("stages", sname, key), value, values, axes_of)
@@ -373,7 +373,7 @@ def _matrix_axes(where: _Where, sname: str, body: dict[str, Any]) -> dict[str, l
         option = axis.replace("-", "_") if isinstance(axis, str) else axis
         if option not in known or option in ("out", "overwrite"):
             raise where.error(apath, f"'{kind}' has no option --{str(axis).replace('_', '-')} to vary")
-        if option in (STAGES[kind].inputs or ()):
+        if option in STAGES[kind].inputs:
             raise where.error(apath, "an input cannot be a matrix axis; write one stage per input instead")
         if option in given:
             raise where.error(apath, "given both as a parameter and as a matrix axis")
@@ -429,7 +429,7 @@ def _bind(where: _Where, path: tuple, value: Any, values: dict[str, Any], axes_o
     return found[0][1]
 
 
-def _stage(where: _Where, sname: str, body: Any, datasets: dict[str, str], stages: dict) -> tuple:
+def _stage(where: _Where, sname: str, body: Any, datasets: dict[str, str], stages: dict, resources: Resources) -> Stage:
     path = ("stages", sname)
     _expect(where, path, body, dict, "a mapping with 'kind' and the stage's parameters")
     kind = body.get("kind")
@@ -454,17 +454,13 @@ def _stage(where: _Where, sname: str, body: Any, datasets: dict[str, str], stage
         params[key] = value
         if ppath in where.lines:
             lines[key] = where.lines[ppath]
-    return kind, params, needs, lines
+    return Stage(sname, kind, params, tuple(sorted(needs)), resources, lines)
 
 
 def _check_value(where: _Where, path: tuple, value: Any) -> None:
-    if isinstance(value, Scalar):
-        return
-    if isinstance(value, list) and all(isinstance(v, Scalar) for v in value):
-        return
-    if isinstance(value, dict) and all(isinstance(v, Scalar) for v in value.values()):
-        return
-    raise where.error(path, "a parameter is a scalar, a list of scalars or a mapping of scalars")
+    values = value.values() if isinstance(value, dict) else value if isinstance(value, list) else [value]
+    if not all(isinstance(v, Scalar) for v in values):
+        raise where.error(path, "a parameter is a scalar, a list of scalars or a mapping of scalars")
 
 
 def _resolve_inputs(where, path, value, datasets, stages, needs, sname):
@@ -502,13 +498,13 @@ def _resolve_inputs(where, path, value, datasets, stages, needs, sname):
                 raise where.error(p, "a stage cannot read its own output")
             needs.add(ref)
             return f"stage:{ref}"
-        if ref.endswith(CHOSEN_SUFFIX) and not ref.startswith(("/", "./")) and "://" not in ref:
-            return chosen(ref, p)
         if "://" in ref or ref.startswith(("/", "./")):
             try:
                 return store.normalize(ref)
             except UserError as exc:
                 raise where.error(p, str(exc)) from None
+        if ref.endswith(CHOSEN_SUFFIX):
+            return chosen(ref, p)
         raise where.error(p, f"unknown reference {ref!r} (not a data set, a stage or a URI)")
 
     if isinstance(value, list):
@@ -560,14 +556,14 @@ def _resources(where: _Where, raw: Any, stages: dict) -> dict[str, Resources]:
             merged[key] = {**defaults.get(key, {}), **own.get(key, {})}
         res = Resources(**merged)
         if res.gpus and res.gpus < res.procs_per_node:
-            key = s if "gpus" in (raw.get(s) or {}) or "procs_per_node" in (raw.get(s) or {}) else "defaults"
+            key = s if "gpus" in own or "procs_per_node" in own else "defaults"
             raise where.error(("resources", key, "gpus"),
                               f"stage {s}: {res.gpus} GPUs for {res.procs_per_node} processes per node (one GPU per process)")
         out[s] = res
     return out
 
 
-def _topological(where: _Where, deps: dict[str, set[str]]) -> list[str]:
+def _topological(where: _Where, deps: dict[str, tuple[str, ...]]) -> list[str]:
     """Stages in DAG order (stable: file order among independent stages); a cycle is an error."""
     order: list[str] = []
     state: dict[str, int] = {}  # 1 = on the current path, 2 = placed
@@ -579,7 +575,7 @@ def _topological(where: _Where, deps: dict[str, set[str]]) -> list[str]:
             cycle = path[path.index(s):] + [s]
             raise where.error(("stages", s), f"cycle: {' -> '.join(cycle)}")
         state[s] = 1
-        for d in sorted(deps[s]):
+        for d in deps[s]:
             visit(d, path + [s])
         state[s] = 2
         order.append(s)
