@@ -399,7 +399,7 @@ def _cancel_kube(run_: st.Run, api, wait_s: float, poll_s: float = 1.0) -> None:
     removes the driver Job with it, so nothing of the run is left in the namespace."""
     namespace = run_.data["namespace"]
     run_.request_cancel()
-    api.delete_run(namespace, run_.run_id, include_driver=False)
+    api.delete_stages(namespace, run_.run_id)
     deadline = time.time() + wait_s
     while any(r["state"] in (st.RUNNING, st.PENDING) for r in run_.stages.values()):
         if time.time() >= deadline:
