@@ -27,7 +27,6 @@ from unsupft import stage as stage_contract
 from unsupft.ctl.command import stage_args, stage_keys
 from unsupft.ctl.spec import Pipeline
 from unsupft.errors import UserError
-from unsupft.lease import process_alive
 
 PENDING, RUNNING, WAITING, SUCCEEDED, FAILED, CANCELLED = (
     "pending", "running", "waiting-for-labels", "succeeded", "failed", "cancelled",
@@ -153,7 +152,7 @@ def refresh(run: Run, pipeline: Pipeline) -> None:
 def controller_alive(run: Run) -> bool:
     """Is the process that last drove this run still alive (same host only)?"""
     ctl = run.data.get("controller") or {}
-    return ctl.get("host") == socket.gethostname() and process_alive(ctl.get("pid"), ctl.get("pid_start"))
+    return ctl.get("host") == socket.gethostname() and lease.process_alive(ctl.get("pid"), ctl.get("pid_start"))
 
 
 def take(run: Run) -> lease.Lease:
