@@ -24,6 +24,8 @@ from __future__ import annotations
 import itertools
 import math
 import re
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,30 +49,6 @@ RUNTIME_KINDS = ("TrainingRuntime", "ClusterTrainingRuntime")
 ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 LABEL_VALUE_RE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]{0,61})?[A-Za-z0-9])?$")  # Kubernetes label values
 
-RESOURCE_FIELDS: dict[str, type | tuple[type, ...]] = {
-    "image": str,
-    "cpu": (int, float, str),
-    "memory": str,
-    "gpus": int,
-    "nodes": int,
-    "procs_per_node": int,
-    "retries": int,
-    "node_selector": dict,
-    "tolerations": list,
-    # Cluster-only settings (ignored by the local backend), see docs/cluster.md.
-    "deadline_s": int,
-    "pending_timeout_s": int,
-    "env": dict,
-    "labels": dict,
-    "annotations": dict,
-    "priority_class": str,
-    "service_account": str,
-    "image_pull_secrets": list,
-    "queue": str,
-    "job_api": str,
-    "runtime": str,
-    "runtime_kind": str,
-}
 STRING_MAPS = ("node_selector", "env", "labels", "annotations")
 CHOSEN_SUFFIX = ".chosen"  # `<select-source stage>.chosen`: the source it chose, as a data-set input
 TOP_FIELDS = ("name", "store", "datasets", "stages", "resources")
@@ -89,6 +67,7 @@ class Resources:
     retries: int = 2
     node_selector: dict[str, str] = field(default_factory=dict)
     tolerations: list[dict[str, Any]] = field(default_factory=list)
+    # Cluster-only settings (ignored by the local backend), see docs/cluster.md.
     deadline_s: int = 7 * 24 * 3600  # activeDeadlineSeconds of each attempt
     pending_timeout_s: int = 1800  # how long pods may be stuck (image pull, unschedulable, quota)
     env: dict[str, str] = field(default_factory=dict)
@@ -105,6 +84,17 @@ class Resources:
     @property
     def processes(self) -> int:
         return self.nodes * self.procs_per_node
+
+
+def _file_types(hint: Any) -> tuple[type, ...]:
+    """The types a pipeline file may give for a field annotated `hint`: `int | float | str` ->
+    (int, float, str), `dict[str, str]` -> (dict,), `str | None` -> (str,) (None is only a default)."""
+    options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    return tuple(typing.get_origin(t) or t for t in options if t is not type(None))
+
+
+# resource field -> the types its value may have, from the annotations of `Resources`
+RESOURCE_FIELDS = {name: _file_types(hint) for name, hint in typing.get_type_hints(Resources).items()}
 
 
 @dataclass(frozen=True)
@@ -242,6 +232,14 @@ def _expect(where: _Where, path: tuple, value: Any, kind: type | tuple[type, ...
     return value
 
 
+def _uri(where: _Where, path: tuple, uri: str) -> str:
+    """`store.normalize(uri)`, its refusal reported at the field that gave the URI."""
+    try:
+        return store.normalize(uri)
+    except UserError as exc:
+        raise where.error(path, str(exc)) from None
+
+
 def _name(where: _Where, path: tuple, value: Any, what: str) -> str:
     _expect(where, path, value, str, f"a {what} name")
     if not NAME_RE.match(value):
@@ -261,19 +259,12 @@ def _build(doc: Any, where: _Where) -> Pipeline:
     if not RUN_ID_RE.match(name):  # the pipeline's name is the default run id
         raise where.error(("name",), f"pipeline name {name!r} is the default run id: {RUN_ID_RULE}")
     store_uri = _expect(where, ("store",), doc.get("store", "file://./runs"), str, "a store URI")
-    try:
-        store_uri = store.normalize(store_uri)
-    except UserError as exc:
-        raise where.error(("store",), str(exc)) from None
+    store_uri = _uri(where, ("store",), store_uri)
 
     datasets: dict[str, str] = {}
     for ds, uri in _expect(where, ("datasets",), doc.get("datasets") or {}, dict, "a mapping name -> URI").items():
         _name(where, ("datasets", ds), ds, "data set")
-        _expect(where, ("datasets", ds), uri, str, "a URI")
-        try:
-            datasets[ds] = store.normalize(uri)
-        except UserError as exc:
-            raise where.error(("datasets", ds), str(exc)) from None
+        datasets[ds] = _uri(where, ("datasets", ds), _expect(where, ("datasets", ds), uri, str, "a URI"))
 
     raw_stages = _expect(where, ("stages",), doc.get("stages"), dict, "a mapping of stages")
     if not raw_stages:
@@ -499,10 +490,7 @@ def _resolve_inputs(where, path, value, datasets, stages, needs, sname):
             needs.add(ref)
             return f"stage:{ref}"
         if "://" in ref or ref.startswith(("/", "./")):
-            try:
-                return store.normalize(ref)
-            except UserError as exc:
-                raise where.error(p, str(exc)) from None
+            return _uri(where, p, ref)
         if ref.endswith(CHOSEN_SUFFIX):
             return chosen(ref, p)
         raise where.error(p, f"unknown reference {ref!r} (not a data set, a stage or a URI)")
@@ -526,8 +514,7 @@ def _resources(where: _Where, raw: Any, stages: dict) -> dict[str, Resources]:
             path = ("resources", key, fname)
             if fname not in RESOURCE_FIELDS:
                 raise where.error(path, f"unknown field (expected one of {', '.join(RESOURCE_FIELDS)})")
-            expected = RESOURCE_FIELDS[fname]
-            _expect(where, path, value, expected, f"{'/'.join(t.__name__ for t in (expected if isinstance(expected, tuple) else (expected,)))}")
+            _expect(where, path, value, RESOURCE_FIELDS[fname], "/".join(t.__name__ for t in RESOURCE_FIELDS[fname]))
             if fname in ("gpus", "retries") and value < 0 or fname in ("nodes", "procs_per_node", "deadline_s", "pending_timeout_s") and value < 1:
                 raise where.error(path, f"out of range: {value}")
             if fname in STRING_MAPS and not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
