@@ -10,7 +10,6 @@ run state from the store, so they work from any machine that can reach it.
 from __future__ import annotations
 
 import dataclasses
-import os
 import subprocess
 import sys
 import time
@@ -218,7 +217,7 @@ def submit(ctx, file, backend, namespace, run_id, image, secret, service_account
         args = [sys.executable, "-m", "unsupft.ctl", "--store", pipeline.store, "drive", run_id]
         with open(log, "ab") as out:
             subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                             start_new_session=True, env=os.environ.copy())
+                             start_new_session=True)
         click.echo(f"submitted run {run_id} in {run_.uri} (controller log: {log})")
     if wait:
         sys.exit(_wait(pipeline.store, run_id))
@@ -430,10 +429,9 @@ def resume(ctx: click.Context, run_id: str, image: str | None, wait: bool) -> No
     for name in again:  # a fresh retry budget; attempts keep counting so object names stay unique
         run_.stages[name].update(state=st.PENDING, first_attempt=None, message="resumed")
     run_.save()
-    pipeline = _recorded(run_, run_.data["store"])
     if run_.data["backend"] == "local":
         click.echo(f"resuming run {run_id}: {', '.join(again)}")
-        sys.exit(_drive_local(run_, pipeline))
+        sys.exit(_drive_local(run_, _recorded(run_, run_.data["store"])))
     from unsupft.ctl import kubeapi
 
     api = kubeapi.Api()

@@ -154,10 +154,10 @@ class Driver:
             if exc.status == 404:
                 self._fail(name, f"{obj['kind']} ({obj['apiVersion']}) is not served by this cluster: install it "
                                  "or choose another with resources.job_api / --job-api (docs/cluster.md)")
-            elif exc.status != 409:
-                raise
-            else:
+            elif exc.status == 409:
                 self._adopt(name, kind, obj_name)
+            else:
+                raise
 
     def _adopt(self, name: str, kind, obj_name: str) -> None:
         """409: the object exists. Adopt it only if it is this run's (an earlier driver made it)."""
