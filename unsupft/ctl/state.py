@@ -155,10 +155,9 @@ def controller_alive(run: Run) -> bool:
     return ctl.get("host") == socket.gethostname() and lease.process_alive(ctl.get("pid"), ctl.get("pid_start"))
 
 
-def take(run: Run) -> lease.Lease:
+def take(run: Run) -> None:
     """Become the run's one controller (its lease, held until the command ends), or `LeaseHeld`."""
     held = lease.acquire(store.join(run.uri, lease.LEASE), "unsupft-ctl", f"run {run.run_id}")
     ctx = click.get_current_context(silent=True)
     if ctx is not None:
         ctx.call_on_close(held.release)
-    return held
