@@ -10,7 +10,6 @@ run state from the store, so they work from any machine that can reach it.
 from __future__ import annotations
 
 import dataclasses
-import os
 import subprocess
 import sys
 import time
@@ -99,8 +98,7 @@ def run(ctx: click.Context, file: str, run_id: str | None, max_parallel: int | N
         click.echo(f"continuing run {run_id} in {run_.uri}")
     else:
         click.echo(f"run {run_id} in {run_.uri}")
-    ok = _drive_local(run_, pipeline, max_parallel)
-    sys.exit(0 if ok else 1)
+    sys.exit(_drive_local(run_, pipeline, max_parallel))
 
 
 def _run_id(run_id: str | None, pipeline: spec_mod.Pipeline) -> str:
@@ -110,12 +108,13 @@ def _run_id(run_id: str | None, pipeline: spec_mod.Pipeline) -> str:
     return run_id
 
 
-def _drive_local(run_: st.Run, pipeline: spec_mod.Pipeline, max_parallel: int | None) -> bool:
+def _drive_local(run_: st.Run, pipeline: spec_mod.Pipeline, max_parallel: int | None = None) -> int:
+    """Run the stages here and print the table; the exit status: 0 when every stage succeeded."""
     from unsupft.ctl.local import LocalBackend
 
     ok = LocalBackend(run_, pipeline, max_parallel=max_parallel, echo=click.echo).execute()
     _print_table(st.open_run(pipeline.store, run_.run_id))
-    return ok
+    return 0 if ok else 1
 
 
 def _print_table(run_: st.Run) -> None:
@@ -207,21 +206,20 @@ def submit(ctx, file, backend, namespace, run_id, image, secret, service_account
         driver = kube.driver_job(kctx, pipeline.store, image, service_account=service_account)
         api.create(driver)
         click.echo(f"submitted run {run_id}: Job {driver['metadata']['name']} in namespace {namespace}")
+    elif wait:
+        st.take(run_)
+        sys.exit(_drive_local(run_, pipeline))
     else:
         log = store.local_path(store.join(run_.uri, st.LOGS, "controller.log"))
-        args = [sys.executable, "-m", "unsupft.ctl", "--store", pipeline.store, "drive", run_id]
-        if log is not None and not wait:
-            log.parent.mkdir(parents=True, exist_ok=True)
-            with open(log, "ab") as out:
-                subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                 start_new_session=True, env=os.environ.copy())
-            click.echo(f"submitted run {run_id} in {run_.uri} (controller log: {log})")
-        elif not wait:
+        if log is None:
             raise UserError("a background local run needs a local store; use --wait or `unsupft-ctl run`")
+        log.parent.mkdir(parents=True, exist_ok=True)
+        args = [sys.executable, "-m", "unsupft.ctl", "--store", pipeline.store, "drive", run_id]
+        with open(log, "ab") as out:
+            subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                             start_new_session=True)
+        click.echo(f"submitted run {run_id} in {run_.uri} (controller log: {log})")
     if wait:
-        if backend == "local":
-            st.take(run_)
-            sys.exit(0 if _drive_local(run_, pipeline, None) else 1)
         sys.exit(_wait(pipeline.store, run_id))
 
 
@@ -233,8 +231,8 @@ def _job_api(api, pipeline: spec_mod.Pipeline, job_api: str) -> str | None:
         return None if job_api == "auto" else job_api
     if job_api == "auto":
         return api.choose_job_api()
-    if not api.served(kube.JOB_KINDS[job_api]):
-        kind = kube.JOB_KINDS[job_api]
+    kind = kube.JOB_KINDS[job_api]
+    if not api.served(kind):
         raise UserError(f"--job-api {job_api}: this cluster does not serve {kind.kind} ({kind.api_version})")
     return job_api
 
@@ -247,14 +245,11 @@ def _wait(store_uri: str, run_id: str, poll_s: float = 10.0) -> int:
             if seen.get(name) != rec["state"]:
                 seen[name] = rec["state"]
                 click.echo(f"{name:<16} {rec['state']}")
-        states = [r["state"] for r in run_.stages.values()]
-        if all(s == st.SUCCEEDED for s in states):
+        states = {r["state"] for r in run_.stages.values()}
+        # over once nothing runs and nothing more will start: nothing pending, or a stage failed or was cancelled
+        if st.RUNNING not in states and (st.PENDING not in states or states & {st.FAILED, st.CANCELLED}):
             _print_table(run_)
-            return 0
-        if not any(s in (st.RUNNING, st.PENDING) for s in states) or any(s in (st.FAILED, st.CANCELLED) for s in states) \
-                and not any(s == st.RUNNING for s in states):
-            _print_table(run_)
-            return 1
+            return 0 if states == {st.SUCCEEDED} else 1
         time.sleep(poll_s)
 
 
@@ -284,16 +279,16 @@ def drive(ctx: click.Context, run_id: str, create_from: str | None, namespace: s
     if create_from:
         pipeline = _load(create_from, ctx.obj["store"])
         _preflight(pipeline)
-        # A restarted driver pod finds the run already there and continues it.
-        run_ = st.create(pipeline, _run_id(run_id, pipeline), "kubernetes", namespace=namespace, secret=secret,
-                         owner=owner_configmap, service_account=service_account, driver_image=image,
-                         job_api=None if job_api == "auto" else job_api) or st.open_run(pipeline.store, run_id)
+        # A restarted driver pod finds the run already there (create answers None) and continues it.
+        st.create(pipeline, _run_id(run_id, pipeline), "kubernetes", namespace=namespace, secret=secret,
+                  owner=owner_configmap, service_account=service_account, driver_image=image,
+                  job_api=None if job_api == "auto" else job_api)
         ctx.obj["store"] = pipeline.store
     run_ = st.open_run(_store(ctx), run_id)
     st.take(run_)  # a restarted driver takes over once its predecessor's lease has expired
     pipeline = _recorded(run_, _store(ctx) if ctx.obj.get("store") else None)
     if run_.data["backend"] == "local":
-        sys.exit(0 if _drive_local(run_, pipeline, None) else 1)
+        sys.exit(_drive_local(run_, pipeline))
     from unsupft.ctl import kube, kubeapi, kubedriver
 
     kctx = kube.Context(run_id, run_.data["namespace"], run_.data.get("secret"), kube.store_env(), run_.uri)
@@ -385,11 +380,10 @@ def cancel(ctx: click.Context, run_id: str, wait_s: int) -> None:
         from unsupft.ctl import kubeapi
 
         _cancel_kube(run_, kubeapi.Api(), wait_s)
-        click.echo(f"cancelled run {run_id}")
-        return
-    from unsupft.ctl.local import cancel_local
+    else:
+        from unsupft.ctl.local import cancel_local
 
-    cancel_local(run_)
+        cancel_local(run_)
     click.echo(f"cancelled run {run_id}")
 
 
@@ -399,11 +393,11 @@ def _cancel_kube(run_: st.Run, api, wait_s: float, poll_s: float = 1.0) -> None:
     removes the driver Job with it, so nothing of the run is left in the namespace."""
     namespace = run_.data["namespace"]
     run_.request_cancel()
-    api.delete_run(namespace, run_.run_id, include_driver=False)
+    api.delete_stages(namespace, run_.run_id)
     deadline = time.time() + wait_s
     while any(r["state"] in (st.RUNNING, st.PENDING) for r in run_.stages.values()):
         if time.time() >= deadline:
-            for name, rec in run_.stages.items():
+            for rec in run_.stages.values():
                 if rec["state"] in (st.RUNNING, st.PENDING):
                     rec.update(state=st.CANCELLED, finished=time.time(), message="cancelled (no driver answered)")
             run_.save()
@@ -435,10 +429,9 @@ def resume(ctx: click.Context, run_id: str, image: str | None, wait: bool) -> No
     for name in again:  # a fresh retry budget; attempts keep counting so object names stay unique
         run_.stages[name].update(state=st.PENDING, first_attempt=None, message="resumed")
     run_.save()
-    pipeline = _recorded(run_, run_.data["store"])
     if run_.data["backend"] == "local":
         click.echo(f"resuming run {run_id}: {', '.join(again)}")
-        sys.exit(0 if _drive_local(run_, pipeline, None) else 1)
+        sys.exit(_drive_local(run_, _recorded(run_, run_.data["store"])))
     from unsupft.ctl import kubeapi
 
     api = kubeapi.Api()

@@ -18,6 +18,7 @@ from typing import Any
 import click
 
 from unsupft import options as option_table
+from unsupft import store
 from unsupft.ctl.spec import Pipeline, Stage
 from unsupft.errors import UserError
 from unsupft.stage import CHOSEN_PREFIX
@@ -70,15 +71,9 @@ def check_options(pipeline: Pipeline, file: str) -> None:
             _check_value(where, options[key], value)
 
 
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
 def stage_args(stage: Stage, run_uri: str) -> list[str]:
     """`[kind, --option value ..., --out URI]`; `stage:<name>` inputs become that stage's output URI,
     `chosen:stage:<name>` ones `chosen:<that URI>` (the stage resolves it: `unsupft.stage.resolve_chosen`)."""
-    from unsupft import store
-
     options = _options(stage.kind) or {}
 
     def resolve(v: Any) -> str:
@@ -90,7 +85,7 @@ def stage_args(stage: Stage, run_uri: str) -> list[str]:
 
     args = [stage.kind]
     for key, value in stage.params.items():
-        flag, option = _flag(key), options.get(key)
+        flag, option = "--" + key.replace("_", "-"), options.get(key)
         if isinstance(value, bool):
             if value:
                 args.append(flag)

@@ -17,12 +17,15 @@ labels) end the attempt at once, anything else gets one more pod before the driv
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from unsupft import store
+from unsupft.ctl.command import stage_args
 from unsupft.ctl.spec import Pipeline, Resources, Stage
+from unsupft.ctl.state import run_uri
 from unsupft.errors import EXIT_USER_ERROR, EXIT_WAITING_FOR_LABELS, UserError
 
 LABEL_RUN = "unsupft.io/run"
@@ -55,15 +58,6 @@ def labels(run_id: str, stage: str | None = None, attempt: int | None = None, co
     if attempt is not None:
         out[LABEL_ATTEMPT] = str(attempt)
     return out
-
-
-def pod_security() -> dict[str, Any]:
-    return {"runAsNonRoot": True, "runAsUser": UID, "runAsGroup": UID, "fsGroup": UID,
-            "seccompProfile": {"type": "RuntimeDefault"}}
-
-
-def container_security() -> dict[str, Any]:
-    return {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}, "privileged": False}
 
 
 def _resources(res: Resources) -> dict[str, Any]:
@@ -104,7 +98,7 @@ def container(name: str, command: list[str], res: Resources, ctx: Context) -> di
         "command": command,
         "env": container_env(ctx, res),
         "resources": _resources(res),
-        "securityContext": container_security(),
+        "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}, "privileged": False},
         "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}],
     }
     if ctx.secret:  # credentials travel by reference only: the Secret's keys become env
@@ -116,7 +110,8 @@ def pod_spec(main: dict[str, Any], res: Resources, *, restart: str = "Never",
              service_account: str | None = None) -> dict[str, Any]:
     spec: dict[str, Any] = {
         "restartPolicy": restart,
-        "securityContext": pod_security(),
+        "securityContext": {"runAsNonRoot": True, "runAsUser": UID, "runAsGroup": UID, "fsGroup": UID,
+                            "seccompProfile": {"type": "RuntimeDefault"}},
         "containers": [main],
         # Data-loader workers share tensors through /dev/shm; the default 64 MiB is too small.
         "volumes": [{"name": "dshm", "emptyDir": {"medium": "Memory"}}],
@@ -339,10 +334,7 @@ def driver_job(ctx: Context, store_uri: str, image: str, *, service_account: str
 
 def render(pipeline: Pipeline, ctx: Context, image: str) -> list[dict[str, Any]]:
     """Every object a submit creates: the run's ConfigMap, the driver Job, then each stage's first attempt."""
-    from unsupft.ctl import state as st
-    from unsupft.ctl.command import stage_args
-
-    run = st.run_uri(pipeline.store, ctx.run_id)
+    run = run_uri(pipeline.store, ctx.run_id)
     ctx.run_uri = ctx.run_uri or run
     return [run_configmap(ctx, pipeline.store), driver_job(ctx, pipeline.store, image)] + [
         stage_object(ctx, s, stage_args(s, run), 1) for s in pipeline.stages.values()]
@@ -350,8 +342,6 @@ def render(pipeline: Pipeline, ctx: Context, image: str) -> list[dict[str, Any]]
 
 def store_env() -> dict[str, str]:
     """Non-secret store settings forwarded to pods (the endpoint of an S3-compatible server)."""
-    import os
-
     keys = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION")
     return {k: os.environ[k] for k in keys if os.environ.get(k)}
 

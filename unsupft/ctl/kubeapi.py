@@ -20,6 +20,7 @@ from unsupft.ctl.kube import (BATCH, JOB_KINDS, LABEL_COMPONENT, LABEL_RUN, LABE
 from unsupft.errors import UserError
 
 RETRIABLE_STATUS = (429, 500, 502, 503, 504)
+KINDS = (BATCH, *JOB_KINDS.values())  # every kind a stage attempt (or the driver, a batch Job) can be
 T = TypeVar("T")
 
 
@@ -61,10 +62,11 @@ class Api:
             except ApiException as exc:
                 if exc.status == 403 and "exceeded quota" in _status_message(exc):
                     raise QuotaExceeded(_status_message(exc)) from None
-                if exc.status not in RETRIABLE_STATUS or attempt == self.retries:
-                    if exc.status in RETRIABLE_STATUS:
-                        raise ApiUnavailable(f"Kubernetes API: {exc.status} {exc.reason} after {attempt + 1} tries") from None
+                if exc.status not in RETRIABLE_STATUS:
                     raise
+                if attempt == self.retries:
+                    raise ApiUnavailable(f"Kubernetes API: {exc.status} {exc.reason} "
+                                         f"after {attempt + 1} tries") from None
                 retry_after = (exc.headers or {}).get("Retry-After")
                 delay = float(retry_after) if retry_after and retry_after.isdigit() else self._backoff(attempt)
             except (HTTPError, ConnectionError) as exc:
@@ -115,8 +117,9 @@ class Api:
         ns = obj["metadata"]["namespace"]
         if obj["kind"] == "ConfigMap":
             return self._raw(self.core.create_namespaced_config_map, ns, obj)
-        group, version = obj["apiVersion"].split("/")
-        return self._call(self.custom.create_namespaced_custom_object, group, version, ns, _plural(obj), obj)
+        kind = next(k for k in KINDS if k.kind == obj["kind"])
+        return self._call(self.custom.create_namespaced_custom_object, kind.group, kind.version, ns,
+                          kind.plural, obj)
 
     def get(self, kind: JobKind, namespace: str, name: str) -> dict[str, Any] | None:
         return self._unless_missing(lambda: self._call(self.custom.get_namespaced_custom_object, kind.group,
@@ -146,10 +149,10 @@ class Api:
         found = self._unless_missing(lambda: self._raw(self.core.read_namespaced_service_account, name, namespace))
         return found is not None
 
-    def delete_run(self, namespace: str, run_id: str, *, include_driver: bool) -> None:
-        """Delete every stage object of the run (every kind the cluster serves), optionally the driver."""
-        selector = f"{LABEL_RUN}={run_id}" + ("" if include_driver else f",{LABEL_COMPONENT}=stage")
-        for kind in (BATCH, *JOB_KINDS.values()):
+    def delete_stages(self, namespace: str, run_id: str) -> None:
+        """Delete every stage object of the run (every kind the cluster serves); the driver stays."""
+        selector = f"{LABEL_RUN}={run_id},{LABEL_COMPONENT}=stage"
+        for kind in KINDS:
             listed = self._unless_missing(lambda: self._call(
                 self.custom.list_namespaced_custom_object, kind.group, kind.version, namespace, kind.plural,
                 label_selector=selector))
@@ -164,13 +167,6 @@ class Api:
         pod = pods[-1]
         return self._call(self.core.read_namespaced_pod_log, pod["metadata"]["name"], namespace,
                           container=pod["spec"]["containers"][0]["name"])
-
-
-def _plural(obj: dict[str, Any]) -> str:
-    for kind in (BATCH, *JOB_KINDS.values()):
-        if kind.kind == obj["kind"]:
-            return kind.plural
-    raise ValueError(f"unknown kind {obj['kind']}")
 
 
 def load_client():

@@ -32,11 +32,12 @@ POLL_S = 10.0
 STUCK_WAITING = ("ImagePullBackOff", "ErrImagePull", "InvalidImageName", "CreateContainerConfigError", "CreateContainerError")
 
 
-def stuck_reason(pods: list[dict[str, Any]], warnings: list[dict[str, Any]], obj_name: str) -> str | None:
+def stuck_reason(pods: list[dict[str, Any]], warnings: Callable[[], list[dict[str, Any]]], obj_name: str) -> str | None:
     """Why an attempt's pods are not running, or None when nothing is stuck.
 
-    Read from pod status first (image pull errors, an Unschedulable PodScheduled condition), then
-    from Warning events on the attempt's objects (a controller's FailedCreate: quota, admission).
+    Read from pod status first (image pull errors, an Unschedulable PodScheduled condition), then,
+    while no pod runs, from Warning events on the attempt's objects (a controller's FailedCreate:
+    quota, admission); `warnings` lists the namespace's, only called when they are needed.
     """
     for pod in pods:
         status = pod.get("status") or {}
@@ -51,7 +52,7 @@ def stuck_reason(pods: list[dict[str, Any]], warnings: list[dict[str, Any]], obj
                 return f"Unschedulable: {cond.get('message', '')}".rstrip(": ")
     if any((p.get("status") or {}).get("phase") in ("Running", "Succeeded") for p in pods):
         return None
-    for event in sorted(warnings, key=lambda e: e.get("lastTimestamp") or e.get("eventTime") or "", reverse=True):
+    for event in sorted(warnings(), key=lambda e: e.get("lastTimestamp") or e.get("eventTime") or "", reverse=True):
         if event.get("reason") == "FailedCreate" and (event.get("involvedObject") or {}).get("name", "").startswith(obj_name):
             return f"FailedCreate: {event.get('message', '')}"
     return None
@@ -95,7 +96,7 @@ class Driver:
                 self._stop(f"run removed (ConfigMap {owner} deleted)")
                 return False
             self.ctx.owner = owner_reference(configmap)
-        multi = [s for s in self.pipeline.stages.values() if s.resources.processes > 1 and s.resources.job_api == "auto"]
+        multi = any(s.resources.processes > 1 and s.resources.job_api == "auto" for s in self.pipeline.stages.values())
         try:
             self.ctx.job_api = self.job_api or (self.api.choose_job_api() if multi else self.ctx.job_api)
         except UserError as exc:
@@ -107,7 +108,7 @@ class Driver:
         return True
 
     def _stop(self, why: str) -> None:
-        self.api.delete_run(self.ctx.namespace, self.run.run_id, include_driver=False)
+        self.api.delete_stages(self.ctx.namespace, self.run.run_id)
         for name, rec in self.run.stages.items():
             if rec["state"] in (st.PENDING, st.RUNNING):
                 self.run.set(name, state=st.CANCELLED, finished=self.clock(), message=why)
@@ -153,10 +154,10 @@ class Driver:
             if exc.status == 404:
                 self._fail(name, f"{obj['kind']} ({obj['apiVersion']}) is not served by this cluster: install it "
                                  "or choose another with resources.job_api / --job-api (docs/cluster.md)")
-            elif exc.status != 409:
-                raise
-            else:
+            elif exc.status == 409:
                 self._adopt(name, kind, obj_name)
+            else:
+                raise
 
     def _adopt(self, name: str, kind, obj_name: str) -> None:
         """409: the object exists. Adopt it only if it is this run's (an earlier driver made it)."""
@@ -209,8 +210,7 @@ class Driver:
             return
         if outcome == "running":
             pods = self.api.pods(self.ctx.namespace, self._selector(name, attempt))
-            running = any((p.get("status") or {}).get("phase") in ("Running", "Succeeded") for p in pods)
-            reason = stuck_reason(pods, [] if running else self.api.warnings(self.ctx.namespace), obj_name)
+            reason = stuck_reason(pods, lambda: self.api.warnings(self.ctx.namespace), obj_name)
             if reason:
                 self._stuck(name, rec, stage, reason, kind)
             elif rec.get("stuck_since") is not None or (rec.get("message") or "").startswith("waiting: suspended"):

@@ -42,9 +42,9 @@ def stage_program() -> list[str]:
     return shlex.split(custom) if custom else [sys.executable, "-m", "unsupft"]
 
 
-def kill_group(pid: int, grace_s: float = KILL_GRACE_S) -> None:
-    """SIGTERM the process group led by `pid`, then SIGKILL whatever is left after `grace_s`."""
-    for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 2.0)):
+def kill_group(pid: int) -> None:
+    """SIGTERM the process group led by `pid`, then SIGKILL whatever is left after `KILL_GRACE_S`."""
+    for sig, wait in ((signal.SIGTERM, KILL_GRACE_S), (signal.SIGKILL, 2.0)):
         try:
             os.killpg(pid, sig)
         except ProcessLookupError:
@@ -258,7 +258,7 @@ def cancel_local(run: st.Run) -> None:
     """
     run.request_cancel()
     host = socket.gethostname()
-    for name, rec in run.stages.items():
+    for rec in run.stages.values():
         if rec["state"] == st.RUNNING and rec.get("host") == host and process_alive(rec.get("pid"), rec.get("pid_start")):
             kill_group(rec["pid"])
     if not st.controller_alive(run):

@@ -22,7 +22,10 @@ inputs are resolved (`_expand_matrices`), so nothing after the parser knows matr
 from __future__ import annotations
 
 import itertools
+import math
 import re
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,30 +49,6 @@ RUNTIME_KINDS = ("TrainingRuntime", "ClusterTrainingRuntime")
 ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 LABEL_VALUE_RE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]{0,61})?[A-Za-z0-9])?$")  # Kubernetes label values
 
-RESOURCE_FIELDS: dict[str, type | tuple[type, ...]] = {
-    "image": str,
-    "cpu": (int, float, str),
-    "memory": str,
-    "gpus": int,
-    "nodes": int,
-    "procs_per_node": int,
-    "retries": int,
-    "node_selector": dict,
-    "tolerations": list,
-    # Cluster-only settings (ignored by the local backend), see docs/cluster.md.
-    "deadline_s": int,
-    "pending_timeout_s": int,
-    "env": dict,
-    "labels": dict,
-    "annotations": dict,
-    "priority_class": str,
-    "service_account": str,
-    "image_pull_secrets": list,
-    "queue": str,
-    "job_api": str,
-    "runtime": str,
-    "runtime_kind": str,
-}
 STRING_MAPS = ("node_selector", "env", "labels", "annotations")
 CHOSEN_SUFFIX = ".chosen"  # `<select-source stage>.chosen`: the source it chose, as a data-set input
 TOP_FIELDS = ("name", "store", "datasets", "stages", "resources")
@@ -88,6 +67,7 @@ class Resources:
     retries: int = 2
     node_selector: dict[str, str] = field(default_factory=dict)
     tolerations: list[dict[str, Any]] = field(default_factory=list)
+    # Cluster-only settings (ignored by the local backend), see docs/cluster.md.
     deadline_s: int = 7 * 24 * 3600  # activeDeadlineSeconds of each attempt
     pending_timeout_s: int = 1800  # how long pods may be stuck (image pull, unschedulable, quota)
     env: dict[str, str] = field(default_factory=dict)
@@ -104,6 +84,17 @@ class Resources:
     @property
     def processes(self) -> int:
         return self.nodes * self.procs_per_node
+
+
+def _file_types(hint: Any) -> tuple[type, ...]:
+    """The types a pipeline file may give for a field annotated `hint`: `int | float | str` ->
+    (int, float, str), `dict[str, str]` -> (dict,), `str | None` -> (str,) (None is only a default)."""
+    options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    return tuple(typing.get_origin(t) or t for t in options if t is not type(None))
+
+
+# resource field -> the types its value may have, from the annotations of `Resources`
+RESOURCE_FIELDS = {name: _file_types(hint) for name, hint in typing.get_type_hints(Resources).items()}
 
 
 @dataclass(frozen=True)
@@ -154,7 +145,7 @@ class _Where:
         if id(node) in self.sizes:  # an alias to a node walked before: its size, no second walk
             return self.sizes[id(node)]
         if id(node) in active:
-            raise UserError(f"{self.file}:{line}: {self.dotted(path) or '(document)'}: a recursive alias (refers to itself)")
+            raise UserError(f"{self.file}:{line}: {self.dotted(path)}: a recursive alias (refers to itself)")
         if len(path) > MAX_DEPTH:
             raise UserError(f"{self.file}:{line}: {self.dotted(path)}: nested deeper than {MAX_DEPTH} levels")
         active.add(id(node))
@@ -163,7 +154,7 @@ class _Where:
             seen = set()
             for key, value in node.value:
                 if not isinstance(key, yaml.ScalarNode):
-                    raise UserError(f"{self.file}:{key.start_mark.line + 1}: {self.dotted(path) or '(document)'}: "
+                    raise UserError(f"{self.file}:{key.start_mark.line + 1}: {self.dotted(path)}: "
                                     "a key must be a plain name, not a list or mapping")
                 name = key.value
                 if name in seen:
@@ -176,14 +167,16 @@ class _Where:
                 size += self._walk(item, path + (i,), active)
         active.discard(id(node))
         if size > MAX_NODES:
-            raise UserError(f"{self.file}:{line}: {self.dotted(path) or '(document)'}: more than {MAX_NODES} values "
+            raise UserError(f"{self.file}:{line}: {self.dotted(path)}: more than {MAX_NODES} values "
                             "with its aliases expanded; a pipeline is far smaller")
         self.sizes[id(node)] = size
         return size
 
     @staticmethod
     def dotted(path: tuple) -> str:
-        return "".join(f"[{p}]" if isinstance(p, int) else (f".{p}" if i else str(p)) for i, p in enumerate(path))
+        """`stages.base.data[0]`, or "(document)" for the document itself."""
+        dotted = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path).removeprefix(".")
+        return dotted or "(document)"
 
     def error(self, path: tuple, message: str) -> UserError:
         probe = path
@@ -191,7 +184,7 @@ class _Where:
             probe = probe[:-1]
         line = self.lines.get(probe)
         where = f"{self.file}:{line}" if line else self.file
-        return UserError(f"{where}: {self.dotted(path) or '(document)'}: {message}")
+        return UserError(f"{where}: {self.dotted(path)}: {message}")
 
 
 def load(path: str | Path) -> Pipeline:
@@ -239,6 +232,14 @@ def _expect(where: _Where, path: tuple, value: Any, kind: type | tuple[type, ...
     return value
 
 
+def _uri(where: _Where, path: tuple, uri: str) -> str:
+    """`store.normalize(uri)`, its refusal reported at the field that gave the URI."""
+    try:
+        return store.normalize(uri)
+    except UserError as exc:
+        raise where.error(path, str(exc)) from None
+
+
 def _name(where: _Where, path: tuple, value: Any, what: str) -> str:
     _expect(where, path, value, str, f"a {what} name")
     if not NAME_RE.match(value):
@@ -258,19 +259,12 @@ def _build(doc: Any, where: _Where) -> Pipeline:
     if not RUN_ID_RE.match(name):  # the pipeline's name is the default run id
         raise where.error(("name",), f"pipeline name {name!r} is the default run id: {RUN_ID_RULE}")
     store_uri = _expect(where, ("store",), doc.get("store", "file://./runs"), str, "a store URI")
-    try:
-        store_uri = store.normalize(store_uri)
-    except UserError as exc:
-        raise where.error(("store",), str(exc)) from None
+    store_uri = _uri(where, ("store",), store_uri)
 
     datasets: dict[str, str] = {}
     for ds, uri in _expect(where, ("datasets",), doc.get("datasets") or {}, dict, "a mapping name -> URI").items():
         _name(where, ("datasets", ds), ds, "data set")
-        _expect(where, ("datasets", ds), uri, str, "a URI")
-        try:
-            datasets[ds] = store.normalize(uri)
-        except UserError as exc:
-            raise where.error(("datasets", ds), str(exc)) from None
+        datasets[ds] = _uri(where, ("datasets", ds), _expect(where, ("datasets", ds), uri, str, "a URI"))
 
     raw_stages = _expect(where, ("stages",), doc.get("stages"), dict, "a mapping of stages")
     if not raw_stages:
@@ -282,13 +276,10 @@ def _build(doc: Any, where: _Where) -> Pipeline:
 
     resources = _resources(where, doc.get("resources") or {}, raw_stages)
     raw_stages, origin = _expand_matrices(where, raw_stages, datasets)
-    resources = {s: resources[origin[s]] for s in raw_stages}  # an expansion takes its stage's resources
-    stages: dict[str, tuple[str, dict[str, Any], set[str], dict[str, int]]] = {}
-    for sname, body in raw_stages.items():
-        stages[sname] = _stage(where, sname, body, datasets, raw_stages)
-    order = _topological(where, {s: deps for s, (_, _, deps, _) in stages.items()})
-    built = {s: Stage(s, stages[s][0], stages[s][1], tuple(sorted(stages[s][2])), resources[s], stages[s][3]) for s in order}
-    return Pipeline(name, store_uri, datasets, built, doc)
+    # an expansion takes the resources of its stage as written
+    stages = {s: _stage(where, s, body, datasets, raw_stages, resources[origin[s]]) for s, body in raw_stages.items()}
+    order = _topological(where, {s: stage.needs for s, stage in stages.items()})
+    return Pipeline(name, store_uri, datasets, {s: stages[s] for s in order}, doc)
 
 
 MATRIX = "matrix"
@@ -318,7 +309,7 @@ def _expand_matrices(where: _Where, raw_stages: dict[str, Any], datasets: dict[s
             axes_of[sname] = _matrix_axes(where, sname, body)
     if not axes_of:
         return raw_stages, {s: s for s in raw_stages}
-    total = sum(len(list(itertools.product(*axes.values()))) for axes in axes_of.values()) + len(raw_stages) - len(axes_of)
+    total = sum(math.prod(map(len, axes.values())) for axes in axes_of.values()) + len(raw_stages) - len(axes_of)
     if total > MAX_STAGES:
         raise where.error(("stages",), f"the matrices make {total} stages; a pipeline holds at most {MAX_STAGES}")
     own_lines: dict[str, list[tuple[tuple, int]]] = {}  # stage as written -> (path below it, line)
@@ -343,7 +334,7 @@ def _expand_matrices(where: _Where, raw_stages: dict[str, Any], datasets: dict[s
                 raise where.error(path, f"the expansion {name!r} collides with "
                                         f"{'a data set' if name in datasets else 'another stage or expansion'} of that name")
             stage_body = {k: v for k, v in body.items() if k != MATRIX}
-            inputs = STAGES[body["kind"]].inputs or ()
+            inputs = STAGES[body["kind"]].inputs
             for key, value in body.items():
                 if isinstance(key, str) and key.replace("-", "_") in inputs:
                     stage_body[key] = _bind(where, ("stages", sname, key), value, values, axes_of)
@@ -373,7 +364,7 @@ def _matrix_axes(where: _Where, sname: str, body: dict[str, Any]) -> dict[str, l
         option = axis.replace("-", "_") if isinstance(axis, str) else axis
         if option not in known or option in ("out", "overwrite"):
             raise where.error(apath, f"'{kind}' has no option --{str(axis).replace('_', '-')} to vary")
-        if option in (STAGES[kind].inputs or ()):
+        if option in STAGES[kind].inputs:
             raise where.error(apath, "an input cannot be a matrix axis; write one stage per input instead")
         if option in given:
             raise where.error(apath, "given both as a parameter and as a matrix axis")
@@ -429,7 +420,7 @@ def _bind(where: _Where, path: tuple, value: Any, values: dict[str, Any], axes_o
     return found[0][1]
 
 
-def _stage(where: _Where, sname: str, body: Any, datasets: dict[str, str], stages: dict) -> tuple:
+def _stage(where: _Where, sname: str, body: Any, datasets: dict[str, str], stages: dict, resources: Resources) -> Stage:
     path = ("stages", sname)
     _expect(where, path, body, dict, "a mapping with 'kind' and the stage's parameters")
     kind = body.get("kind")
@@ -454,17 +445,13 @@ def _stage(where: _Where, sname: str, body: Any, datasets: dict[str, str], stage
         params[key] = value
         if ppath in where.lines:
             lines[key] = where.lines[ppath]
-    return kind, params, needs, lines
+    return Stage(sname, kind, params, tuple(sorted(needs)), resources, lines)
 
 
 def _check_value(where: _Where, path: tuple, value: Any) -> None:
-    if isinstance(value, Scalar):
-        return
-    if isinstance(value, list) and all(isinstance(v, Scalar) for v in value):
-        return
-    if isinstance(value, dict) and all(isinstance(v, Scalar) for v in value.values()):
-        return
-    raise where.error(path, "a parameter is a scalar, a list of scalars or a mapping of scalars")
+    values = value.values() if isinstance(value, dict) else value if isinstance(value, list) else [value]
+    if not all(isinstance(v, Scalar) for v in values):
+        raise where.error(path, "a parameter is a scalar, a list of scalars or a mapping of scalars")
 
 
 def _resolve_inputs(where, path, value, datasets, stages, needs, sname):
@@ -502,13 +489,10 @@ def _resolve_inputs(where, path, value, datasets, stages, needs, sname):
                 raise where.error(p, "a stage cannot read its own output")
             needs.add(ref)
             return f"stage:{ref}"
-        if ref.endswith(CHOSEN_SUFFIX) and not ref.startswith(("/", "./")) and "://" not in ref:
-            return chosen(ref, p)
         if "://" in ref or ref.startswith(("/", "./")):
-            try:
-                return store.normalize(ref)
-            except UserError as exc:
-                raise where.error(p, str(exc)) from None
+            return _uri(where, p, ref)
+        if ref.endswith(CHOSEN_SUFFIX):
+            return chosen(ref, p)
         raise where.error(p, f"unknown reference {ref!r} (not a data set, a stage or a URI)")
 
     if isinstance(value, list):
@@ -530,8 +514,7 @@ def _resources(where: _Where, raw: Any, stages: dict) -> dict[str, Resources]:
             path = ("resources", key, fname)
             if fname not in RESOURCE_FIELDS:
                 raise where.error(path, f"unknown field (expected one of {', '.join(RESOURCE_FIELDS)})")
-            expected = RESOURCE_FIELDS[fname]
-            _expect(where, path, value, expected, f"{'/'.join(t.__name__ for t in (expected if isinstance(expected, tuple) else (expected,)))}")
+            _expect(where, path, value, RESOURCE_FIELDS[fname], "/".join(t.__name__ for t in RESOURCE_FIELDS[fname]))
             if fname in ("gpus", "retries") and value < 0 or fname in ("nodes", "procs_per_node", "deadline_s", "pending_timeout_s") and value < 1:
                 raise where.error(path, f"out of range: {value}")
             if fname in STRING_MAPS and not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
@@ -560,14 +543,14 @@ def _resources(where: _Where, raw: Any, stages: dict) -> dict[str, Resources]:
             merged[key] = {**defaults.get(key, {}), **own.get(key, {})}
         res = Resources(**merged)
         if res.gpus and res.gpus < res.procs_per_node:
-            key = s if "gpus" in (raw.get(s) or {}) or "procs_per_node" in (raw.get(s) or {}) else "defaults"
+            key = s if "gpus" in own or "procs_per_node" in own else "defaults"
             raise where.error(("resources", key, "gpus"),
                               f"stage {s}: {res.gpus} GPUs for {res.procs_per_node} processes per node (one GPU per process)")
         out[s] = res
     return out
 
 
-def _topological(where: _Where, deps: dict[str, set[str]]) -> list[str]:
+def _topological(where: _Where, deps: dict[str, tuple[str, ...]]) -> list[str]:
     """Stages in DAG order (stable: file order among independent stages); a cycle is an error."""
     order: list[str] = []
     state: dict[str, int] = {}  # 1 = on the current path, 2 = placed
@@ -579,7 +562,7 @@ def _topological(where: _Where, deps: dict[str, set[str]]) -> list[str]:
             cycle = path[path.index(s):] + [s]
             raise where.error(("stages", s), f"cycle: {' -> '.join(cycle)}")
         state[s] = 1
-        for d in sorted(deps[s]):
+        for d in deps[s]:
             visit(d, path + [s])
         state[s] = 2
         order.append(s)

@@ -27,7 +27,6 @@ from unsupft import stage as stage_contract
 from unsupft.ctl.command import stage_args, stage_keys
 from unsupft.ctl.spec import Pipeline
 from unsupft.errors import UserError
-from unsupft.lease import process_alive
 
 PENDING, RUNNING, WAITING, SUCCEEDED, FAILED, CANCELLED = (
     "pending", "running", "waiting-for-labels", "succeeded", "failed", "cancelled",
@@ -153,13 +152,12 @@ def refresh(run: Run, pipeline: Pipeline) -> None:
 def controller_alive(run: Run) -> bool:
     """Is the process that last drove this run still alive (same host only)?"""
     ctl = run.data.get("controller") or {}
-    return ctl.get("host") == socket.gethostname() and process_alive(ctl.get("pid"), ctl.get("pid_start"))
+    return ctl.get("host") == socket.gethostname() and lease.process_alive(ctl.get("pid"), ctl.get("pid_start"))
 
 
-def take(run: Run) -> lease.Lease:
+def take(run: Run) -> None:
     """Become the run's one controller (its lease, held until the command ends), or `LeaseHeld`."""
     held = lease.acquire(store.join(run.uri, lease.LEASE), "unsupft-ctl", f"run {run.run_id}")
     ctx = click.get_current_context(silent=True)
     if ctx is not None:
         ctx.call_on_close(held.release)
-    return held
