@@ -197,8 +197,6 @@ class SemiConfig(stage.StageOptions):
 @report_user_errors
 def semi_command(config: SemiConfig) -> None:
     """FixMatch from --init: few labeled --train images plus the unlabeled --unlabeled set."""
-    if config.shots is not None and config.labels is not None:
-        raise UserError("give either --shots or --labels, not both")
     inputs = {"init": config.init, "train": config.train, "labels": config.labels, "test": config.test,
               "unlabeled": config.unlabeled if config.unlabeled_weight > 0 else None}
     run = stage.start("semi", store.normalize(config.out), config.identity(), inputs=inputs)
