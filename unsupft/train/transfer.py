@@ -313,8 +313,6 @@ def finetune(backbone: nn.Module, meta: dict[str, Any], images: Dataset | torch.
     step, lr, loss and its parts and train accuracy of the epoch's last batch) are written there.
     Returns the `TransferModel` in eval mode on the CPU.
     """
-    if config.method not in METHODS:
-        raise UserError(f"unknown --method '{config.method}' (choose from {', '.join(METHODS)})")
     if len(images) == 0:
         raise UserError("no labeled images to finetune on")
     seed_everything(config.seed)
