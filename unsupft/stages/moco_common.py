@@ -36,24 +36,22 @@ def init_moco(init: str | None, arch: str | None, in_channels: int, *, dim: int,
     """MoCo around a new backbone or the one in `init`; the projection head is taken over when
     `init` has one (a stage output with moco.pt, a moco.pt file, a facebookresearch checkpoint),
     otherwise initialised afresh. Returns (moco, arch, notes for the config)."""
-    notes: dict[str, Any] = {"head": "new"}
     if init is None:
         backbone = build_backbone(arch or "tiny", in_channels)
-    else:
-        moco_file = store.join(init, "moco.pt")
-        source = moco_file if not init.endswith(checkpoint.SUFFIXES) and store.exists(moco_file) else init
-        backbone, meta = load_backbone(source, arch=arch, in_channels=in_channels)
-        notes["init_format"] = meta.get("format")
-    moco = MoCo(backbone, dim=dim, queue_size=queue_size, momentum=momentum, temperature=temperature)
-    if init is not None and meta.get("head"):
+        return MoCo(backbone, dim, queue_size, momentum, temperature), backbone.arch, {"head": "new"}
+    moco_file = store.join(init, "moco.pt")
+    source = moco_file if not init.endswith(checkpoint.SUFFIXES) and store.exists(moco_file) else init
+    backbone, meta = load_backbone(source, arch=arch, in_channels=in_channels)
+    notes: dict[str, Any] = {"head": "new", "init_format": meta.get("format")}
+    moco = MoCo(backbone, dim, queue_size, momentum, temperature)
+    if meta.get("head"):
         try:
             moco.head.load_state_dict(meta["head"])
             notes["head"] = "loaded"
         except RuntimeError:  # a head of another size: keep the fresh one
             notes["head"] = "new (init head has another shape)"
         moco.reset_key_encoder()
-    if init is not None:
-        click.echo(f"init: {describe(meta, notes['head'])}", err=True)
+    click.echo(f"init: {describe(meta, notes['head'])}", err=True)
     return moco, backbone.arch, notes
 
 
