@@ -247,8 +247,7 @@ def load_backbone(uri: str, *, arch: str | None = None, in_channels: int | None 
     if arch is not None and found is not None and found != arch:
         raise UserError(f"{file_uri}: checkpoint holds a {found} backbone, but {arch} was asked for")
     arch = arch or found
-    stem_channels = int(state["conv1.weight"].shape[1])
-    in_channels = in_channels or meta["in_channels"] or stem_channels
+    in_channels = in_channels or meta["in_channels"] or int(state["conv1.weight"].shape[1])
     state = _adapt_stem(state, in_channels)
     model = build_backbone(arch, in_channels)
     try:
