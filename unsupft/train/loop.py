@@ -35,7 +35,7 @@ API
 
 - `task.model` (nn.Module) holds every weight that trains or is checkpointed (buffers such as
   BatchNorm statistics and the MoCo queue included). The loop moves it to the device (and to
-  channels-last when enabled), calls `.train()` once, and under DDP replaces `task.model` by its
+  channels-last), calls `.train()` once, and under DDP replaces `task.model` by its
   `DistributedDataParallel` wrapper while training (restored afterwards): `training_step` must
   run the model through `self.model(...)` (its `forward`) so gradients are synchronised. Reach
   sub-modules through `unwrap(self.model)`. `task.device` is set to the training device.
@@ -52,7 +52,7 @@ API
   batches of steps `start_step..steps-1` for this rank (see `unsupft.train.batches.LoaderBatches`,
   which does this deterministically, so a resumed run sees the same data as an uninterrupted one). A
   batch may be a tensor or any nesting of tuples/lists/dicts of tensors; tensors are moved to the
-  device (4-d float tensors to channels-last when enabled).
+  device (4-d float tensors to channels-last).
 - Schedule: linear warm-up over `warmup_steps` from lr/warmup_steps to lr, then cosine to 0 at
   `steps` (`schedule="constant"` keeps lr after warm-up); at each of `restarts` the cosine starts
   again from the peak (a training run in phases, e.g. COIN's). The lr is a pure function of the
@@ -81,8 +81,8 @@ API
 - AMP: `amp="auto"` uses bf16 autocast on CUDA, and on CPUs whose oneDNN has native bf16
   (AVX512-BF16/AMX); `"bf16"` forces it, `"off"` disables it. On this machine's AVX2 CPU bf16
   autocast made the tiny ResNet over 10x slower, so auto leaves it off there (BENCHMARKS.md).
-- `channels_last=True` (default) uses the channels-last memory format: on CUDA it feeds tensor cores,
-  and on this CPU (AVX2, one thread) the tiny ResNet trained about 1.3x faster with it.
+- Channels-last: the model and 4-d float batches use the channels-last memory format: on CUDA it
+  feeds tensor cores, and on this CPU (AVX2, one thread) the tiny ResNet trained about 1.3x faster.
 """
 
 from __future__ import annotations
@@ -127,7 +127,6 @@ class LoopConfig:
     log_every: int = 10
     seed: int = 0
     amp: Literal["auto", "bf16", "off"] = "auto"
-    channels_last: bool = True
     progress: bool | None = None               # progress bar; None = when stderr is a terminal
     tensorboard: bool = True                   # event files in <out> when tensorboardX is installed
 
@@ -206,15 +205,15 @@ def _optimizer_groups(task: TrainTask, cfg: LoopConfig) -> list[dict[str, Any]]:
     return out
 
 
-def _to_device(batch: Any, device: torch.device, channels_last: bool) -> Any:
+def _to_device(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, torch.Tensor):
-        if channels_last and batch.ndim == 4 and batch.is_floating_point():
+        if batch.ndim == 4 and batch.is_floating_point():
             return batch.to(device, non_blocking=True, memory_format=torch.channels_last)
         return batch.to(device, non_blocking=True)
     if isinstance(batch, (list, tuple)):
-        return type(batch)(_to_device(b, device, channels_last) for b in batch)
+        return type(batch)(_to_device(b, device) for b in batch)
     if isinstance(batch, dict):
-        return {k: _to_device(v, device, channels_last) for k, v in batch.items()}
+        return {k: _to_device(v, device) for k, v in batch.items()}
     return batch
 
 
@@ -381,12 +380,9 @@ def train(task: TrainTask, data: Any, cfg: LoopConfig) -> TrainResult:
         raise UserError(f"the number of steps must be at least 1 (got {cfg.steps})")
     d, device = distributed.setup()
     bf16 = use_bf16(cfg.amp, device)
-    channels_last = cfg.channels_last
     ckpt_uri = store.join(cfg.out, CHECKPOINT)
 
-    model = task.model.to(device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    model = task.model.to(device, memory_format=torch.channels_last)
     task.model, task.device = model, device
     optimizer = torch.optim.SGD(_optimizer_groups(task, cfg), lr=cfg.lr, momentum=cfg.momentum)
 
@@ -453,7 +449,7 @@ def train(task: TrainTask, data: Any, cfg: LoopConfig) -> TrainResult:
             except StopIteration:
                 raise RuntimeError(f"batch source ended before step {step}") from None
             samples += _batch_len(batch)
-            batch = _to_device(batch, device, channels_last)
+            batch = _to_device(batch, device)
             with autocast:
                 loss, metrics = task.training_step(batch, step)
             first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), step, first_bad)
