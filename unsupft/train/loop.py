@@ -388,18 +388,16 @@ def train(task: TrainTask, data: Any, cfg: LoopConfig) -> TrainResult:
 
     owner = stage.owner(cfg.out)
     state = _load_checkpoint(ckpt_uri, cfg, owner)
-    start = 0
     if state is None:
         seed_everything(cfg.seed + d.rank)
     else:
-        start = state["step"]
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         task.load_extra_state(state.get("extra", {}))
         rngs = state["rng"]
         _set_rng_state(rngs[d.rank] if len(rngs) == d.world_size else rngs[0])
-    resumed_from = None if state is None else start
-    saved_at = resumed_from
+    resumed_from = None if state is None else state["step"]
+    start, saved_at = resumed_from or 0, resumed_from
     del state
 
     metrics_log = _MetricsLog(cfg.out, resumed_from, d.is_main)
