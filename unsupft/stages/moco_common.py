@@ -185,7 +185,7 @@ def run_moco(run: stage.StageRun, task: MoCoTask, images: Mixture, size: list[in
     batch_size = config.batch_size
     steps = steps_for(config.steps, config.epochs, epoch_size, batch_size)
     lr = config.lr if config.lr is not None else config.lr_per_256 * batch_size / 256
-    moco: MoCo = task.model
+    in_channels = task.model.backbone.in_channels
     augments = parse_augments(config.augment)
     batches = two_view_batches(images, size, augments, distributed.per_rank_batch(batch_size), config.seed, order,
                                default_workers() if config.workers is None else config.workers, config.crop_scale)
@@ -193,12 +193,11 @@ def run_moco(run: stage.StageRun, task: MoCoTask, images: Mixture, size: list[in
                       checkpoint_every=config.checkpoint_every, seed=config.seed, amp=config.amp)
     main = distributed.env_dist().is_main
     if main:
-        run.claim(**resolved, in_channels=moco.backbone.in_channels, image_size=size, steps=steps, lr=lr,
+        run.claim(**resolved, in_channels=in_channels, image_size=size, steps=steps, lr=lr,
                   samples_per_epoch=epoch_size)
     result = train(task, batches, loop)
     if main:
         moco = unwrap(task.model).cpu()
-        arch, in_channels = resolved["arch"], moco.backbone.in_channels
-        save_model(store.join(run.out, "model.pt"), moco.backbone, arch, in_channels, size)
-        save_moco(store.join(run.out, "moco.pt"), moco, arch, in_channels, size)
+        save_model(store.join(run.out, "model.pt"), moco.backbone, resolved["arch"], in_channels, size)
+        save_moco(store.join(run.out, "moco.pt"), moco, resolved["arch"], in_channels, size)
         run.finish(final_metrics=result.metrics)
