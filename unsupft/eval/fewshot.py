@@ -79,6 +79,8 @@ def select_training_set(data: Samples, shots: int | None, seed: int,
                         labels_file: str | None) -> tuple[np.ndarray, torch.Tensor]:
     """(indices, labels) of the samples to train on: K per class, a key list, or every labeled one.
     Chosen from the index's labels and keys: no image is decoded."""
+    if shots is not None and labels_file is not None:
+        raise UserError("give either --shots or --labels, not both")
     classes = data.classes
     if labels_file is not None:
         indices, listed = read_label_list(labels_file, data.keys(), classes)

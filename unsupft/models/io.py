@@ -79,7 +79,7 @@ class Preprocess:
 
 
 def save_model(uri: str, backbone: nn.Module, arch: str, in_channels: int, image_size: tuple[int, int] | list[int],
-               classifier: nn.Linear | dict[str, torch.Tensor] | None = None, classes: list[str] | None = None) -> None:
+               classifier: nn.Linear | None = None, classes: list[str] | None = None) -> None:
     """Write an unsupft `model.pt` (atomically) that torchvision-style code can load."""
     state: dict[str, Any] = {
         "format": MODEL_FORMAT,
@@ -90,8 +90,7 @@ def save_model(uri: str, backbone: nn.Module, arch: str, in_channels: int, image
         "preprocess": Preprocess.for_model(in_channels, image_size).as_dict(),
     }
     if classifier is not None:
-        params = classifier.state_dict() if isinstance(classifier, nn.Module) else classifier
-        state["classifier"] = {k: params[k].detach().cpu().clone() for k in ("weight", "bias")}
+        state["classifier"] = {k: v.detach().cpu().clone() for k, v in classifier.state_dict().items()}
         state["classes"] = list(classes or [])
     checkpoint.save(uri, state)
 
@@ -248,8 +247,7 @@ def load_backbone(uri: str, *, arch: str | None = None, in_channels: int | None 
     if arch is not None and found is not None and found != arch:
         raise UserError(f"{file_uri}: checkpoint holds a {found} backbone, but {arch} was asked for")
     arch = arch or found
-    stem_channels = int(state["conv1.weight"].shape[1])
-    in_channels = in_channels or meta["in_channels"] or stem_channels
+    in_channels = in_channels or meta["in_channels"] or int(state["conv1.weight"].shape[1])
     state = _adapt_stem(state, in_channels)
     model = build_backbone(arch, in_channels)
     try:

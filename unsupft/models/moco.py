@@ -34,8 +34,6 @@ from unsupft.models.heads import momentum_update, projection_head
 from unsupft.models.io import MOCO_FORMAT
 
 
-
-
 class MoCo(nn.Module):
     def __init__(self, backbone: nn.Module, dim: int = 128, queue_size: int = 65536, momentum: float = 0.999,
                  temperature: float = 0.2, bn_splits: int = 2) -> None:

@@ -67,4 +67,3 @@ def reestimate_bn(moco: MoCo, images: Fitted, batch_size: int, epochs: int) -> N
     for bn in bns:
         bn.momentum = 0.1
     backbone.eval()
-

@@ -52,10 +52,6 @@ def parse_list(value: str, option: str, allowed: tuple[str, ...] | None = None) 
     return items
 
 
-def summary(values: list[float]) -> tuple[float, float]:
-    return float(np.mean(values)), float(np.std(values))
-
-
 def evaluate_model(backbone: torch.nn.Module, meta: dict[str, Any], train: Samples, test: Samples,
                    test_labels: torch.Tensor, enabled: list[str], shots: list[int], config: EvaluateConfig,
                    own_labels: np.ndarray | None = None) -> tuple[dict[str, Any], np.ndarray | None]:
@@ -96,9 +92,9 @@ def evaluate_model(backbone: torch.nn.Module, meta: dict[str, Any], train: Sampl
                 predictions = predict(model, test_images).numpy()
                 top1.append(metrics.top1_accuracy(predictions, test_y))
                 mean_class.append(metrics.mean_class_accuracy(predictions, test_y))
-            (t_mean, t_std), (m_mean, m_std) = summary(top1), summary(mean_class)
-            fewshot[str(k)] = {"top1_mean": t_mean, "top1_std": t_std, "mean_class_mean": m_mean,
-                               "mean_class_std": m_std, "trials": trials}
+            fewshot[str(k)] = {"top1_mean": float(np.mean(top1)), "top1_std": float(np.std(top1)),
+                               "mean_class_mean": float(np.mean(mean_class)),
+                               "mean_class_std": float(np.std(mean_class)), "trials": trials}
         result["fewshot"] = fewshot
     coords = None
     if "map" in enabled:

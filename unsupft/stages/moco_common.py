@@ -36,24 +36,22 @@ def init_moco(init: str | None, arch: str | None, in_channels: int, *, dim: int,
     """MoCo around a new backbone or the one in `init`; the projection head is taken over when
     `init` has one (a stage output with moco.pt, a moco.pt file, a facebookresearch checkpoint),
     otherwise initialised afresh. Returns (moco, arch, notes for the config)."""
-    notes: dict[str, Any] = {"head": "new"}
     if init is None:
         backbone = build_backbone(arch or "tiny", in_channels)
-    else:
-        moco_file = store.join(init, "moco.pt")
-        source = moco_file if not init.endswith(checkpoint.SUFFIXES) and store.exists(moco_file) else init
-        backbone, meta = load_backbone(source, arch=arch, in_channels=in_channels)
-        notes["init_format"] = meta.get("format")
-    moco = MoCo(backbone, dim=dim, queue_size=queue_size, momentum=momentum, temperature=temperature)
-    if init is not None and meta.get("head"):
+        return MoCo(backbone, dim, queue_size, momentum, temperature), backbone.arch, {"head": "new"}
+    moco_file = store.join(init, "moco.pt")
+    source = moco_file if not init.endswith(checkpoint.SUFFIXES) and store.exists(moco_file) else init
+    backbone, meta = load_backbone(source, arch=arch, in_channels=in_channels)
+    notes: dict[str, Any] = {"head": "new", "init_format": meta.get("format")}
+    moco = MoCo(backbone, dim, queue_size, momentum, temperature)
+    if meta.get("head"):
         try:
             moco.head.load_state_dict(meta["head"])
             notes["head"] = "loaded"
         except RuntimeError:  # a head of another size: keep the fresh one
             notes["head"] = "new (init head has another shape)"
         moco.reset_key_encoder()
-    if init is not None:
-        click.echo(f"init: {describe(meta, notes['head'])}", err=True)
+    click.echo(f"init: {describe(meta, notes['head'])}", err=True)
     return moco, backbone.arch, notes
 
 
@@ -187,7 +185,7 @@ def run_moco(run: stage.StageRun, task: MoCoTask, images: Mixture, size: list[in
     batch_size = config.batch_size
     steps = steps_for(config.steps, config.epochs, epoch_size, batch_size)
     lr = config.lr if config.lr is not None else config.lr_per_256 * batch_size / 256
-    moco: MoCo = task.model
+    in_channels = task.model.backbone.in_channels
     augments = parse_augments(config.augment)
     batches = two_view_batches(images, size, augments, distributed.per_rank_batch(batch_size), config.seed, order,
                                default_workers() if config.workers is None else config.workers, config.crop_scale)
@@ -195,12 +193,11 @@ def run_moco(run: stage.StageRun, task: MoCoTask, images: Mixture, size: list[in
                       checkpoint_every=config.checkpoint_every, seed=config.seed, amp=config.amp)
     main = distributed.env_dist().is_main
     if main:
-        run.claim(**resolved, in_channels=moco.backbone.in_channels, image_size=size, steps=steps, lr=lr,
+        run.claim(**resolved, in_channels=in_channels, image_size=size, steps=steps, lr=lr,
                   samples_per_epoch=epoch_size)
     result = train(task, batches, loop)
     if main:
         moco = unwrap(task.model).cpu()
-        arch, in_channels = resolved["arch"], moco.backbone.in_channels
-        save_model(store.join(run.out, "model.pt"), moco.backbone, arch, in_channels, size)
-        save_moco(store.join(run.out, "moco.pt"), moco, arch, in_channels, size)
+        save_model(store.join(run.out, "model.pt"), moco.backbone, resolved["arch"], in_channels, size)
+        save_moco(store.join(run.out, "moco.pt"), moco, resolved["arch"], in_channels, size)
         run.finish(final_metrics=result.metrics)

@@ -26,9 +26,9 @@ from typing import Any
 
 import click
 import numpy as np
-import torch
 
 from unsupft import options, stage, store
+from unsupft.distributed import default_device
 from unsupft.data.samples import Fitted, Samples, image_size_of, open_samples
 from unsupft.errors import UserError, report_user_errors
 from unsupft.models.features import extract_features
@@ -65,8 +65,7 @@ def probe(model_uri: str, train: Samples, train_idx: np.ndarray, train_y: np.nda
     """Linear-probe top-1 of `model_uri`'s frozen features (read batch by batch: only features stay)."""
     backbone, meta = load_backbone(model_uri, in_channels=train.channels)
     size = image_size_of(train, meta.get("image_size"), "a model with a recorded image size")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    backbone.to(device)
+    backbone.to(default_device())
     f_train = extract_features(backbone, Fitted(train, size, train_idx), image_size=size).numpy()
     f_test = extract_features(backbone, Fitted(test, size, test_idx), image_size=size).numpy()
     return linear_probe_accuracy(f_train, train_y, f_test, test_y)
@@ -142,7 +141,7 @@ def select_source_command(config: SelectSourceConfig) -> None:
     load_backbone(config.init, in_channels=probe_train.channels)  # a missing or foreign --init: before any write
 
     run.claim()
-    base = probe(config.init, probe_train, sets[0], sets[1], *sets[2:])
+    base = probe(config.init, probe_train, *sets)
     rows = []
     for name, uri in candidates.items():
         candidate_out = store.join(run.out, "candidates", name)
@@ -154,7 +153,7 @@ def select_source_command(config: SelectSourceConfig) -> None:
             workers=config.workers, out=candidate_out, trust_checkpoint=config.trust_checkpoint,
             overwrite=config.overwrite, **{f.name: getattr(config, f.name) for f in fields(MoCoRecipe)}))
         rows.append({"name": name, "uri": uri, "run": candidate_out,
-                     "linear_top1": probe(candidate_out, probe_train, sets[0], sets[1], *sets[2:])})
+                     "linear_top1": probe(candidate_out, probe_train, *sets)})
     rows.sort(key=lambda r: -r["linear_top1"])  # stable: ties keep the order given
     for rank, row in enumerate(rows, 1):
         row["rank"] = rank

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import click
 import torch
@@ -153,14 +153,6 @@ class PairedBatches:
                    self.second.batches(start_step, steps, rank, world_size))
 
 
-def _views(images: Any, augments: Sequence[Callable[[torch.Tensor], torch.Tensor]]) -> Callable[[int], Any]:
-    """Sample i -> its augmented views as backbone input (uint8 augmentation, then `to_input`)."""
-    def sample(i: int) -> tuple[torch.Tensor, ...]:
-        image = images[i]
-        return tuple(to_input(augment(image)) for augment in augments)
-    return sample
-
-
 @dataclass(frozen=True, kw_only=True)
 class SemiConfig(stage.StageOptions):
     init: str = options.option(help="Stage output URI or checkpoint file (model.pt, moco.pt, torchvision state_dict).")
@@ -197,59 +189,59 @@ class SemiConfig(stage.StageOptions):
 @report_user_errors
 def semi_command(config: SemiConfig) -> None:
     """FixMatch from --init: few labeled --train images plus the unlabeled --unlabeled set."""
-    if config.shots is not None and config.labels is not None:
-        raise UserError("give either --shots or --labels, not both")
     inputs = {"init": config.init, "train": config.train, "labels": config.labels, "test": config.test,
               "unlabeled": config.unlabeled if config.unlabeled_weight > 0 else None}
     run = stage.start("semi", store.normalize(config.out), config.identity(), inputs=inputs)
     if run is None:
         return
-    seed, batch_size, steps = config.seed, config.batch_size, config.steps
     data = open_samples(config.train)
     unlabeled = open_samples(config.unlabeled, data.channels)
     if len(unlabeled) == 0:
         raise UserError(f"{config.unlabeled}: no images")
     test = open_samples(config.test, data.channels) if config.test is not None else None
     test_labels = align_test_labels(data, test) if test is not None else None
-    indices, labels = select_training_set(data, config.shots, seed, config.labels)
+    indices, labels = select_training_set(data, config.shots, config.seed, config.labels)
     if len(indices) == 0:
         raise UserError(f"{config.train}: no labeled images to train on")
     backbone, meta = load_backbone(config.init, arch=config.arch, in_channels=data.channels)
     size = image_size_of(data, meta.get("image_size"), "give an --init with a recorded image size")
-    per_rank = min(distributed.per_rank_batch(batch_size), len(indices))
+    per_rank = min(distributed.per_rank_batch(config.batch_size), len(indices))
     workers = default_workers() if config.workers is None else config.workers
 
     main = distributed.env_dist().is_main
     if main:
         run.claim(image_size=size)
         click.echo(f"init: {describe(meta)}", err=True)
-    seed_everything(seed)
+    seed_everything(config.seed)
     task = FixMatchTask(TransferModel(backbone, len(data.classes), size), config)
     weak, strong = weak_augment(size), strong_augment(size)
-    labeled_images = subset(data, size, indices)
-    labeled_batches = LoaderBatches(
-        lambda i: (*_views(labeled_images, [weak])(i), labels[i]), len(indices), per_rank, seed,
-        num_workers=0 if isinstance(labeled_images, torch.Tensor) else workers)
-    source: Any = labeled_batches
+    labeled_images, unlabeled_images = subset(data, size, indices), Fitted(unlabeled, size)
+
+    def two_views(i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """An unlabeled image's weak and strong views as backbone input."""
+        image = unlabeled_images[i]
+        return to_input(weak(image)), to_input(strong(image))
+
+    source: Any = LoaderBatches(lambda i: (to_input(weak(labeled_images[i])), labels[i]), len(indices), per_rank,
+                                config.seed, num_workers=0 if isinstance(labeled_images, torch.Tensor) else workers)
     if config.unlabeled_weight > 0:
-        source = PairedBatches(labeled_batches, LoaderBatches(
-            _views(Fitted(unlabeled, size), [weak, strong]), len(unlabeled), config.mu * per_rank, mix_seed(seed, 1),
-            num_workers=workers))
-    loop = LoopConfig(out=run.out, steps=steps, lr=config.lr_head, schedule="cosine", momentum=0.9, weight_decay=0.0,
-                      checkpoint_every=config.checkpoint_every, log_every=min(50, max(1, config.checkpoint_every)),
-                      seed=seed, amp=config.amp)
+        source = PairedBatches(source, LoaderBatches(two_views, len(unlabeled), config.mu * per_rank,
+                                                     mix_seed(config.seed, 1), num_workers=workers))
+    loop = LoopConfig(out=run.out, steps=config.steps, lr=config.lr_head, schedule="cosine", momentum=0.9,
+                      weight_decay=0.0, checkpoint_every=config.checkpoint_every,
+                      log_every=min(50, max(1, config.checkpoint_every)), seed=config.seed, amp=config.amp)
     result = train(task, source, loop)
-    model = task.finish(steps)
+    model = task.finish(config.steps)
     if not main:
         return
     final: dict[str, Any] = dict(result.metrics)
     if test is not None and test_labels is not None:
         test_images, truth = Fitted(test, size), test_labels.numpy()
-        final["test_top1"] = score_classifier(model, test_images, truth, data.classes, batch_size=batch_size)["top1"]
-        raw = unwrap(task.model).model.cpu()
-        final["test_top1_raw"] = score_classifier(raw, test_images, truth, data.classes, batch_size=batch_size)["top1"]
+        for name, scored in (("test_top1", model), ("test_top1_raw", unwrap(task.model).model.cpu())):
+            final[name] = score_classifier(scored, test_images, truth, data.classes,
+                                           batch_size=config.batch_size)["top1"]
     save_finetuned(run.out, model, meta, data, indices)
     run.finish(trained_on=int(len(indices)),
-                     unlabeled_images=len(unlabeled) if config.unlabeled_weight > 0 else 0, final_metrics=final)
+               unlabeled_images=len(unlabeled) if config.unlabeled_weight > 0 else 0, final_metrics=final)
     shown = {k: round(v, 4) for k, v in final.items() if k in ("pseudo_label_rate", "test_top1", "test_top1_raw")}
     click.echo(f"{run.out}: FixMatch on {len(indices)} labeled images" + (f", {shown}" if shown else ""), err=True)

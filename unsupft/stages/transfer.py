@@ -21,7 +21,7 @@ import click
 from unsupft import options, stage, store
 from unsupft.distributed import default_device
 from unsupft.data.samples import Fitted, image_size_of, open_samples, subset
-from unsupft.errors import UserError, report_user_errors
+from unsupft.errors import report_user_errors
 from unsupft.eval.classifier import labels_in_classes, score_classifier, summary_of
 from unsupft.eval.fewshot import select_training_set
 from unsupft.models import ARCHS, load_backbone
@@ -66,8 +66,6 @@ class TransferConfig(stage.StageOptions):
 @report_user_errors
 def transfer_command(config: TransferConfig) -> None:
     """Finetune --init on labeled --train images (all, --shots K per class, or --labels FILE); --test scores it."""
-    if config.shots is not None and config.labels is not None:
-        raise UserError("give either --shots or --labels, not both")
     run = stage.start("transfer", store.normalize(config.out), config.identity(), inputs={
         "init": config.init, "train": config.train, "labels": config.labels, "test": config.test})
     if run is None:

@@ -13,7 +13,7 @@ one epoch and the start of the next, and data sets smaller than a batch repeat w
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator, Protocol, Sequence
+from typing import Any, Callable, Iterator, Protocol
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -136,12 +136,10 @@ class LoaderBatches:
     """
 
     def __init__(self, sample: Callable[[int], Any], n: int, batch_size: int, seed: int, *,
-                 order: EpochOrder | None = None, num_workers: int = 0,
-                 collate_fn: Callable[[Sequence[Any]], Any] | None = None) -> None:
+                 order: EpochOrder | None = None, num_workers: int = 0) -> None:
         self.dataset = SeededDataset(n, sample)
         self.order = order or Shuffled(n, seed)
-        self.batch_size, self.seed = batch_size, seed
-        self.num_workers, self.collate_fn = num_workers, collate_fn
+        self.batch_size, self.seed, self.num_workers = batch_size, seed, num_workers
 
     @property
     def samples_per_epoch(self) -> int:
@@ -150,7 +148,7 @@ class LoaderBatches:
     def batches(self, start_step: int, steps: int, rank: int = 0, world_size: int = 1) -> Iterator[Any]:
         sampler = StepBatchSampler(self.order, self.batch_size, steps, self.seed, start_step, rank, world_size)
         loader = DataLoader(self.dataset, batch_sampler=sampler, num_workers=self.num_workers,
-                            collate_fn=self.collate_fn, pin_memory=torch.cuda.is_available(),
+                            pin_memory=torch.cuda.is_available(),
                             # its own generator: creating the iterator must not draw from the global
                             # RNG, whose state a resumed run restores from the checkpoint
                             generator=torch.Generator().manual_seed(self.seed))

@@ -35,7 +35,7 @@ API
 
 - `task.model` (nn.Module) holds every weight that trains or is checkpointed (buffers such as
   BatchNorm statistics and the MoCo queue included). The loop moves it to the device (and to
-  channels-last when enabled), calls `.train()` once, and under DDP replaces `task.model` by its
+  channels-last), calls `.train()` once, and under DDP replaces `task.model` by its
   `DistributedDataParallel` wrapper while training (restored afterwards): `training_step` must
   run the model through `self.model(...)` (its `forward`) so gradients are synchronised. Reach
   sub-modules through `unwrap(self.model)`. `task.device` is set to the training device.
@@ -45,18 +45,18 @@ API
   `requires_grad=False` are left out (that is how frozen parts stay frozen).
 - `training_step(batch, step)` runs under autocast (bf16 when enabled) and returns the loss (a
   scalar tensor) and a dict of scalar metrics (floats or 0-d tensors). The loop calls `backward`,
-  clips (only when `cfg.grad_clip` is set), steps the optimizer, and sets every group's lr for the
-  next step. `step` counts from 0 and is never repeated or skipped across a resume.
+  steps the optimizer (SGD), and sets every group's lr for the next step. `step` counts from 0 and
+  is never repeated or skipped across a resume.
 - Batches: `data` is a *BatchSource*, an object with
   `batches(start_step, steps, rank, world_size) -> iterator of batches` that yields exactly the
   batches of steps `start_step..steps-1` for this rank (see `unsupft.train.batches.LoaderBatches`,
   which does this deterministically, so a resumed run sees the same data as an uninterrupted one). A
   batch may be a tensor or any nesting of tuples/lists/dicts of tensors; tensors are moved to the
-  device (4-d float tensors to channels-last when enabled).
-- Schedule: linear warm-up over `warmup_steps` from lr/warmup_steps to lr, then cosine to
-  `lr * min_lr_ratio` at `steps` (`schedule="constant"` keeps lr after warm-up); at each of
-  `restarts` the cosine starts again from the peak (a training run in phases, e.g. COIN's). The lr is a pure
-  function of the step, so it needs no state of its own to resume.
+  device (4-d float tensors to channels-last).
+- Schedule: linear warm-up over `warmup_steps` from lr/warmup_steps to lr, then cosine to 0 at
+  `steps` (`schedule="constant"` keeps lr after warm-up); at each of `restarts` the cosine starts
+  again from the peak (a training run in phases, e.g. COIN's). The lr is a pure function of the
+  step, so it needs no state of its own to resume.
 - Checkpoints: every `checkpoint_every` steps (0 = only at the end) and after the last step,
   `<out>/checkpoint.pt` is written atomically with the step, model, optimizer, the task's
   extra state, the RNG states of every rank and the hash of the stage config that owns `out`
@@ -81,8 +81,8 @@ API
 - AMP: `amp="auto"` uses bf16 autocast on CUDA, and on CPUs whose oneDNN has native bf16
   (AVX512-BF16/AMX); `"bf16"` forces it, `"off"` disables it. On this machine's AVX2 CPU bf16
   autocast made the tiny ResNet over 10x slower, so auto leaves it off there (BENCHMARKS.md).
-- `channels_last=True` (default) uses the channels-last memory format: on CUDA it feeds tensor cores,
-  and on this CPU (AVX2, one thread) the tiny ResNet trained about 1.3x faster with it.
+- Channels-last: the model and 4-d float batches use the channels-last memory format: on CUDA it
+  feeds tensor cores, and on this CPU (AVX2, one thread) the tiny ResNet trained about 1.3x faster.
 """
 
 from __future__ import annotations
@@ -121,17 +121,12 @@ class LoopConfig:
     warmup_steps: int = 0
     schedule: Literal["cosine", "constant"] = "cosine"
     restarts: tuple[int, ...] = ()             # steps where the cosine starts again from the peak lr
-    min_lr_ratio: float = 0.0
-    optimizer: Literal["sgd", "adamw"] = "sgd"
-    momentum: float = 0.9                      # SGD momentum (AdamW: beta1)
+    momentum: float = 0.9                      # SGD momentum
     weight_decay: float = 1e-4                 # never applied to BatchNorm and bias parameters
-    grad_clip: float | None = None             # max global grad norm; None = no clipping
     checkpoint_every: int = 0                  # steps between checkpoints; 0 = only at the end
     log_every: int = 10
     seed: int = 0
     amp: Literal["auto", "bf16", "off"] = "auto"
-    channels_last: bool = True
-    find_unused_parameters: bool = False       # DDP: set when some trainable params skip a step
     progress: bool | None = None               # progress bar; None = when stderr is a terminal
     tensorboard: bool = True                   # event files in <out> when tensorboardX is installed
 
@@ -176,8 +171,6 @@ def cpu_has_native_bf16() -> bool:
 
 
 def use_bf16(amp: str, device: torch.device) -> bool:
-    if amp not in ("auto", "bf16", "off"):
-        raise UserError(f"--amp must be auto, bf16 or off, not '{amp}'")
     if amp == "auto":
         return device.type == "cuda" or cpu_has_native_bf16()
     return amp == "bf16"
@@ -192,7 +185,7 @@ def lr_factor(step: int, cfg: LoopConfig) -> float:
     bounds = [cfg.warmup_steps, *sorted(r for r in cfg.restarts if cfg.warmup_steps < r < cfg.steps), cfg.steps]
     start, end = next((a, b) for a, b in zip(bounds, bounds[1:]) if step < b or b == cfg.steps)
     progress = min(1.0, (step - start) / max(1, end - start))
-    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def _optimizer_groups(task: TrainTask, cfg: LoopConfig) -> list[dict[str, Any]]:
@@ -212,23 +205,15 @@ def _optimizer_groups(task: TrainTask, cfg: LoopConfig) -> list[dict[str, Any]]:
     return out
 
 
-def _make_optimizer(groups: list[dict[str, Any]], cfg: LoopConfig) -> torch.optim.Optimizer:
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.momentum, 0.999))
-    raise UserError(f"unknown optimizer '{cfg.optimizer}' (sgd or adamw)")
-
-
-def _to_device(batch: Any, device: torch.device, channels_last: bool) -> Any:
+def _to_device(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, torch.Tensor):
-        if channels_last and batch.ndim == 4 and batch.is_floating_point():
+        if batch.ndim == 4 and batch.is_floating_point():
             return batch.to(device, non_blocking=True, memory_format=torch.channels_last)
         return batch.to(device, non_blocking=True)
     if isinstance(batch, (list, tuple)):
-        return type(batch)(_to_device(b, device, channels_last) for b in batch)
+        return type(batch)(_to_device(b, device) for b in batch)
     if isinstance(batch, dict):
-        return {k: _to_device(v, device, channels_last) for k, v in batch.items()}
+        return {k: _to_device(v, device) for k, v in batch.items()}
     return batch
 
 
@@ -393,33 +378,26 @@ def train(task: TrainTask, data: Any, cfg: LoopConfig) -> TrainResult:
     """Train `task` on `data` for `cfg.steps` steps, resuming from `<out>/checkpoint.pt` if present."""
     if cfg.steps < 1:
         raise UserError(f"the number of steps must be at least 1 (got {cfg.steps})")
-    if cfg.log_every < 1 or cfg.checkpoint_every < 0:
-        raise UserError("log_every must be >= 1 and checkpoint_every >= 0")
     d, device = distributed.setup()
     bf16 = use_bf16(cfg.amp, device)
-    channels_last = cfg.channels_last
     ckpt_uri = store.join(cfg.out, CHECKPOINT)
 
-    model = task.model.to(device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    model = task.model.to(device, memory_format=torch.channels_last)
     task.model, task.device = model, device
-    optimizer = _make_optimizer(_optimizer_groups(task, cfg), cfg)
+    optimizer = torch.optim.SGD(_optimizer_groups(task, cfg), lr=cfg.lr, momentum=cfg.momentum)
 
     owner = stage.owner(cfg.out)
     state = _load_checkpoint(ckpt_uri, cfg, owner)
-    start = 0
     if state is None:
         seed_everything(cfg.seed + d.rank)
     else:
-        start = state["step"]
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         task.load_extra_state(state.get("extra", {}))
         rngs = state["rng"]
         _set_rng_state(rngs[d.rank] if len(rngs) == d.world_size else rngs[0])
-    resumed_from = None if state is None else start
-    saved_at = resumed_from
+    resumed_from = None if state is None else state["step"]
+    start, saved_at = resumed_from or 0, resumed_from
     del state
 
     metrics_log = _MetricsLog(cfg.out, resumed_from, d.is_main)
@@ -429,8 +407,7 @@ def train(task: TrainTask, data: Any, cfg: LoopConfig) -> TrainResult:
                          epoch_size / (per_rank * d.world_size) if epoch_size and per_rank else None)
     if d.enabled:
         task.model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=cfg.find_unused_parameters)
+            model, device_ids=[device.index] if device.type == "cuda" else None)
     model.train()
 
     def save(step: int) -> None:
@@ -470,14 +447,12 @@ def train(task: TrainTask, data: Any, cfg: LoopConfig) -> TrainResult:
             except StopIteration:
                 raise RuntimeError(f"batch source ended before step {step}") from None
             samples += _batch_len(batch)
-            batch = _to_device(batch, device, channels_last)
+            batch = _to_device(batch, device)
             with autocast:
                 loss, metrics = task.training_step(batch, step)
             first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), step, first_bad)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            if cfg.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
 
             done = step + 1

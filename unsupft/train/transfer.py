@@ -85,9 +85,9 @@ def augment(x: torch.Tensor) -> torch.Tensor:
 class PerClassQueues:
     """Bi-tuning's key queues: for each class a FIFO of `size` normalised key vectors per head."""
 
-    def __init__(self, num_classes: int, size: int, dims: dict[str, int], device: torch.device) -> None:
+    def __init__(self, num_classes: int, size: int, dims: dict[str, int]) -> None:
         self.size = size
-        self.keys = {name: torch.zeros(num_classes, size, d, device=device) for name, d in dims.items()}
+        self.keys = {name: torch.zeros(num_classes, size, d) for name, d in dims.items()}
         self.pointer = torch.zeros(num_classes, dtype=torch.long)
 
     @torch.no_grad()
@@ -253,8 +253,7 @@ class BiTuning(TransferMethod):
         heads = nn.ModuleDict({"proj": proj, "key_backbone": copy.deepcopy(model.backbone).requires_grad_(False),
                                "key_proj": copy.deepcopy(proj).requires_grad_(False)})
         size = self.config.queue_per_class
-        self.queues = PerClassQueues(int(model.fc.out_features), size,
-                                     {"h": model.backbone.out_dim + 1, "z": 128}, torch.device("cpu"))
+        self.queues = PerClassQueues(int(model.fc.out_features), size, {"h": model.backbone.out_dim + 1, "z": 128})
         with torch.no_grad():  # start each class's queue with its own training images' keys
             h = extract_features(heads["key_backbone"], images, image_size=model.image_size,
                                  device=torch.device("cpu"))
@@ -314,35 +313,30 @@ def finetune(backbone: nn.Module, meta: dict[str, Any], images: Dataset | torch.
     step, lr, loss and its parts and train accuracy of the epoch's last batch) are written there.
     Returns the `TransferModel` in eval mode on the CPU.
     """
-    method, epochs, seed = config.method, config.epochs, config.seed
-    if method not in METHODS:
-        raise UserError(f"unknown --method '{method}' (choose from {', '.join(METHODS)})")
     if len(images) == 0:
         raise UserError("no labeled images to finetune on")
-    seed_everything(seed)
+    seed_everything(config.seed)
     model = TransferModel(backbone, num_classes, meta.get("image_size"))
-    y_all = labels.long()
+    labels = labels.long()
     batch = min(config.batch_size, len(images))
     steps_per_epoch = math.ceil(len(images) / batch)
-    task = METHODS[method](model, MethodConfig(**asdict(config), steps_per_epoch=steps_per_epoch), images, y_all)
-    views = task.views
+    method_config = MethodConfig(**asdict(config), steps_per_epoch=steps_per_epoch)
+    task = METHODS[config.method](model, method_config, images, labels)
 
     def sample(i: int) -> tuple[torch.Tensor, ...]:
         x = preprocess(images[i][None], model.image_size)[0]
-        return (*(augment(x) for _ in range(views)), y_all[i])
+        return (*(augment(x) for _ in range(task.views)), labels[i])
 
     workers = 0 if isinstance(images, torch.Tensor) else default_workers()
-    data = LoaderBatches(sample, len(images), batch_size=batch, seed=seed, num_workers=workers)
+    data = LoaderBatches(sample, len(images), batch_size=batch, seed=config.seed, num_workers=workers)
     # Cosine decay to 0 over the run: lr 3.0 on a fresh classifier overshoots at first, and the
     # decay lets a short few-shot run settle instead of ending on a large step.
-    with contextlib.ExitStack() as stack:
-        target = out if out is not None else stack.enter_context(tempfile.TemporaryDirectory())
-        cfg = LoopConfig(out=target, steps=epochs * steps_per_epoch, lr=config.lr_head, schedule="cosine",
-                         restarts=task.restarts(),
-                         momentum=0.9, weight_decay=0.0, log_every=steps_per_epoch, seed=seed,
-                         checkpoint_every=steps_per_epoch if out is not None else 0,
-                         progress=False if out is None else None, tensorboard=out is not None)
-        train(task, data, cfg)
+    with tempfile.TemporaryDirectory() if out is None else contextlib.nullcontext(out) as target:
+        train(task, data, LoopConfig(
+            out=target, steps=config.epochs * steps_per_epoch, lr=config.lr_head, schedule="cosine",
+            restarts=task.restarts(), momentum=0.9, weight_decay=0.0, log_every=steps_per_epoch, seed=config.seed,
+            checkpoint_every=steps_per_epoch if out is not None else 0,
+            progress=False if out is None else None, tensorboard=out is not None))
     task.release()
     return model.cpu().eval()
 
