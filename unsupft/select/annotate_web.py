@@ -31,7 +31,7 @@ from unsupft.errors import UserError
 from unsupft.select.annotators import (
     UNSURE,
     classes_uri,
-    format_labels,
+    csv_text,
     image_uri,
     labels_uri,
     parse_labels,
@@ -264,7 +264,7 @@ def make_server(out: str, round_index: int, port: int = 0) -> ThreadingHTTPServe
                 wrong = sorted({v for v in answers.values() if v not in allowed})
                 if wrong:
                     raise UserError(f"unknown class {wrong[0]!r}")
-                text = format_labels(answers)
+                text = csv_text(["key", "label"], answers.items())
                 if self.path == "/labels":
                     parse_labels(text, "labels from the page", keys, classes)
             except (UserError, ValueError, AttributeError, TypeError) as exc:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-from typing import Callable, Protocol, Sequence
+from typing import Any, Callable, Iterable, Protocol, Sequence
 
 import torch
 
@@ -85,6 +85,15 @@ def png_bytes(image: torch.Tensor) -> bytes:
     return buf.getvalue()
 
 
+def csv_text(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    """A CSV file's text: `header`, then `rows`, each line ending in a plain newline."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
 def read_request(out: str, round_index: int) -> tuple[list[str], dict[str, str]]:
     """The round's keys in order, and the model's guesses for those that have one."""
     rows = list(csv.DictReader(io.StringIO(store.read_text(request_uri(out, round_index)))))
@@ -132,15 +141,6 @@ def parse_labels(text: str, source: str, requested: Sequence[str], classes: Sequ
     return labels
 
 
-def format_labels(labels: dict[str, str]) -> str:
-    """A labels file from key -> class name (what `unsupft annotate` writes)."""
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["key", "label"])
-    writer.writerows(labels.items())
-    return buf.getvalue()
-
-
 class ManualAnnotator:
     """Writes the round's request to the store and reads the person's answer from it.
 
@@ -166,8 +166,6 @@ class ManualAnnotator:
             store.write_bytes(image_uri(self.out, round_index, key), png_bytes(self.image_of(key)))
         store.write_text(classes_uri(self.out), json.dumps(self.classes))
         guesses = self.guesses(round_index, keys) if self.guesses else None
-        buf = io.StringIO()
-        writer = csv.writer(buf, lineterminator="\n")
-        writer.writerow(["key", "guess"] if guesses else ["key"])
-        writer.writerows([k, guesses[k]] if guesses else [k] for k in keys)
-        store.write_text(request_uri(self.out, round_index), buf.getvalue())
+        header = ["key", "guess"] if guesses else ["key"]
+        rows = ([k, guesses[k]] if guesses else [k] for k in keys)
+        store.write_text(request_uri(self.out, round_index), csv_text(header, rows))

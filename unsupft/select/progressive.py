@@ -39,7 +39,7 @@ from unsupft.models import load, load_backbone, save_model
 from unsupft.models.features import extract_features
 from unsupft.models.io import describe
 from unsupft.select.ackmeans import ackmeans
-from unsupft.select.annotators import Annotator, ManualAnnotator, OracleAnnotator
+from unsupft.select.annotators import Annotator, ManualAnnotator, OracleAnnotator, csv_text
 from unsupft.train.transfer import FinetuneConfig, finetune, predict
 
 STATE = "state.json"
@@ -106,11 +106,8 @@ class State:
 
     def save(self, out: str, classes: Sequence[str]) -> None:
         """labels.csv first, state last: the state never claims labels that are not written."""
-        buf = io.StringIO()
-        writer = csv.writer(buf, lineterminator="\n")
-        writer.writerow(["key", "label", "round"])
-        writer.writerows([k, classes[y], r] for k, y, r in self.labeled)
-        store.write_text(store.join(out, "labels.csv"), buf.getvalue())
+        labels = csv_text(["key", "label", "round"], ([k, classes[y], r] for k, y, r in self.labeled))
+        store.write_text(store.join(out, "labels.csv"), labels)
         store.write_text(store.join(out, "rounds.jsonl"), "".join(json.dumps(r) + "\n" for r in self.rounds))
         store.write_json(store.join(out, STATE), self.__dict__)
 
