@@ -48,16 +48,13 @@ class Column:
     higher_is_better: bool = True
 
 
-def _scalar(key: str) -> Callable[[dict[str, Any]], float | None]:
-    return lambda result: result.get(key)
-
-
-def _classifier(key: str) -> Callable[[dict[str, Any]], float | None]:
-    return lambda result: (result.get("classifier") or {}).get(key)
-
-
-def _fewshot(shots: str, key: str) -> Callable[[dict[str, Any]], float | None]:
-    return lambda result: ((result.get("fewshot") or {}).get(shots) or {}).get(key)
+def _at(*path: str) -> Callable[[dict[str, Any]], float | None]:
+    """Reads the value at `path` in a model's result (None when a level is missing)."""
+    def value(result: dict[str, Any]) -> float | None:
+        for key in path[:-1]:
+            result = result.get(key) or {}
+        return result.get(path[-1])
+    return value
 
 
 # (result key, column title, higher is better) of the per-model scalar metrics, in table order.
@@ -74,11 +71,12 @@ SCALAR_COLUMNS = [
 def columns(models: dict[str, dict[str, Any]]) -> list[Column]:
     """The table's columns that at least one model has a value for."""
     shots = sorted({k for r in models.values() for k in (r.get("fewshot") or {})}, key=int)
-    every = [Column("classifier_top1", "own classifier top-1", _classifier("top1")),
-             Column("classifier_mean_class", "own classifier mean-class", _classifier("mean_class"))]
-    every += [Column(f"fewshot_{k}_top1", f"{k}-shot top-1", _fewshot(k, "top1_mean")) for k in shots]
-    every += [Column(f"fewshot_{k}_mean_class", f"{k}-shot mean-class", _fewshot(k, "mean_class_mean")) for k in shots]
-    every += [Column(key, title, _scalar(key), higher) for key, title, higher in SCALAR_COLUMNS]
+    every = [Column("classifier_top1", "own classifier top-1", _at("classifier", "top1")),
+             Column("classifier_mean_class", "own classifier mean-class", _at("classifier", "mean_class"))]
+    every += [Column(f"fewshot_{k}_top1", f"{k}-shot top-1", _at("fewshot", k, "top1_mean")) for k in shots]
+    every += [Column(f"fewshot_{k}_mean_class", f"{k}-shot mean-class", _at("fewshot", k, "mean_class_mean"))
+              for k in shots]
+    every += [Column(key, title, _at(key), higher) for key, title, higher in SCALAR_COLUMNS]
     return [c for c in every if any(c.value(r) is not None for r in models.values())]
 
 
@@ -272,7 +270,7 @@ def confusion_html(name: str, score: dict[str, Any]) -> str:
         cells = "".join(
             f'<td class="n" style="background:rgba(31,119,180,{(n / total if total else 0):.2f})">{int(n)}</td>'
             for n in confusion[i])
-        accuracy = _fmt(score["per_class"].get(true)) if total else "–"
+        accuracy = _fmt(score["per_class"].get(true))  # none for a class without test images
         rows.append(f'<tr data-class="{_esc(true)}"><th>{_esc(true)}</th>{cells}'
                     f'<td class="count">{total}</td><td class="accuracy">{accuracy}</td></tr>')
     return (f'<figure class="confusion-block"><table class="confusion" data-model="{_esc(name)}">'

@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterable, Protocol, Sequence
 import torch
 
 from unsupft import store
+from unsupft.data.encode import Encoding, encode_array
 from unsupft.errors import UserError
 
 
@@ -75,14 +76,9 @@ def classes_uri(out: str) -> str:
 
 
 def png_bytes(image: torch.Tensor) -> bytes:
-    """A [C, H, W] uint8 tensor as PNG."""
-    from PIL import Image
-
-    array = image.permute(1, 2, 0).numpy()
-    pil = Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array)
-    buf = io.BytesIO()
-    pil.save(buf, format="PNG")
-    return buf.getvalue()
+    """A [C, H, W] uint8 tensor as PNG (ingestion's lossless encoding of arrays)."""
+    pixels = image[0] if len(image) == 1 else image.permute(1, 2, 0)
+    return encode_array(pixels.numpy(), Encoding())[0]
 
 
 def csv_text(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
