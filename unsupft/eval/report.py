@@ -93,11 +93,9 @@ def best_per_column(models: dict[str, dict[str, Any]], table: list[Column]) -> d
 def differences(models: dict[str, dict[str, Any]], table: list[Column], baseline: str) -> dict[str, dict[str, float]]:
     """Each model's value minus the baseline model's, per column both have."""
     base = models[baseline]
-    out: dict[str, dict[str, float]] = {}
-    for name, result in models.items():
-        out[name] = {c.key: float(c.value(result) - c.value(base)) for c in table
-                     if c.value(result) is not None and c.value(base) is not None}
-    return out
+    shared = [c for c in table if c.value(base) is not None]
+    return {name: {c.key: float(c.value(result) - c.value(base)) for c in shared if c.value(result) is not None}
+            for name, result in models.items()}
 
 
 def map_method(n: int) -> str:
@@ -174,18 +172,15 @@ def curves_png(models: dict[str, dict[str, Any]]) -> bytes:
     """Few-shot top-1 (mean +- std over trials) against labels per class, all models on one plot."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4.2))
-    all_shots: set[int] = set()
     for name, result in models.items():
         fewshot = result.get("fewshot") or {}
         shots = sorted(fewshot, key=int)
-        if not shots:
-            continue
-        means = [fewshot[k]["top1_mean"] for k in shots]
-        stds = [fewshot[k]["top1_std"] for k in shots]
-        all_shots.update(int(k) for k in shots)
-        ax.errorbar([int(k) for k in shots], means, yerr=stds, marker="o", capsize=3, label=name)
+        if shots:
+            ax.errorbar([int(k) for k in shots], [fewshot[k]["top1_mean"] for k in shots],
+                        yerr=[fewshot[k]["top1_std"] for k in shots], marker="o", capsize=3, label=name)
+    all_shots = sorted({int(k) for r in models.values() for k in (r.get("fewshot") or {})})
     ax.set_xscale("log", base=2)
-    ax.set_xticks(sorted(all_shots), [str(k) for k in sorted(all_shots)])
+    ax.set_xticks(all_shots, [str(k) for k in all_shots])
     ax.minorticks_off()
     ax.set_ylim(0, 1)
     label_plot(ax, "labeled images per class", "top-1 accuracy", "few-shot transfer")

@@ -190,10 +190,9 @@ def ackmeans(features: torch.Tensor, anchor_idx: Sequence[int] | torch.Tensor, k
     iterations = 0
     for iterations in range(1, max_iter + 1):
         dist, new_assign = nearest(x, torch.cat([anchors, centers]), metric, block, x_sq)
-        converged = bool((new_assign == assign).all())
-        assign = new_assign
-        if converged:
+        if torch.equal(new_assign, assign):
             break
+        assign = new_assign
         centers = _update(x, assign, dist, centers, m, free, metric)
     return ACKMeansResult(centers=centers, eigen=eigen_samples(x, centers, free, metric, block).to(features.device),
                           assignment=assign.to(features.device), iterations=iterations)

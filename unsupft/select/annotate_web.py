@@ -248,9 +248,8 @@ def make_server(out: str, round_index: int, port: int = 0) -> ThreadingHTTPServe
                 with lock:
                     current = store.read_json(progress) if store.exists(progress) else saved
                 self._json(HTTPStatus.OK, {**task_fields, "saved": current})
-            elif self.path.startswith("/img/") and unquote(self.path[5:]) in keys:
-                data = store.read_bytes(image_uri(out, round_index, unquote(self.path[5:])))
-                self._send(HTTPStatus.OK, data, "image/png")
+            elif self.path.startswith("/img/") and (key := unquote(self.path[5:])) in keys:
+                self._send(HTTPStatus.OK, store.read_bytes(image_uri(out, round_index, key)), "image/png")
             else:
                 self._json(HTTPStatus.NOT_FOUND, {"error": "not found"})
 
@@ -290,8 +289,7 @@ def make_server(out: str, round_index: int, port: int = 0) -> ThreadingHTTPServe
 def serve_round(out: str, round_index: int, port: int = 0) -> str:
     """Serve until the labels are written; returns the labels file's URI."""
     server = make_server(out, round_index, port)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
+    threading.Thread(target=server.serve_forever, daemon=True).start()
     host, bound = server.server_address[:2]
     click.echo(f"labeling round {round_index} of {out}: open http://{host}:{bound}/", err=False)
     try:

@@ -112,15 +112,10 @@ class State:
         store.write_json(store.join(out, STATE), self.__dict__)
 
 
-def extra_budget(cfg: LabelConfig, num_classes: int) -> int:
-    """epsilon * C extra labels beyond the initial set (rounded to the nearest label)."""
-    return int(round(cfg.budget * num_classes))
-
-
 def remaining(cfg: LabelConfig, state: State, target: Target) -> int:
     """Labels still to request after the rounds recorded so far (0: the run is complete)."""
     spent = len(state.labeled) - state.rounds[0]["labels"]
-    left = extra_budget(cfg, len(target.classes)) - spent
+    left = round(cfg.budget * len(target.classes)) - spent  # epsilon * C extra labels beyond the initial set
     return max(0, min(left, len(target.keys) - len(state.labeled)))
 
 
@@ -255,9 +250,7 @@ class TransferEngine:
                          FinetuneConfig(method=method, epochs=epochs, seed=seed), out=out)
         save_model(store.join(out, "model.pt"), model.backbone, meta["arch"], meta["in_channels"],
                    meta.get("image_size") or list(images.shape[-2:]), classifier=model.fc, classes=list(classes))
-        if test is None:
-            return None
-        return float((predict(model, test[0]) == test[1]).float().mean())
+        return None if test is None else float((predict(model, test[0]) == test[1]).float().mean())
 
 
 def load_target(uri: str, image_size: Sequence[int] | None) -> Target:
