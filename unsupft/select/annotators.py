@@ -37,9 +37,7 @@ class WaitingForLabels(Exception):
 
     def __init__(self, labels_uri: str, out: str) -> None:
         self.labels_uri = labels_uri
-        super().__init__(
-            f"waiting for labels: put {labels_uri} (or run `unsupft annotate {out}`)"
-        )
+        super().__init__(f"waiting for labels: put {labels_uri} (or run `unsupft annotate {out}`)")
 
 
 class Annotator(Protocol):
@@ -126,9 +124,7 @@ def parse_labels(text: str, source: str, requested: Sequence[str], classes: Sequ
             unsure.add(key)
             continue
         if name not in class_id:
-            raise UserError(
-                f"{source}: line {line}: unknown class {name!r} (classes: {', '.join(classes)})"
-            )
+            raise UserError(f"{source}: line {line}: unknown class {name!r} (classes: {', '.join(classes)})")
         labels[key] = class_id[name]
     missing = [k for k in requested if k not in labels and k not in unsure]
     if missing:
