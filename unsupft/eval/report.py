@@ -149,9 +149,7 @@ def feature_map_png(maps: dict[str, tuple[np.ndarray, np.ndarray]], classes: lis
         for c in np.unique(labels):
             pts = coords[labels == c]
             ax.scatter(pts[:, 0], pts[:, 1], s=6, color=cmap(int(c) % cmap.N), label=classes[int(c)])
-        ax.set_title(name)
-        ax.set_xticks([])
-        ax.set_yticks([])
+        ax.set(title=name, xticks=[], yticks=[])
     handles, names = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, names, loc="center right", markerscale=2.5, fontsize=8, title="class")
     fig.suptitle(f"test features, 2-D {method} map, coloured by class")
@@ -161,11 +159,9 @@ def feature_map_png(maps: dict[str, tuple[np.ndarray, np.ndarray]], classes: lis
 
 def label_plot(ax, xlabel: str, ylabel: str, title: str) -> None:
     """Finish a plot of lines: axis labels, grid, legend, title."""
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
     ax.grid(alpha=0.3)
     ax.legend()
-    ax.set_title(title)
 
 
 def curves_png(models: dict[str, dict[str, Any]]) -> bytes:
@@ -195,8 +191,7 @@ def label_curves_png(curves: dict[str, list[dict[str, Any]]]) -> bytes:
     for name, rounds in curves.items():
         ax.plot([r["labels"] for r in rounds], [r["test_top1"] for r in rounds], marker="o", label=name)
         spent.update(r["labels"] for r in rounds)
-    ax.set_xticks(sorted(spent))
-    ax.set_ylim(0, 1)
+    ax.set(xticks=sorted(spent), ylim=(0, 1))
     label_plot(ax, "labels spent (all rounds so far)", "test top-1 accuracy",
                "progressive labeling: accuracy per round")
     return figure_bytes(plt, fig)
