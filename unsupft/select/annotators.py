@@ -36,7 +36,6 @@ class WaitingForLabels(Exception):
     """A manual round was requested and its labels file is not there yet."""
 
     def __init__(self, labels_uri: str, out: str) -> None:
-        self.labels_uri = labels_uri
         super().__init__(f"waiting for labels: put {labels_uri} (or run `unsupft annotate {out}`)")
 
 
