@@ -80,10 +80,7 @@ def scan_header(path: Path) -> tuple[tuple[int, int], bool]:
 
 def _encode(img: Image.Image, ext: str, encoding: Encoding) -> bytes:
     out = io.BytesIO()
-    if ext == "png":
-        img.save(out, format="PNG")
-    else:
-        img.save(out, format=FORMATS[ext], quality=encoding.quality)
+    img.save(out, format=FORMATS[ext], quality=encoding.quality)  # PNG (lossless) has no quality: Pillow ignores it
     return out.getvalue()
 
 

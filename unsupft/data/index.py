@@ -96,12 +96,11 @@ class _HashingReader:
     """A read-only stream that hashes what passes through it (tarfile reads it sequentially)."""
 
     def __init__(self, raw: IO[bytes]) -> None:
-        self.raw, self.sha256, self.size = raw, hashlib.sha256(), 0
+        self.raw, self.sha256 = raw, hashlib.sha256()
 
     def read(self, size: int = -1) -> bytes:
         data = self.raw.read(size)
         self.sha256.update(data)
-        self.size += len(data)
         return data
 
     def drain(self) -> None:

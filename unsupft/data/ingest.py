@@ -157,8 +157,7 @@ def _only_size(sizes: set[tuple[int, int]]) -> tuple[int, int] | None:
 
 def common_size(sizes: np.ndarray, short_side: int | None) -> tuple[int, int] | None:
     """The stored (H, W) all these images share, or None when they differ (photos usually do)."""
-    stored = {stored_size(int(h), int(w), short_side) for h, w in np.unique(sizes, axis=0)}
-    return stored.pop() if len(stored) == 1 else None
+    return _only_size({stored_size(int(h), int(w), short_side) for h, w in np.unique(sizes, axis=0)})
 
 
 @contextlib.contextmanager

@@ -216,8 +216,7 @@ class Mixture:
 
     def __init__(self, parts: Sequence[tuple[Samples, Sequence[int] | None]]) -> None:
         self.parts = [(s, None if sub is None else np.asarray(sub, dtype=np.int64)) for s, sub in parts]
-        sizes = [len(s) if sub is None else len(sub) for s, sub in self.parts]
-        self.ends = np.cumsum(sizes)
+        self.ends = np.cumsum([len(s) if sub is None else len(sub) for s, sub in self.parts])
 
     def __len__(self) -> int:
         return int(self.ends[-1])

@@ -98,9 +98,8 @@ def _link(fd: int, path: Path) -> None:
     uses only when given a directory descriptor); where that fails, only this process reads it."""
     folder = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        os.link(f"/proc/self/fd/{fd}", path.name, dst_dir_fd=folder)
-    except OSError:
-        pass
+        with contextlib.suppress(OSError):
+            os.link(f"/proc/self/fd/{fd}", path.name, dst_dir_fd=folder)
     finally:
         os.close(folder)
 

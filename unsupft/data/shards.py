@@ -18,7 +18,6 @@ import tempfile
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
-
 from unsupft import store
 from unsupft.data.info import FORMAT, INFO_NAME, ShardInfo
 from unsupft.errors import UserError
@@ -26,7 +25,6 @@ from unsupft.errors import UserError
 # The names `write_dataset` owns directly below a data set's URI: its shards and its sources file,
 # with the generation token an overwrite adds ("shard-1f2e3d4c-000000.tar").
 _OWNED_NAME = re.compile(r"^(shard-([0-9a-f]{8}-)?\d{6}\.tar|sources(-[0-9a-f]{8})?\.tsv)$")
-
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,6 @@ class SourceData:
     provenance; `unreadable` lists the files `skip_unreadable` left out.
     """
 
-    description: str
     keys: list[str]
     labels: np.ndarray | None
     classes: list[str]
@@ -105,7 +104,7 @@ def _arrays(description: str, images: np.ndarray, labels: np.ndarray | None, cla
             raise UserError(f"{description}: label {needed - 1} but only {len(classes)} class names")
     if len(images) == 0:
         raise UserError(f"{description}: no images")
-    return SourceData(description=description, keys=[f"{i:08d}" for i in range(len(images))], labels=labels,
+    return SourceData(keys=[f"{i:08d}" for i in range(len(images))], labels=labels,
                       classes=classes if labels is not None else [], channels=1 if images.ndim == 3 else 3,
                       sizes=np.broadcast_to(np.array(images.shape[1:3], dtype=np.int32), (len(images), 2)),
                       image=lambda i: images[i])
@@ -223,7 +222,7 @@ def _folder(root: Path, skip_unreadable: bool) -> SourceData:
         gray.append(is_gray)
     if not readable:
         raise UserError(f"{root}: no readable images ({len(unreadable)} unreadable files skipped)")
-    return SourceData(description=str(root), keys=[f"{i:08d}" for i in range(len(readable))],
+    return SourceData(keys=[f"{i:08d}" for i in range(len(readable))],
                       labels=np.array([label for _, label in readable], dtype=np.int64) if class_dirs else None,
                       classes=[d.name for d in class_dirs], channels=1 if all(gray) else 3,
                       sizes=np.array(sizes, dtype=np.int32), image=lambda i: readable[i][0], root=root,

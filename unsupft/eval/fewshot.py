@@ -91,8 +91,5 @@ def select_training_set(data: Samples, shots: int | None, seed: int,
         return indices, data.labels[indices]
     if data.labels is None:
         raise UserError(f"{data.uri}: the data set has no labels (use --labels FILE with a label column)")
-    if shots is not None:
-        indices = draw_shots(data.labels.numpy(), shots, seed, classes)
-    else:
-        indices = np.arange(len(data))
+    indices = np.arange(len(data)) if shots is None else draw_shots(data.labels.numpy(), shots, seed, classes)
     return indices, data.labels[indices]

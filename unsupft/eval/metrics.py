@@ -77,9 +77,8 @@ def bcubed_precision(clusters: np.ndarray, labels: np.ndarray) -> float:
 
 def bcubed_recall(clusters: np.ndarray, labels: np.ndarray) -> float:
     """BCubed recall: for each item, the share of the items with its label that are in its cluster,
-    averaged over items: sum_ij n_ij^2 / n_j / N (precision with clusters and labels swapped)."""
-    table = _contingency(clusters, labels)
-    return float(np.sum(table**2 / table.sum(axis=0, keepdims=True)) / table.sum())
+    averaged over items: sum_ij n_ij^2 / n_j / N, which is precision with clusters and labels swapped."""
+    return bcubed_precision(labels, clusters)
 
 
 def bcubed_f(precision: float, recall: float) -> float:

@@ -48,16 +48,13 @@ class Column:
     higher_is_better: bool = True
 
 
-def _scalar(key: str) -> Callable[[dict[str, Any]], float | None]:
-    return lambda result: result.get(key)
-
-
-def _classifier(key: str) -> Callable[[dict[str, Any]], float | None]:
-    return lambda result: (result.get("classifier") or {}).get(key)
-
-
-def _fewshot(shots: str, key: str) -> Callable[[dict[str, Any]], float | None]:
-    return lambda result: ((result.get("fewshot") or {}).get(shots) or {}).get(key)
+def _at(*path: str) -> Callable[[dict[str, Any]], float | None]:
+    """Reads the value at `path` in a model's result (None when a level is missing)."""
+    def value(result: dict[str, Any]) -> float | None:
+        for key in path[:-1]:
+            result = result.get(key) or {}
+        return result.get(path[-1])
+    return value
 
 
 # (result key, column title, higher is better) of the per-model scalar metrics, in table order.
@@ -74,11 +71,12 @@ SCALAR_COLUMNS = [
 def columns(models: dict[str, dict[str, Any]]) -> list[Column]:
     """The table's columns that at least one model has a value for."""
     shots = sorted({k for r in models.values() for k in (r.get("fewshot") or {})}, key=int)
-    every = [Column("classifier_top1", "own classifier top-1", _classifier("top1")),
-             Column("classifier_mean_class", "own classifier mean-class", _classifier("mean_class"))]
-    every += [Column(f"fewshot_{k}_top1", f"{k}-shot top-1", _fewshot(k, "top1_mean")) for k in shots]
-    every += [Column(f"fewshot_{k}_mean_class", f"{k}-shot mean-class", _fewshot(k, "mean_class_mean")) for k in shots]
-    every += [Column(key, title, _scalar(key), higher) for key, title, higher in SCALAR_COLUMNS]
+    every = [Column("classifier_top1", "own classifier top-1", _at("classifier", "top1")),
+             Column("classifier_mean_class", "own classifier mean-class", _at("classifier", "mean_class"))]
+    every += [Column(f"fewshot_{k}_top1", f"{k}-shot top-1", _at("fewshot", k, "top1_mean")) for k in shots]
+    every += [Column(f"fewshot_{k}_mean_class", f"{k}-shot mean-class", _at("fewshot", k, "mean_class_mean"))
+              for k in shots]
+    every += [Column(key, title, _at(key), higher) for key, title, higher in SCALAR_COLUMNS]
     return [c for c in every if any(c.value(r) is not None for r in models.values())]
 
 
@@ -95,11 +93,9 @@ def best_per_column(models: dict[str, dict[str, Any]], table: list[Column]) -> d
 def differences(models: dict[str, dict[str, Any]], table: list[Column], baseline: str) -> dict[str, dict[str, float]]:
     """Each model's value minus the baseline model's, per column both have."""
     base = models[baseline]
-    out: dict[str, dict[str, float]] = {}
-    for name, result in models.items():
-        out[name] = {c.key: float(c.value(result) - c.value(base)) for c in table
-                     if c.value(result) is not None and c.value(base) is not None}
-    return out
+    shared = [c for c in table if c.value(base) is not None]
+    return {name: {c.key: float(c.value(result) - c.value(base)) for c in shared if c.value(result) is not None}
+            for name, result in models.items()}
 
 
 def map_method(n: int) -> str:
@@ -153,9 +149,7 @@ def feature_map_png(maps: dict[str, tuple[np.ndarray, np.ndarray]], classes: lis
         for c in np.unique(labels):
             pts = coords[labels == c]
             ax.scatter(pts[:, 0], pts[:, 1], s=6, color=cmap(int(c) % cmap.N), label=classes[int(c)])
-        ax.set_title(name)
-        ax.set_xticks([])
-        ax.set_yticks([])
+        ax.set(title=name, xticks=[], yticks=[])
     handles, names = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, names, loc="center right", markerscale=2.5, fontsize=8, title="class")
     fig.suptitle(f"test features, 2-D {method} map, coloured by class")
@@ -165,29 +159,24 @@ def feature_map_png(maps: dict[str, tuple[np.ndarray, np.ndarray]], classes: lis
 
 def label_plot(ax, xlabel: str, ylabel: str, title: str) -> None:
     """Finish a plot of lines: axis labels, grid, legend, title."""
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
     ax.grid(alpha=0.3)
     ax.legend()
-    ax.set_title(title)
 
 
 def curves_png(models: dict[str, dict[str, Any]]) -> bytes:
     """Few-shot top-1 (mean +- std over trials) against labels per class, all models on one plot."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4.2))
-    all_shots: set[int] = set()
     for name, result in models.items():
         fewshot = result.get("fewshot") or {}
         shots = sorted(fewshot, key=int)
-        if not shots:
-            continue
-        means = [fewshot[k]["top1_mean"] for k in shots]
-        stds = [fewshot[k]["top1_std"] for k in shots]
-        all_shots.update(int(k) for k in shots)
-        ax.errorbar([int(k) for k in shots], means, yerr=stds, marker="o", capsize=3, label=name)
+        if shots:
+            ax.errorbar([int(k) for k in shots], [fewshot[k]["top1_mean"] for k in shots],
+                        yerr=[fewshot[k]["top1_std"] for k in shots], marker="o", capsize=3, label=name)
+    all_shots = sorted({int(k) for r in models.values() for k in (r.get("fewshot") or {})})
     ax.set_xscale("log", base=2)
-    ax.set_xticks(sorted(all_shots), [str(k) for k in sorted(all_shots)])
+    ax.set_xticks(all_shots, [str(k) for k in all_shots])
     ax.minorticks_off()
     ax.set_ylim(0, 1)
     label_plot(ax, "labeled images per class", "top-1 accuracy", "few-shot transfer")
@@ -202,8 +191,7 @@ def label_curves_png(curves: dict[str, list[dict[str, Any]]]) -> bytes:
     for name, rounds in curves.items():
         ax.plot([r["labels"] for r in rounds], [r["test_top1"] for r in rounds], marker="o", label=name)
         spent.update(r["labels"] for r in rounds)
-    ax.set_xticks(sorted(spent))
-    ax.set_ylim(0, 1)
+    ax.set(xticks=sorted(spent), ylim=(0, 1))
     label_plot(ax, "labels spent (all rounds so far)", "test top-1 accuracy",
                "progressive labeling: accuracy per round")
     return figure_bytes(plt, fig)
@@ -272,7 +260,7 @@ def confusion_html(name: str, score: dict[str, Any]) -> str:
         cells = "".join(
             f'<td class="n" style="background:rgba(31,119,180,{(n / total if total else 0):.2f})">{int(n)}</td>'
             for n in confusion[i])
-        accuracy = _fmt(score["per_class"].get(true)) if total else "–"
+        accuracy = _fmt(score["per_class"].get(true))  # none for a class without test images
         rows.append(f'<tr data-class="{_esc(true)}"><th>{_esc(true)}</th>{cells}'
                     f'<td class="count">{total}</td><td class="accuracy">{accuracy}</td></tr>')
     return (f'<figure class="confusion-block"><table class="confusion" data-model="{_esc(name)}">'

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from unsupft.errors import UserError
-from unsupft.eval.report import SCALAR_COLUMNS, _pyplot, columns, figure_bytes, label_plot
+from unsupft.eval.report import SCALAR_COLUMNS, _fmt, _pyplot, columns, figure_bytes, label_plot
 
 REPRODUCED, NOT_AT_THIS_SCALE, CONTRADICTED = "reproduced", "not at this scale", "contradicted"
 STUDY_MD, STUDY_HTML, STUDY_JSON = "study.md", "study.html", "study.json"
@@ -199,10 +199,6 @@ def score_claim(claim: Claim, groups: dict[str, dict[str, dict[str, Any]]]) -> d
             "verdict": verdict(ours_stats, base_stats, higher)}
 
 
-def _num(value: float | None) -> str:
-    return "–" if value is None else f"{value:.3f}"
-
-
 def _lead(row: dict[str, Any]) -> str:
     """`paper vs ours`: method minus baseline, signed (the metric column says which way is better)."""
     return " vs ".join("–" if v is None else f"{v:+.3f}" for v in (row["paper"]["lead"], row["lead_ours"]))
@@ -225,8 +221,8 @@ def render_md(title: str, rows: list[dict[str, Any]], curves: dict | None = None
     for r in rows:
         direction = "" if r["higher_is_better"] else " (lower better)"
         lines.append(f"| {r['claim']} ({r['model']} vs {r['baseline']}) | {r['metric']}{direction} | "
-                     f"{_num(r['paper']['model'])} vs {_num(r['paper']['baseline'])} | {_lead(r)} | {_ours(r['ours'])} | "
-                     f"{_ours(r['baseline_ours'])} | {r['verdict']} | {r['source']} |")
+                     f"{_fmt(r['paper']['model'])} vs {_fmt(r['paper']['baseline'])} | {_lead(r)} | "
+                     f"{_ours(r['ours'])} | {_ours(r['baseline_ours'])} | {r['verdict']} | {r['source']} |")
     return "\n".join(lines) + "\n" + curves_md(curves or {})
 
 
@@ -282,7 +278,7 @@ def render_html(title: str, rows: list[dict[str, Any]], curves: dict | None = No
     body = "".join(
         f"<tr><td class=name>{esc(r['claim'])}<br><small>{esc(r['model'])} vs {esc(r['baseline'])}</small></td>"
         f"<td class=name>{esc(r['metric'])}{'' if r['higher_is_better'] else ' (lower better)'}</td>"
-        f"<td>{_num(r['paper']['model'])} vs {_num(r['paper']['baseline'])}</td><td>{_lead(r)}</td>"
+        f"<td>{_fmt(r['paper']['model'])} vs {_fmt(r['paper']['baseline'])}</td><td>{_lead(r)}</td>"
         f"<td>{esc(_ours(r['ours']))}</td>"
         f"<td>{esc(_ours(r['baseline_ours']))}</td><td style=\"background:{colour[r['verdict']]}\">{esc(r['verdict'])}</td>"
         f"<td class=name>{esc(r['source'])}</td></tr>" for r in rows)

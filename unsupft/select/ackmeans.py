@@ -66,15 +66,15 @@ def distances(x: torch.Tensor, centers: torch.Tensor, metric: Metric, x_sq: torc
 
 
 def nearest(x: torch.Tensor, centers: torch.Tensor, metric: Metric, block: int,
-            x_sq: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(distance, index) of each row's nearest center, computed block by block to bound memory."""
+            x_sq: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(distance, index) of each row's nearest center, block by block to bound memory (`x_sq`: None for cosine)."""
     best_d = torch.empty(len(x), dtype=x.dtype, device=x.device)
     best_i = torch.empty(len(x), dtype=torch.long, device=x.device)
     for start in range(0, len(x), block):
         rows = slice(start, start + block)
         d, i = _center_terms(x[rows], centers, metric).min(dim=1)
         if metric == "l2":
-            d += (x[rows] * x[rows]).sum(1) if x_sq is None else x_sq[rows]
+            d += x_sq[rows]
         best_d[rows] = d.clamp_min_(0.0)
         best_i[rows] = i
     return best_d, best_i
@@ -190,10 +190,9 @@ def ackmeans(features: torch.Tensor, anchor_idx: Sequence[int] | torch.Tensor, k
     iterations = 0
     for iterations in range(1, max_iter + 1):
         dist, new_assign = nearest(x, torch.cat([anchors, centers]), metric, block, x_sq)
-        converged = bool((new_assign == assign).all())
-        assign = new_assign
-        if converged:
+        if torch.equal(new_assign, assign):
             break
+        assign = new_assign
         centers = _update(x, assign, dist, centers, m, free, metric)
     return ACKMeansResult(centers=centers, eigen=eigen_samples(x, centers, free, metric, block).to(features.device),
                           assignment=assign.to(features.device), iterations=iterations)

@@ -31,7 +31,7 @@ from unsupft.errors import UserError
 from unsupft.select.annotators import (
     UNSURE,
     classes_uri,
-    format_labels,
+    csv_text,
     image_uri,
     labels_uri,
     parse_labels,
@@ -216,14 +216,12 @@ fetch("task").then(r => r.json()).then(t => {
 """
 
 
-def make_server(out: str, round_index: int, port: int = 0) -> ThreadingHTTPServer:
-    """A server for one round; `server.labels_written` is set once the labels file is stored."""
+def make_server(out: str, round_index: int, port: int) -> tuple[ThreadingHTTPServer, threading.Event]:
+    """A server for one round, and the event set once the labels file is stored."""
     keys, guesses = read_request(out, round_index)
     classes = json.loads(store.read_text(classes_uri(out)))
     answer, progress = labels_uri(out, round_index), progress_uri(out, round_index)
     allowed = set(classes) | {UNSURE}
-    saved = store.read_json(progress) if store.exists(progress) else {}
-    saved = {k: v for k, v in saved.items() if k in keys and v in allowed}
     task_fields = {"round": round_index, "keys": keys, "classes": classes, "shortcuts": shortcuts(classes),
                    "guesses": {k: g for k, g in guesses.items() if g in classes}}
     lock = threading.Lock()  # one answer file write at a time; the page posts after every answer
@@ -246,11 +244,10 @@ def make_server(out: str, round_index: int, port: int = 0) -> ThreadingHTTPServe
                 self._send(HTTPStatus.OK, PAGE.encode(), "text/html; charset=utf-8")
             elif self.path == "/task":
                 with lock:
-                    current = store.read_json(progress) if store.exists(progress) else saved
+                    current = store.read_json(progress) if store.exists(progress) else {}
                 self._json(HTTPStatus.OK, {**task_fields, "saved": current})
-            elif self.path.startswith("/img/") and unquote(self.path[5:]) in keys:
-                data = store.read_bytes(image_uri(out, round_index, unquote(self.path[5:])))
-                self._send(HTTPStatus.OK, data, "image/png")
+            elif self.path.startswith("/img/") and (key := unquote(self.path[5:])) in keys:
+                self._send(HTTPStatus.OK, store.read_bytes(image_uri(out, round_index, key)), "image/png")
             else:
                 self._json(HTTPStatus.NOT_FOUND, {"error": "not found"})
 
@@ -264,7 +261,7 @@ def make_server(out: str, round_index: int, port: int = 0) -> ThreadingHTTPServe
                 wrong = sorted({v for v in answers.values() if v not in allowed})
                 if wrong:
                     raise UserError(f"unknown class {wrong[0]!r}")
-                text = format_labels(answers)
+                text = csv_text(["key", "label"], answers.items())
                 if self.path == "/labels":
                     parse_labels(text, "labels from the page", keys, classes)
             except (UserError, ValueError, AttributeError, TypeError) as exc:
@@ -282,20 +279,17 @@ def make_server(out: str, round_index: int, port: int = 0) -> ThreadingHTTPServe
         def log_message(self, format: str, *args: object) -> None:  # quiet: the URL is the output
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
-    server.labels_written = done  # type: ignore[attr-defined]
-    return server
+    return ThreadingHTTPServer(("127.0.0.1", port), Handler), done
 
 
-def serve_round(out: str, round_index: int, port: int = 0) -> str:
+def serve_round(out: str, round_index: int, port: int) -> str:
     """Serve until the labels are written; returns the labels file's URI."""
-    server = make_server(out, round_index, port)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
+    server, labels_written = make_server(out, round_index, port)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
     host, bound = server.server_address[:2]
-    click.echo(f"labeling round {round_index} of {out}: open http://{host}:{bound}/", err=False)
+    click.echo(f"labeling round {round_index} of {out}: open http://{host}:{bound}/")
     try:
-        server.labels_written.wait()  # type: ignore[attr-defined]
+        labels_written.wait()
     finally:
         server.shutdown()
         server.server_close()

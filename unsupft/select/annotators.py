@@ -20,11 +20,12 @@ from __future__ import annotations
 import csv
 import io
 import json
-from typing import Callable, Protocol, Sequence
+from typing import Any, Callable, Iterable, Protocol, Sequence
 
 import torch
 
 from unsupft import store
+from unsupft.data.encode import Encoding, encode_array
 from unsupft.errors import UserError
 
 
@@ -35,10 +36,7 @@ class WaitingForLabels(Exception):
     """A manual round was requested and its labels file is not there yet."""
 
     def __init__(self, labels_uri: str, out: str) -> None:
-        self.labels_uri = labels_uri
-        super().__init__(
-            f"waiting for labels: put {labels_uri} (or run `unsupft annotate {out}`)"
-        )
+        super().__init__(f"waiting for labels: put {labels_uri} (or run `unsupft annotate {out}`)")
 
 
 class Annotator(Protocol):
@@ -75,13 +73,17 @@ def classes_uri(out: str) -> str:
 
 
 def png_bytes(image: torch.Tensor) -> bytes:
-    """A [C, H, W] uint8 tensor as PNG."""
-    from PIL import Image
+    """A [C, H, W] uint8 tensor as PNG (ingestion's lossless encoding of arrays)."""
+    pixels = image[0] if len(image) == 1 else image.permute(1, 2, 0)
+    return encode_array(pixels.numpy(), Encoding())[0]
 
-    array = image.permute(1, 2, 0).numpy()
-    pil = Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array)
-    buf = io.BytesIO()
-    pil.save(buf, format="PNG")
+
+def csv_text(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    """A CSV file's text: `header`, then `rows`, each line ending in a plain newline."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
     return buf.getvalue()
 
 
@@ -121,24 +123,13 @@ def parse_labels(text: str, source: str, requested: Sequence[str], classes: Sequ
             unsure.add(key)
             continue
         if name not in class_id:
-            raise UserError(
-                f"{source}: line {line}: unknown class {name!r} (classes: {', '.join(classes)})"
-            )
+            raise UserError(f"{source}: line {line}: unknown class {name!r} (classes: {', '.join(classes)})")
         labels[key] = class_id[name]
     missing = [k for k in requested if k not in labels and k not in unsure]
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
         raise UserError(f"{source}: missing keys {', '.join(missing[:3])}{more}")
     return labels
-
-
-def format_labels(labels: dict[str, str]) -> str:
-    """A labels file from key -> class name (what `unsupft annotate` writes)."""
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["key", "label"])
-    writer.writerows(labels.items())
-    return buf.getvalue()
 
 
 class ManualAnnotator:
@@ -166,8 +157,6 @@ class ManualAnnotator:
             store.write_bytes(image_uri(self.out, round_index, key), png_bytes(self.image_of(key)))
         store.write_text(classes_uri(self.out), json.dumps(self.classes))
         guesses = self.guesses(round_index, keys) if self.guesses else None
-        buf = io.StringIO()
-        writer = csv.writer(buf, lineterminator="\n")
-        writer.writerow(["key", "guess"] if guesses else ["key"])
-        writer.writerows([k, guesses[k]] if guesses else [k] for k in keys)
-        store.write_text(request_uri(self.out, round_index), buf.getvalue())
+        header = ["key", "guess"] if guesses else ["key"]
+        rows = ([k, guesses[k]] if guesses else [k] for k in keys)
+        store.write_text(request_uri(self.out, round_index), csv_text(header, rows))

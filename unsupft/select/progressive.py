@@ -39,7 +39,7 @@ from unsupft.models import load, load_backbone, save_model
 from unsupft.models.features import extract_features
 from unsupft.models.io import describe
 from unsupft.select.ackmeans import ackmeans
-from unsupft.select.annotators import Annotator, ManualAnnotator, OracleAnnotator
+from unsupft.select.annotators import Annotator, ManualAnnotator, OracleAnnotator, csv_text
 from unsupft.train.transfer import FinetuneConfig, finetune, predict
 
 STATE = "state.json"
@@ -106,24 +106,16 @@ class State:
 
     def save(self, out: str, classes: Sequence[str]) -> None:
         """labels.csv first, state last: the state never claims labels that are not written."""
-        buf = io.StringIO()
-        writer = csv.writer(buf, lineterminator="\n")
-        writer.writerow(["key", "label", "round"])
-        writer.writerows([k, classes[y], r] for k, y, r in self.labeled)
-        store.write_text(store.join(out, "labels.csv"), buf.getvalue())
+        labels = csv_text(["key", "label", "round"], ([k, classes[y], r] for k, y, r in self.labeled))
+        store.write_text(store.join(out, "labels.csv"), labels)
         store.write_text(store.join(out, "rounds.jsonl"), "".join(json.dumps(r) + "\n" for r in self.rounds))
         store.write_json(store.join(out, STATE), self.__dict__)
-
-
-def extra_budget(cfg: LabelConfig, num_classes: int) -> int:
-    """epsilon * C extra labels beyond the initial set (rounded to the nearest label)."""
-    return int(round(cfg.budget * num_classes))
 
 
 def remaining(cfg: LabelConfig, state: State, target: Target) -> int:
     """Labels still to request after the rounds recorded so far (0: the run is complete)."""
     spent = len(state.labeled) - state.rounds[0]["labels"]
-    left = extra_budget(cfg, len(target.classes)) - spent
+    left = round(cfg.budget * len(target.classes)) - spent  # epsilon * C extra labels beyond the initial set
     return max(0, min(left, len(target.keys) - len(state.labeled)))
 
 
@@ -258,9 +250,7 @@ class TransferEngine:
                          FinetuneConfig(method=method, epochs=epochs, seed=seed), out=out)
         save_model(store.join(out, "model.pt"), model.backbone, meta["arch"], meta["in_channels"],
                    meta.get("image_size") or list(images.shape[-2:]), classifier=model.fc, classes=list(classes))
-        if test is None:
-            return None
-        return float((predict(model, test[0]) == test[1]).float().mean())
+        return None if test is None else float((predict(model, test[0]) == test[1]).float().mean())
 
 
 def load_target(uri: str, image_size: Sequence[int] | None) -> Target:
