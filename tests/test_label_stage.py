@@ -176,3 +176,26 @@ def test_resume_uses_the_out_it_is_given(digits, tmp_path, cli_env):
     assert resumed.returncode == 0, resumed.stderr
     assert (b / "_DONE.json").exists() and not (a / "_DONE.json").exists()
     assert sorted(p.relative_to(a) for p in a.rglob("*")) == before_a  # A untouched
+
+
+def test_the_test_set_is_scored_by_class_name(digits, tmp_path, cli_env, ingest):
+    # The target knows digits 0-2; a test set of digits 1 and 2 stores them as class ids 0 and 1. The
+    # stage used to compare those ids with the target's (1 and 2): a score against the wrong classes.
+    ingest("sklearn:digits", tmp_path / "target", "--classes", "0,1,2")
+    ingest("sklearn:digits", tmp_path / "test12", "--classes", "1,2", "--seed", "1")
+    common = ["--init", digits / "init", "--data", tmp_path / "target", "--budget", 0, "--epochs", 3]
+    refused = label(cli_env, *common, "--test", digits / "test", "--out", tmp_path / "refused")
+    assert refused.returncode == 2 and refused.stderr.count("error:") == 1, refused.stderr
+    assert "test classes" in refused.stderr and not (tmp_path / "refused").exists()
+
+    out = tmp_path / "label"
+    assert label(cli_env, *common, "--test", tmp_path / "test12", "--out", out).returncode == 0
+    scored = json.loads((out / "rounds.jsonl").read_text().splitlines()[-1])["test_top1"]
+    # the reference: evaluate scores the round's model's own classifier, matching classes by name
+    report = out.parent / "evaluate"
+    result = subprocess.run([sys.executable, "-m", "unsupft", "evaluate", "--model", f"m={out / 'model.pt'}",
+                             "--train", tmp_path / "target", "--test", tmp_path / "test12", "--metrics", "classifier",
+                             "--out", report], capture_output=True, text=True, env=cli_env, timeout=600)
+    assert result.returncode == 0, result.stderr
+    own = json.loads((report / "report.json").read_text())["models"]["m"]["classifier"]["top1"]
+    assert scored == pytest.approx(own)

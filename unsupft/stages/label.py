@@ -7,10 +7,12 @@ import sys
 from dataclasses import dataclass
 
 import click
+import torch
 
 from unsupft import options, stage, store
 from unsupft.data.samples import Fitted, open_samples
 from unsupft.errors import EXIT_WAITING_FOR_LABELS, UserError, report_user_errors
+from unsupft.eval.classifier import labels_in_classes
 from unsupft.select.annotators import WaitingForLabels
 from unsupft.select.progressive import (LabelConfig, TransferEngine, initial_keys, load_target, make_annotator,
                                         model_uri, run_label)
@@ -68,8 +70,8 @@ def label_command(config: LabelOptions) -> None:
     target = load_target(cfg.data, engine.image_size(cfg.init))
     test = None
     if cfg.test:
-        t = open_samples(cfg.test, target.images.samples.channels)
-        test = (Fitted(t, target.images.size), t.labels)
+        t = open_samples(cfg.test, target.images.samples.channels)  # its labels by class name, in the target's ids
+        test = (Fitted(t, target.images.size), torch.from_numpy(labels_in_classes(target.classes, t, cfg.data)))
     engine.check_init(cfg.init, target.images.samples.channels)
     if cfg.initial != "seeded":
         initial_keys(cfg, target, engine)  # the key file: readable, known keys and classes
