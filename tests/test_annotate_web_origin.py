@@ -140,7 +140,7 @@ def test_an_incomplete_round_is_refused_then_the_honest_round_is_written(page, c
     assert not page.labels_written.is_set()
 
     status, _, answer = send(page.port, "POST", "/labels", json.dumps(HONEST_LABELS).encode(), honest(page))
-    assert status == 200 and page.labels_written.is_set()
+    assert status == 200 and page.labels_written.wait(10)  # set just after the answer is sent
     assert json.loads(answer)["uri"] == labels_uri(str(page.out), 1)
     assert (page.out / "labels" / "round-1.csv").read_text().splitlines() == [
         "key,label", "img-a,class2", "img-b,class11", "img-c,?"]
