@@ -13,12 +13,22 @@ labeling tools pre-annotate for active learning. Every answer is saved to the st
 every image has an answer the server validates them with the parser the stage uses, writes the
 labels file through the store and exits. Only the standard library's http.server: nothing to
 install for the person labeling.
+
+Any web page the person has open can send requests to 127.0.0.1, so the server acts only on
+requests from its own page: the Host must be the address it listens on (another site's name that
+resolves to 127.0.0.1, DNS rebinding, is refused), an Origin, when the browser sends one, must be
+the page's own, a write must be `application/json` (which another site cannot send without
+asking first) and carry the random token embedded in the page, and its body is bounded and
+checked against the round's keys and classes before anything is replaced. A refused request gets
+a 4xx with a one-line JSON error and one log line, and changes nothing.
 """
 
 from __future__ import annotations
 
+import hmac
 import json
 import re
+import secrets
 import threading
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -40,6 +50,12 @@ from unsupft.select.annotators import (
 
 _REQUEST = re.compile(r"^(?:(.*)/)?requests/round-(\d+)\.csv$")
 SHORTCUTS = "1234567890abcdefghijklmnopqrstuvwxyz"
+TOKEN_HEADER = "X-Unsupft-Token"
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
+# On every response: no other site may frame the page (a click on a framed page would answer with
+# the page's own token), embed its images or task, or have it sniffed into another type.
+_GUARD_HEADERS = {"X-Frame-Options": "DENY", "Content-Security-Policy": "frame-ancestors 'none'",
+                  "Cross-Origin-Resource-Policy": "same-origin", "X-Content-Type-Options": "nosniff"}
 
 
 def shortcuts(classes: list[str]) -> list[str]:
@@ -75,6 +91,47 @@ def find_waiting_round(uri: str) -> tuple[str, int]:
     return min(waiting, key=lambda w: w[1])
 
 
+class Refused(Exception):
+    """A request the page's server does not act on: the HTTP status to answer and a one-line reason."""
+
+    def __init__(self, status: HTTPStatus, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+
+
+def shown(value: str) -> str:
+    """A request's own text (a path, a header) as it goes into a log line: quoted, escaped, short."""
+    return ascii(value[:80])
+
+
+def read_answers(body: bytes, keys: list[str], allowed: set[str]) -> dict[str, str]:
+    """The answers a POST carries, in the round's order: one flat JSON object from this round's
+    keys to class names (or `?`). Checked whole before anything is replaced; nesting is refused
+    before parsing, so no body reaches the parser's recursion limit."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise Refused(HTTPStatus.BAD_REQUEST, "body is not UTF-8") from None
+    outside_strings = _JSON_STRING.sub("", text)
+    if outside_strings.count("{") + outside_strings.count("[") > 1:
+        raise Refused(HTTPStatus.BAD_REQUEST, "body nests JSON; expected one flat object of key: label")
+    try:
+        chosen = json.loads(text)
+    except ValueError as exc:
+        raise Refused(HTTPStatus.BAD_REQUEST, f"body is not JSON ({exc})") from None
+    if not isinstance(chosen, dict):
+        raise Refused(HTTPStatus.BAD_REQUEST, "body must be a JSON object of key: label")
+    wanted = set(keys)
+    unknown = [key for key in chosen if key not in wanted]
+    if unknown:
+        raise Refused(HTTPStatus.BAD_REQUEST, f"unknown key {shown(unknown[0])} (not in this round)")
+    wrong = [(key, label) for key, label in chosen.items() if not isinstance(label, str) or label not in allowed]
+    if wrong:
+        key, label = wrong[0]
+        raise Refused(HTTPStatus.BAD_REQUEST, f"{shown(key)}: unknown class {json.dumps(label)[:80]}")
+    return {key: chosen[key] for key in keys if key in chosen}
+
+
 PAGE = """<!doctype html>
 <html><head><meta charset="utf-8"><title>unsupft annotate</title>
 <style>
@@ -108,7 +165,7 @@ PAGE = """<!doctype html>
    every answer is saved as you go</p>
 <div id="status"></div>
 <script>
-const UNSURE = "?";
+const UNSURE = "?", TOKEN = "__TOKEN__";  // the server's token for this session: every write carries it
 let task = null, pos = 0, labels = {}, finished = false;
 const shown = v => v === UNSURE ? "not sure" : v;
 function render() {
@@ -134,8 +191,8 @@ function render() {
   if (document.body.classList.contains("grid") && cur) cur.scrollIntoView({block: "nearest"});
 }
 async function post(path, body) {
-  const r = await fetch(path, {method: "POST", headers: {"Content-Type": "application/json"},
-                               body: JSON.stringify(body)});
+  const r = await fetch(path, {method: "POST", body: JSON.stringify(body),
+                               headers: {"Content-Type": "application/json", "X-Unsupft-Token": TOKEN}});
   return [r.ok, await r.json()];
 }
 // Saves go one after another: the server handles requests in threads, so two posts in flight
@@ -192,7 +249,8 @@ fetch("task").then(r => r.json()).then(t => {
   const add = (name, key, text) => {
     const b = document.createElement("button");
     b.className = "cls"; b.dataset.cls = name;
-    b.innerHTML = (key ? `<kbd>${key}</kbd> ` : "") + text;
+    if (key) { const k = document.createElement("kbd"); k.textContent = key; b.append(k, " "); }
+    b.append(text);  // text, never HTML: class names come from the data
     b.onclick = () => pick(name);
     box.appendChild(b);
   };
@@ -202,7 +260,9 @@ fetch("task").then(r => r.json()).then(t => {
   t.keys.forEach((k, i) => {
     const c = document.createElement("div");
     c.className = "cell"; c.dataset.key = k;
-    c.innerHTML = `<img loading="lazy" alt="" src="img/${encodeURIComponent(k)}"><div></div>`;
+    const img = document.createElement("img");
+    img.loading = "lazy"; img.alt = ""; img.src = "img/" + encodeURIComponent(k);
+    c.append(img, document.createElement("div"));
     c.onclick = () => { pos = i; render(); };
     grid.appendChild(c);
   });
@@ -224,6 +284,11 @@ def make_server(out: str, round_index: int, port: int) -> tuple[ThreadingHTTPSer
     allowed = set(classes) | {UNSURE}
     task_fields = {"round": round_index, "keys": keys, "classes": classes, "shortcuts": shortcuts(classes),
                    "guesses": {k: g for k, g in guesses.items() if g in classes}}
+    token = secrets.token_urlsafe(32)
+    page = PAGE.replace("__TOKEN__", token).encode()
+    # The longest honest body: every key answered with the longest name, written the way Python
+    # escapes it (JSON.stringify never writes more), and room for another client's formatting.
+    max_body = len(json.dumps(dict.fromkeys(keys, max([*classes, UNSURE], key=len)))) + 2**20
     lock = threading.Lock()  # one answer file write at a time; the page posts after every answer
     done = threading.Event()
 
@@ -233,15 +298,59 @@ def make_server(out: str, round_index: int, port: int) -> tuple[ThreadingHTTPSer
             self.send_header("Content-Type", ctype)
             self.send_header("Content-Length", str(len(body)))
             self.send_header("Cache-Control", "no-store")
+            for name, value in _GUARD_HEADERS.items():
+                self.send_header(name, value)
             self.end_headers()
             self.wfile.write(body)
 
         def _json(self, status: int, obj: dict) -> None:
             self._send(status, json.dumps(obj).encode(), "application/json")
 
+        def _refuse(self, refused: Refused) -> None:
+            click.echo(f"refused {self.command} {shown(self.path)}: {refused}", err=True)
+            self._json(refused.status, {"error": str(refused)})
+
+        def _check_own_origin(self) -> None:
+            """Refuse a request addressed to another name (a site whose name resolves to
+            127.0.0.1) or sent by another site's page."""
+            port = self.server.server_address[1]
+            host = self.headers.get("Host", "")
+            if host not in (f"127.0.0.1:{port}", f"localhost:{port}"):
+                raise Refused(HTTPStatus.FORBIDDEN, f"Host {shown(host)} is not this server")
+            origin = self.headers.get("Origin")
+            if origin is not None and origin != f"http://{host}":
+                raise Refused(HTTPStatus.FORBIDDEN, f"Origin {shown(origin)} is not this page")
+
+        def _read_body(self) -> bytes:
+            """The request's body, read whole when its declared size fits the round (so that even a
+            refusal is answered on a clean connection), refused unread when it does not."""
+            length = self.headers.get("Content-Length", "")
+            if not (length.isascii() and length.isdigit()):
+                raise Refused(HTTPStatus.LENGTH_REQUIRED, "a Content-Length is required")
+            if int(length) > max_body:
+                raise Refused(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                              f"body of {int(length)} bytes is over this round's {max_body}")
+            return self.rfile.read(int(length))
+
+        def _check_write(self) -> None:
+            """A write comes from the page's own script: JSON, which another site's page cannot
+            send without a preflight this server never grants, and the token only the page holds."""
+            self._check_own_origin()
+            if self.headers.get_content_type() != "application/json":
+                raise Refused(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "Content-Type must be application/json")
+            if not hmac.compare_digest(self.headers.get(TOKEN_HEADER, "").encode(), token.encode()):
+                raise Refused(HTTPStatus.FORBIDDEN, f"missing or wrong {TOKEN_HEADER}")
+            if self.path not in ("/labels", "/progress"):
+                raise Refused(HTTPStatus.NOT_FOUND, "not found")
+
         def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+            try:
+                self._check_own_origin()
+            except Refused as refused:
+                self._refuse(refused)
+                return
             if self.path == "/":
-                self._send(HTTPStatus.OK, PAGE.encode(), "text/html; charset=utf-8")
+                self._send(HTTPStatus.OK, page, "text/html; charset=utf-8")
             elif self.path == "/task":
                 with lock:
                     current = store.read_json(progress) if store.exists(progress) else {}
@@ -252,20 +361,18 @@ def make_server(out: str, round_index: int, port: int) -> tuple[ThreadingHTTPSer
                 self._json(HTTPStatus.NOT_FOUND, {"error": "not found"})
 
         def do_POST(self) -> None:  # noqa: N802
-            if self.path not in ("/labels", "/progress"):
-                self._json(HTTPStatus.NOT_FOUND, {"error": "not found"})
-                return
             try:
-                chosen = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
-                answers = {k: chosen[k] for k in keys if k in chosen}
-                wrong = sorted({v for v in answers.values() if v not in allowed})
-                if wrong:
-                    raise UserError(f"unknown class {wrong[0]!r}")
+                body = self._read_body()
+                self._check_write()
+                answers = read_answers(body, keys, allowed)
                 text = csv_text(["key", "label"], answers.items())
                 if self.path == "/labels":
-                    parse_labels(text, "labels from the page", keys, classes)
-            except (UserError, ValueError, AttributeError, TypeError) as exc:
-                self._json(HTTPStatus.BAD_REQUEST, {"error": str(exc)})
+                    try:
+                        parse_labels(text, "labels from the page", keys, classes)
+                    except UserError as exc:
+                        raise Refused(HTTPStatus.BAD_REQUEST, str(exc)) from None
+            except Refused as refused:
+                self._refuse(refused)
                 return
             with lock:
                 if self.path == "/progress":
