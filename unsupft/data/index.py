@@ -43,6 +43,7 @@ from braceexpand import braceexpand
 from PIL import Image
 
 from unsupft import store
+from unsupft.data.encode import WIDE_MODES, UnsupportedPixels, eight_bit
 from unsupft.data.info import INFO_NAME, DatasetInfo, read_info
 from unsupft.data.shards import CorruptShard
 from unsupft.errors import UserError
@@ -132,10 +133,16 @@ def _label_of(ext: str, data: bytes) -> int | None:
 
 
 def _identify(data: bytes, uri: str, key: str) -> str:
-    """The PIL mode of an encoded image, read from its header; a `CorruptShard` when it is none."""
+    """The PIL mode of an encoded image, read from its header; a `CorruptShard` when it is none, or
+    when its pixels have no 8-bit form (32-bit ones are decoded to see: rare, and refused here rather
+    than when a stage decodes them, after it has started writing its output)."""
     try:
         with Image.open(io.BytesIO(data)) as img:
+            if img.mode in WIDE_MODES:
+                eight_bit(img, "L")
             return img.mode
+    except UnsupportedPixels as exc:
+        raise CorruptShard(f"{uri}: sample {key!r}: {exc}") from exc
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise CorruptShard(f"{uri}: sample {key!r}: not a decodable image ({exc})") from exc
 
