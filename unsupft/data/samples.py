@@ -161,14 +161,16 @@ def open_samples(uri: str, channels: int | None = None) -> Samples:
     return samples
 
 
-def image_size_of(samples: Samples, wanted: int | Sequence[int] | None, option: str) -> list[int]:
+def image_size_of(samples: Samples, wanted: int | Sequence[int] | None, remedy: str) -> list[int]:
     """The size to work at: `wanted` (an option or a model's recorded size), else the manifest's;
-    data sets of mixed sizes without either are one line naming `option`."""
+    data sets of mixed sizes without either are one line ending "give `remedy`" (what would supply
+    the size: "--image-size", "an --init with a recorded image size"; callers that write the "give"
+    themselves get it once)."""
     if wanted is not None:
         return [int(wanted)] * 2 if isinstance(wanted, int) else [int(s) for s in wanted]
     if samples.image_size is None:
         raise UserError(f"{samples.uri}: images of mixed or unknown sizes (no image_size in a manifest); "
-                        f"give {option}")
+                        f"give {remedy.removeprefix('give ')}")
     return list(samples.image_size)
 
 
