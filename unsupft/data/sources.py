@@ -115,8 +115,12 @@ def _arrays(description: str, images: np.ndarray, labels: np.ndarray | None, cla
     if images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[-1] != 3):
         raise UserError(f"{description}: images must be N x H x W or N x H x W x 3, not {list(images.shape)}")
     if images.dtype != np.uint8:
-        if not np.issubdtype(images.dtype, np.integer) or images.min(initial=0) < 0 or images.max(initial=0) > 255:
-            raise UserError(f"{description}: images must be uint8 (or integers in 0..255), not {images.dtype}")
+        if not np.issubdtype(images.dtype, np.integer):
+            raise UserError(f"{description}: images must be uint8 (or integers in 0..255), not {images.dtype.name}")
+        low, high = int(images.min(initial=0)), int(images.max(initial=0))
+        if low < 0 or high > 255:  # refused, not scaled: an array does not say its bit depth (12? 16?)
+            raise UserError(f"{description}: images must be uint8 (or integers in 0..255), not {images.dtype.name} "
+                            f"in {low}..{high} (scale them to 0..255 first)")
         images = images.astype(np.uint8)
     if labels is not None:
         if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
