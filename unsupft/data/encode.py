@@ -8,6 +8,9 @@ shrinks it, or `--format` asks for another format. Then it is decoded once and e
 (IDX, .npz, digits) have no file to keep and are encoded losslessly as PNG unless `--format` says
 otherwise. Every file is decoded completely once, so a truncated or corrupt photo is refused here,
 at ingestion, rather than in the middle of a training run.
+
+Images are 8 bits per channel once decoded, here and in the stages (`eight_bit`): 16-bit pixels are
+scaled, never clipped, and pixels with no range to scale from (float, 32-bit) are refused.
 """
 
 from __future__ import annotations
@@ -36,10 +39,40 @@ DEFAULT_QUALITY = 90
 # What Pillow raises for a file that is not a readable image (malformed EXIF included) or a
 # pixel bomb; an unreadable file (permissions) is an OSError too
 _DECODE_ERRORS = (OSError, EOFError, ValueError, SyntaxError, struct.error, Image.DecompressionBombError)
+# Pillow modes of one channel: a data set whose images are all of these is grayscale (channels 1)
+GRAY_MODES = ("1", "L", "LA", "I", "I;16", "I;16L", "I;16B", "I;16N", "F")
+# Pillow modes of 16-bit grayscale (16-bit PNG and TIFF); their numpy arrays are uint16
+_16BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+# Pillow modes of 32-bit pixels: whether `eight_bit` takes them depends on their values
+WIDE_MODES = ("I", "F")
 
 
 class UnreadableImage(UserError):
     """An image file that cannot be decoded; the message names the file."""
+
+
+class UnsupportedPixels(ValueError):
+    """Pixels that have no faithful 8-bit form; the message says which (the caller names the image)."""
+
+
+def eight_bit(img: Image.Image, mode: str) -> Image.Image:
+    """`img` in the 8-bit `mode` ("L" or "RGB").
+
+    Pillow's `convert` clips 16- and 32-bit grayscale at 255 (a 0..65535 gradient becomes {0, 255}),
+    so those are scaled here instead: 16-bit values keep their high byte, as Pillow itself reads
+    16-bit colour PNGs (0..65535 -> 0..255, monotonic). 32-bit integer pixels ("I") are how Pillow
+    widens 16-bit PGM and signed TIFF, so they scale the same way when they lie in 0..65535 and are
+    refused otherwise, as are float pixels ("F"): nothing says which range would map to 0..255.
+    """
+    if img.mode == "F":
+        raise UnsupportedPixels("floating-point pixels have no known range to scale to 8 bits (store 8- or 16-bit integers)")
+    if img.mode == "I" or img.mode in _16BIT_MODES:
+        values = np.asarray(img)
+        if img.mode == "I" and (values.min() < 0 or values.max() > 0xFFFF):
+            raise UnsupportedPixels(f"32-bit integer pixels in {values.min()}..{values.max()} do not fit 16 bits "
+                                    f"(0..65535): no known range to scale to 8 bits")
+        img = Image.fromarray((values >> 8).astype(np.uint8))
+    return img if img.mode == mode else img.convert(mode)
 
 
 @dataclass(frozen=True)
@@ -71,7 +104,7 @@ def scan_header(path: Path) -> tuple[tuple[int, int], bool]:
         with Image.open(path) as img:
             sideways = img.getexif().get(ExifTags.Base.Orientation) in _SIDEWAYS
             size = (img.width, img.height) if sideways else (img.height, img.width)
-            return size, img.mode in ("1", "L", "LA", "I", "I;16", "F")
+            return size, img.mode in GRAY_MODES
     except PermissionError as exc:
         raise UnreadableImage(f"{path}: permission denied") from exc
     except _DECODE_ERRORS as exc:
@@ -125,7 +158,9 @@ def encode_bytes(data: bytes, name: str, encoding: Encoding) -> tuple[bytes, str
             if orientation in _SIDEWAYS:
                 height, width = width, height
             mode = "L" if encoding.channels == 1 else "RGB"
-            upright = ImageOps.exif_transpose(img).convert(mode)
+            upright = eight_bit(ImageOps.exif_transpose(img), mode)
             return _encode(_resized(upright, height, width), ext, encoding), ext
+    except UnsupportedPixels as exc:
+        raise UnreadableImage(f"{name}: {exc}") from exc
     except _DECODE_ERRORS as exc:
         raise UnreadableImage(f"{name}: unreadable image ({type(exc).__name__}: {exc})") from exc

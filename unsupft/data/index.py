@@ -43,6 +43,7 @@ from braceexpand import braceexpand
 from PIL import Image
 
 from unsupft import store
+from unsupft.data.encode import WIDE_MODES, UnsupportedPixels, eight_bit
 from unsupft.data.info import INFO_NAME, DatasetInfo, read_info
 from unsupft.data.shards import CorruptShard
 from unsupft.errors import UserError
@@ -120,22 +121,55 @@ class ShardIndex:
     first_mode: str  # PIL mode of the first image ("" for manifest shards): channels of foreign sets
 
 
+_MAX_LABEL = int(np.iinfo(np.int64).max)  # labels are kept as int64
+
+
 def _label_of(ext: str, data: bytes) -> int | None:
+    """The class id a `.cls` or `.json` member holds, None when it holds none; a ValueError saying
+    what is wrong with a label that is no class id, so that no label is dropped without a word.
+
+    `.cls` is the id as text (webdataset's convention); in `.json` the first of JSON_LABEL_FIELDS
+    present holds it, as a number or as the text of one (`{"label": "3"}`, as CSV converters write).
+    -1 marks an unlabeled sample (as Hugging Face datasets and torchvision's STL-10 write it).
+    """
     if ext == "cls":
-        return int(data.decode("ascii").strip())
-    value = json.loads(data)
-    if isinstance(value, dict):
-        for name in JSON_LABEL_FIELDS:
-            if isinstance(value.get(name), int) and not isinstance(value.get(name), bool):
-                return int(value[name])
-    return None
+        field, value = ".cls", data.decode("ascii")
+    else:
+        try:
+            fields = json.loads(data)
+        except RecursionError as exc:  # nested deeper than Python's stack: malformed, one line like the rest
+            raise ValueError("JSON nested too deeply") from exc
+        if not isinstance(fields, dict):
+            return None
+        name = next((name for name in JSON_LABEL_FIELDS if fields.get(name) is not None), None)
+        if name is None:
+            return None
+        field, value = f"json field {name!r}", fields[name]
+    shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:36] + "..."
+    if isinstance(value, str) and re.fullmatch(r"\s*[-+]?[0-9]+\s*", value):
+        value = int(value) if len(value) <= 40 else _MAX_LABEL + 1  # too large (int() refuses 4300 digits)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ValueError(f"{field} is {shown}, not a class id (an integer; foreign shards' class names are not read)")
+    if value == -1:
+        return None
+    if value < 0:
+        raise ValueError(f"{field} is {shown}: class ids are 0 or more (-1 marks an unlabeled sample)")
+    if value > _MAX_LABEL:
+        raise ValueError(f"{field} is {shown}, too large for a class id (at most {_MAX_LABEL})")
+    return value
 
 
 def _identify(data: bytes, uri: str, key: str) -> str:
-    """The PIL mode of an encoded image, read from its header; a `CorruptShard` when it is none."""
+    """The PIL mode of an encoded image, read from its header; a `CorruptShard` when it is none, or
+    when its pixels have no 8-bit form (32-bit ones are decoded to see: rare, and refused here rather
+    than when a stage decodes them, after it has started writing its output)."""
     try:
         with Image.open(io.BytesIO(data)) as img:
+            if img.mode in WIDE_MODES:
+                eight_bit(img, "L")
             return img.mode
+    except UnsupportedPixels as exc:
+        raise CorruptShard(f"{uri}: sample {key!r}: {exc}") from exc
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise CorruptShard(f"{uri}: sample {key!r}: not a decodable image ({exc})") from exc
 

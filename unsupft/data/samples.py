@@ -27,6 +27,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from unsupft import store
+from unsupft.data.encode import UnsupportedPixels, eight_bit
 from unsupft.data.index import SampleIndex, open_index
 from unsupft.data.shardcache import shard_cache
 from unsupft.data.shards import CorruptShard
@@ -43,12 +44,14 @@ def default_workers() -> int:
 
 
 def decode_image(data: bytes, channels: int, where: Callable[[], str]) -> torch.Tensor:
-    """uint8 [C, H, W] of an encoded image; grayscale sets decode as one channel ("L") on purpose.
-    `where()` names the sample in an error (built only then: it costs a key lookup)."""
+    """uint8 [C, H, W] of an encoded image; grayscale sets decode as one channel ("L") on purpose,
+    16-bit images scaled to 8 bits (`eight_bit`). `where()` names the sample in an error (built only
+    then: it costs a key lookup)."""
     try:
         with Image.open(io.BytesIO(data)) as img:
-            mode = "L" if channels == 1 else "RGB"
-            pixels = np.array(img if img.mode == mode else img.convert(mode), dtype=np.uint8)
+            pixels = np.array(eight_bit(img, "L" if channels == 1 else "RGB"), dtype=np.uint8)
+    except UnsupportedPixels as exc:
+        raise CorruptShard(f"{where()}: {exc}") from exc
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise CorruptShard(f"{where()}: undecodable image ({exc})") from exc
     image = torch.from_numpy(pixels)
@@ -158,14 +161,16 @@ def open_samples(uri: str, channels: int | None = None) -> Samples:
     return samples
 
 
-def image_size_of(samples: Samples, wanted: int | Sequence[int] | None, option: str) -> list[int]:
+def image_size_of(samples: Samples, wanted: int | Sequence[int] | None, remedy: str) -> list[int]:
     """The size to work at: `wanted` (an option or a model's recorded size), else the manifest's;
-    data sets of mixed sizes without either are one line naming `option`."""
+    data sets of mixed sizes without either are one line ending "give `remedy`" (what would supply
+    the size: "--image-size", "an --init with a recorded image size"; callers that write the "give"
+    themselves get it once)."""
     if wanted is not None:
         return [int(wanted)] * 2 if isinstance(wanted, int) else [int(s) for s in wanted]
     if samples.image_size is None:
         raise UserError(f"{samples.uri}: images of mixed or unknown sizes (no image_size in a manifest); "
-                        f"give {option}")
+                        f"give {remedy.removeprefix('give ')}")
     return list(samples.image_size)
 
 

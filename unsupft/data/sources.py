@@ -10,6 +10,8 @@ files by their headers; their pixels when they are stored), so bad input fails w
 from __future__ import annotations
 
 import gzip
+import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -49,16 +51,42 @@ class SourceData:
         return len(self.keys)
 
 
+# what a local path can be besides a file or a folder, by the stat type bits
+_SPECIAL_KINDS = {stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket", stat.S_IFCHR: "a character device",
+                  stat.S_IFBLK: "a block device"}
+
+
+def special_kind(path: Path) -> str | None:
+    """What a local path is when it exists but is neither a file nor a folder ("a FIFO", "a broken
+    symbolic link to X"), else None. Such a path must be named for what it is: a FIFO or a device
+    would block a read or never end it, and a broken link reads as missing, which hides the link."""
+    try:
+        return _SPECIAL_KINDS.get(stat.S_IFMT(path.stat().st_mode))
+    except FileNotFoundError:
+        return f"a broken symbolic link to {os.readlink(path)}" if path.is_symlink() else None
+    except OSError:  # unreadable, or a link loop: the reader that follows says which
+        return None
+
+
+def require_file_or_folder(path: Path) -> None:
+    """One line for a `special_kind` path; files, folders and missing paths (callers say so) pass."""
+    kind = special_kind(path)
+    if kind is not None:
+        raise UserError(f"{path}: is {kind}, not a file or folder")
+
+
 def is_shard_source(spec: str) -> bool:
     """Whether `spec` names WebDataset shards rather than images or arrays: a brace pattern, a
     `.tar`, anything on S3, or a local folder holding a `dataset.json` or `.tar` files. Such a
-    source is read through the sample index (`unsupft.data.samples`), which checks it further."""
-    if "{" in spec or spec.endswith(".tar") or store.is_s3(spec):
+    source is read through the sample index (`unsupft.data.samples`), which checks it further.
+    A local path that is no file or folder is refused here, before either reader sees it."""
+    if "{" in spec or store.is_s3(spec):
         return True
     if spec.startswith("sklearn:"):
         return False
-    folder = Path(store.normalize(spec))
-    return folder.is_dir() and ((folder / INFO_NAME).is_file() or any(folder.glob("*.tar")))
+    local = Path(store.normalize(spec))
+    require_file_or_folder(local)
+    return spec.endswith(".tar") or local.is_dir() and ((local / INFO_NAME).is_file() or any(local.glob("*.tar")))
 
 
 def open_source(spec: str, labels_file: str | None = None, skip_unreadable: bool = False) -> SourceData:
@@ -87,8 +115,12 @@ def _arrays(description: str, images: np.ndarray, labels: np.ndarray | None, cla
     if images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[-1] != 3):
         raise UserError(f"{description}: images must be N x H x W or N x H x W x 3, not {list(images.shape)}")
     if images.dtype != np.uint8:
-        if not np.issubdtype(images.dtype, np.integer) or images.min(initial=0) < 0 or images.max(initial=0) > 255:
-            raise UserError(f"{description}: images must be uint8 (or integers in 0..255), not {images.dtype}")
+        if not np.issubdtype(images.dtype, np.integer):
+            raise UserError(f"{description}: images must be uint8 (or integers in 0..255), not {images.dtype.name}")
+        low, high = int(images.min(initial=0)), int(images.max(initial=0))
+        if low < 0 or high > 255:  # refused, not scaled: an array does not say its bit depth (12? 16?)
+            raise UserError(f"{description}: images must be uint8 (or integers in 0..255), not {images.dtype.name} "
+                            f"in {low}..{high} (scale them to 0..255 first)")
         images = images.astype(np.uint8)
     if labels is not None:
         if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
@@ -176,6 +208,7 @@ def _idx(path: Path, labels_file: str | None) -> SourceData:
     labels = None
     if labels_file is not None:
         labels_path = Path(labels_file)
+        require_file_or_folder(labels_path)
         if not labels_path.is_file():
             raise UserError(f"{labels_file}: no such labels file")
         labels = read_idx(labels_path)
@@ -199,7 +232,7 @@ def _folder(root: Path, skip_unreadable: bool) -> SourceData:
         files = [(f, label) for label, d in enumerate(class_dirs)
                  for f in sorted(d.iterdir()) if not f.name.startswith(".")]
         for f, _ in files:
-            if not f.is_file():
+            if f.is_dir():
                 raise UserError(f"{f}: class folders hold image files, not folders")
         empty = next((d for d in class_dirs if not any(f.parent == d for f, _ in files)), None)
         if empty is not None:
@@ -211,6 +244,9 @@ def _folder(root: Path, skip_unreadable: bool) -> SourceData:
     readable, sizes, gray, unreadable = [], [], [], []
     for f, label in files:
         try:
+            kind = special_kind(f)
+            if kind is not None:  # before opening it: a FIFO would block the open forever
+                raise UnreadableImage(f"{f}: is {kind}, not an image file")
             size, is_gray = scan_header(f)
         except UnreadableImage:
             if not skip_unreadable:
