@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from tests.test_bad_inputs import PIPE, Case, _tree
+from tests.test_bad_inputs import PIPE, Case, _tar, _tree
 from unsupft.ctl import kube, spec
 from unsupft.ctl.command import check_options
 from unsupft.ctl.cli import main as ctl_main
@@ -93,6 +93,14 @@ CASES = [
           ("cpu", ".", "'.' is not a Kubernetes quantity"),
           ("cpu", ".inf", "inf is not a Kubernetes quantity"),
           ("cpu", "-1", "out of range: -1 (Kubernetes refuses negative requests)")]],
+    # -- case 13: `run` refuses a data set that names nothing, before it writes anything -------------
+    Case("run-missing-tar", ["run", "{t}/p.yaml"], ctl=True,
+         files={"p.yaml": "name: p\nstore: file://{t}/store\ndatasets: {d: {t}/gone.tar}\nstages:\n  a: {kind: pretrain, data: [d]}\n"},
+         needle="datasets.d: {t}/gone.tar: no such shard"),
+    Case("run-folder-without-tars", ["run", "{t}/p.yaml"], ctl=True,
+         files={"p.yaml": "name: p\nstore: file://{t}/store\ndatasets: {d: {t}/f}\nstages:\n  a: {kind: pretrain, data: [d]}\n",
+                "f/readme.txt": "no shards here"},
+         needle="datasets.d: {t}/f: not a data set (no dataset.json and no .tar shards)"),
 ]
 
 
@@ -167,3 +175,21 @@ def test_local_stages_get_no_option_variables_nor_trust_from_the_controller(tmp_
     assert "UNSUPFT_TRUST_CHECKPOINTS" not in env and "UNSUPFT_TRANSFER_EPOCHS" not in env
     assert env["UNSUPFT_STORE_RETRY_SECONDS"] == "5"  # the store's settings for this machine do pass
     assert "PIPELINE_ONLY" not in env  # resources.env is for pods; the local backend ignores it
+
+
+def test_run_reads_the_data_sets_the_stages_read(tmp_path):
+    """A `.tar`, a folder of foreign shards and a brace pattern validate, and `run` runs on them."""
+    member = {"k.png": b"png bytes the stage reads", "k.cls": b"0"}
+    (tmp_path / "one.tar").write_bytes(_tar(member))
+    (tmp_path / "foreign").mkdir()
+    for i in range(2):
+        (tmp_path / "foreign" / f"part-{i}.tar").write_bytes(_tar(member))
+    f = tmp_path / "p.yaml"
+    f.write_text(f"name: t\nstore: file://{tmp_path}/store\n"
+                 f"datasets: {{one: {tmp_path}/one.tar, foreign: {tmp_path}/foreign, "
+                 f"pattern: '{tmp_path}/foreign/part-{{0..1}}.tar'}}\n"
+                 "stages:\n  a: {kind: pretrain, data: [one, foreign, pattern], sleep: 0}\n")
+    res = _ctl(["run", str(f)], _env(f"{sys.executable} -m tests.ctl_fake_stages"))
+    assert res.returncode == 0, res.stdout + res.stderr
+    ran = (tmp_path / "store/runs/t/a/runs.txt").read_text()
+    assert f"--data {tmp_path}/one.tar --data {tmp_path}/foreign --data {tmp_path}/foreign/part-{{0..1}}.tar" in ran

@@ -23,6 +23,7 @@ from unsupft.ctl import spec as spec_mod
 from unsupft.ctl import state as st
 from unsupft.ctl.command import check_options
 from unsupft.errors import OneLineGroup, UserError, report_user_errors
+from unsupft.stage import DATASET_MANIFEST
 
 DEFAULT_STORE = "file://./runs"
 
@@ -34,11 +35,24 @@ def _load(file: str, store_override: str | None) -> spec_mod.Pipeline:
 
 
 def _preflight(pipeline: spec_mod.Pipeline) -> None:
-    """Fail before any stage starts: the store must answer and every data set must be complete."""
+    """Fail before any stage starts: the store must answer and every data set must be there.
+
+    A data set is what the stages' data options read (README, "Data options"): an unsupft data set
+    (a folder or prefix with `dataset.json`), a `.tar`, a folder or prefix of tars written by other
+    tools, or a brace pattern. A brace pattern is left to the stage that reads it, which checks
+    that every shard it names exists (the controller does not expand patterns); the stages also
+    verify what the shards hold."""
     store.exists(store.join(pipeline.store, "runs"))  # raises UserError naming the URI when unreachable
     for name, uri in pipeline.datasets.items():
-        if not store.exists(store.join(uri, "dataset.json")):
-            raise UserError(f"datasets.{name}: {uri}: incomplete data set (no dataset.json); run `unsupft ingest` first")
+        if "{" in uri:
+            continue
+        if uri.endswith(".tar"):
+            if not store.exists(uri):
+                raise UserError(f"datasets.{name}: {uri}: no such shard")
+        elif not store.exists(store.join(uri, DATASET_MANIFEST)) and not any(
+                n.endswith(".tar") for n in store.list_prefix(uri)):
+            raise UserError(f"datasets.{name}: {uri}: not a data set (no {DATASET_MANIFEST} and no .tar shards); "
+                            "run `unsupft ingest` first")
 
 
 def _recorded(run_: st.Run, store_uri: str | None) -> spec_mod.Pipeline:
