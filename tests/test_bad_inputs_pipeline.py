@@ -15,8 +15,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -193,3 +195,43 @@ def test_run_reads_the_data_sets_the_stages_read(tmp_path):
     assert res.returncode == 0, res.stdout + res.stderr
     ran = (tmp_path / "store/runs/t/a/runs.txt").read_text()
     assert f"--data {tmp_path}/one.tar --data {tmp_path}/foreign --data {tmp_path}/foreign/part-{{0..1}}.tar" in ran
+
+
+def test_sigterm_stops_the_stage_records_it_and_the_rerun_completes(tmp_path):
+    """SIGTERM to `unsupft-ctl run` (an eviction, `timeout`, systemd): the stage gets SIGTERM (it
+    records that it did), the controller records it as interrupted, says so in one line and exits
+    143; `status` says interrupted; the rerun runs it again to the end."""
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    # First attempt: trap SIGTERM (as a stage that checkpoints would), block; later ones: the fake stage.
+    script = (f'if [ ! -e {marks}/started ]; then trap ": > {marks}/got-term; exit 143" TERM; : > {marks}/started; '
+              f'sleep 60 & wait; fi; exec {sys.executable} -m tests.ctl_fake_stages "$@"')
+    env = _env(f"sh -c '{script}' stage")
+    f = tmp_path / "p.yaml"
+    f.write_text(f"name: t\nstore: file://{tmp_path}/store\nstages:\n  a: {{kind: pretrain, arch: tiny, sleep: 0}}\n")
+    ctl = subprocess.Popen([sys.executable, "-m", "unsupft.ctl", "run", str(f)], env=env, cwd=ROOT,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run_json = tmp_path / "store/runs/t/run.json"
+    deadline = time.time() + 60
+    while not ((marks / "started").exists() and run_json.exists()
+               and json.loads(run_json.read_text())["stages"]["a"]["state"] == "running"):
+        assert time.time() < deadline and ctl.poll() is None, "the stage never started"
+        time.sleep(0.1)
+    stage_pid = json.loads(run_json.read_text())["stages"]["a"]["pid"]
+    ctl.send_signal(signal.SIGTERM)
+    out, err = ctl.communicate(timeout=60)
+    assert ctl.returncode == 143, (out, err)
+    assert err.splitlines() == ["error: stopped by SIGTERM: interrupted a; run again (or `unsupft-ctl resume t`) "
+                                "to continue where it stopped"], err
+    assert (marks / "got-term").exists()  # the stage was asked to stop, not killed outright
+    with pytest.raises(ProcessLookupError):
+        os.killpg(stage_pid, 0)  # nothing of it is left running
+    record = json.loads(run_json.read_text())["stages"]["a"]
+    assert record["state"] == "interrupted" and record["pid"] is None
+    status = _ctl(["--store", f"file://{tmp_path}/store", "status", "t"], env)
+    assert "interrupted: the controller got SIGTERM" in status.stdout
+
+    again = _ctl(["run", str(f)], env)
+    assert again.returncode == 0, again.stdout + again.stderr
+    record = json.loads(run_json.read_text())["stages"]["a"]
+    assert record["state"] == "succeeded" and record["attempts"] == 2

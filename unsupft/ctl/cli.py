@@ -96,7 +96,12 @@ def validate(ctx: click.Context, file: str, run_id: str | None) -> None:
 @click.pass_context
 @report_user_errors
 def run(ctx: click.Context, file: str, run_id: str | None, max_parallel: int | None) -> None:
-    """Run a pipeline here and wait; running it again continues where it stopped."""
+    """Run a pipeline here and wait; running it again continues where it stopped.
+
+    Exits 0 when every stage succeeded, 1 when one did not, 2 on bad input. Stopped by SIGTERM or
+    SIGINT, it stops its running stages first, records them as interrupted and exits 143 (SIGTERM)
+    or 130 (SIGINT); running it again resumes them.
+    """
     pipeline = _load(file, ctx.obj["store"])
     run_id = _run_id(run_id, pipeline)
     _preflight(pipeline)
@@ -261,7 +266,7 @@ def _wait(store_uri: str, run_id: str, poll_s: float = 10.0) -> int:
                 click.echo(f"{name:<16} {rec['state']}")
         states = {r["state"] for r in run_.stages.values()}
         # over once nothing runs and nothing more will start: nothing pending, or a stage failed or was cancelled
-        if st.RUNNING not in states and (st.PENDING not in states or states & {st.FAILED, st.CANCELLED}):
+        if st.RUNNING not in states and (st.PENDING not in states or states & {st.FAILED, st.CANCELLED, st.INTERRUPTED}):
             _print_table(run_)
             return 0 if states == {st.SUCCEEDED} else 1
         time.sleep(poll_s)
@@ -429,12 +434,12 @@ def _cancel_kube(run_: st.Run, api, wait_s: float, poll_s: float = 1.0) -> None:
 @click.pass_context
 @report_user_errors
 def resume(ctx: click.Context, run_id: str, image: str | None, wait: bool) -> None:
-    """Continue a run whose stages wait for labels, failed (after fixing the cause) or were cancelled."""
+    """Continue a run whose stages wait for labels, failed (after fixing the cause), were cancelled or interrupted."""
     run_ = st.open_run(_store(ctx), run_id)
-    again = [n for n, r in run_.stages.items() if r["state"] in (st.WAITING, st.FAILED, st.CANCELLED)]
+    again = [n for n, r in run_.stages.items() if r["state"] in (st.WAITING, st.FAILED, st.CANCELLED, st.INTERRUPTED)]
     if not again:
         states = ", ".join(f"{n} {r['state']}" for n, r in run_.stages.items())
-        raise UserError(f"run {run_id} has no stage waiting for labels, failed or cancelled ({states})")
+        raise UserError(f"run {run_id} has no stage waiting for labels, failed, cancelled or interrupted ({states})")
     if run_.data["backend"] == "local" and st.controller_alive(run_):
         raise UserError(f"run {run_id} is being run by process {run_.data['controller']['pid']}")
     if run_.data["backend"] == "local":
