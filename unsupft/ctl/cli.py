@@ -266,7 +266,7 @@ def _wait(store_uri: str, run_id: str, poll_s: float = 10.0) -> int:
                 click.echo(f"{name:<16} {rec['state']}")
         states = {r["state"] for r in run_.stages.values()}
         # over once nothing runs and nothing more will start: nothing pending, or a stage failed or was cancelled
-        if st.RUNNING not in states and (st.PENDING not in states or states & {st.FAILED, st.CANCELLED, st.INTERRUPTED}):
+        if st.RUNNING not in states and (st.PENDING not in states or states & {st.FAILED, st.CANCELLED}):
             _print_table(run_)
             return 0 if states == {st.SUCCEEDED} else 1
         time.sleep(poll_s)
