@@ -387,7 +387,7 @@ def test_resume_from_the_cli_starts_a_new_driver_under_the_run(cluster, monkeypa
     cluster.driver().execute()  # what that driver Job does
     assert cluster.states()["lab"] == ("succeeded", 2)
     again = CliRunner().invoke(cli.main, ["--store", cluster.store, "resume", "kt"])
-    assert again.exit_code == 2 and again.output.startswith("error: run kt has no stage waiting for labels, failed or cancelled")
+    assert again.exit_code == 2 and again.output.startswith("error: run kt has no stage waiting for labels, failed, cancelled or interrupted")
     cluster.cancel_and_check_clean()
 
 

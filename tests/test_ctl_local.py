@@ -210,3 +210,14 @@ def test_stages_see_only_what_the_pipeline_says(monkeypatch):
     pipeline = spec.parse(text, "p.yaml")
     check_options(pipeline, "p.yaml")
     assert "--trust-checkpoint" in stage_args(pipeline.stages["ft"], "/s/runs/t")
+
+
+def test_bad_input_is_not_retried(tmp_path):
+    """Exit 2 (bad input) fails the same way again: one attempt, as on the cluster (docs/cluster.md, `retries`)."""
+    f = _pipeline(tmp_path)
+    env = {**_env(), "UNSUPFT_STAGE_PROGRAM": "sh -c 'exit 2' stage"}
+    res = subprocess.run([sys.executable, "-m", "unsupft.ctl", "run", str(f)], env=env, capture_output=True, text=True,
+                         cwd=ROOT, timeout=60)
+    assert res.returncode == 1 and "retrying" not in res.stdout, res.stdout
+    record = _state(tmp_path)["stages"]["a"]
+    assert record["state"] == "failed" and record["attempts"] == 1 and record["exit_code"] == 2

@@ -18,4 +18,4 @@ def test_resume_a_failed_local_run(tmp_path):
     assert [_state(tmp_path)["stages"][s]["state"] for s in "abc"] == ["succeeded"] * 3
     assert (_runs(tmp_path, "a"), _runs(tmp_path, "b"), _runs(tmp_path, "c")) == (1, 2, 1)  # a stays cached
     nothing = _ctl("--store", f"file://{tmp_path}/store", "resume", "t")
-    assert nothing.returncode == 2 and nothing.stderr.startswith("error: run t has no stage waiting for labels, failed or cancelled")
+    assert nothing.returncode == 2 and nothing.stderr.startswith("error: run t has no stage waiting for labels, failed, cancelled or interrupted")

@@ -23,6 +23,7 @@ from unsupft.ctl import spec as spec_mod
 from unsupft.ctl import state as st
 from unsupft.ctl.command import check_options
 from unsupft.errors import OneLineGroup, UserError, report_user_errors
+from unsupft.stage import DATASET_MANIFEST
 
 DEFAULT_STORE = "file://./runs"
 
@@ -34,11 +35,24 @@ def _load(file: str, store_override: str | None) -> spec_mod.Pipeline:
 
 
 def _preflight(pipeline: spec_mod.Pipeline) -> None:
-    """Fail before any stage starts: the store must answer and every data set must be complete."""
+    """Fail before any stage starts: the store must answer and every data set must be there.
+
+    A data set is what the stages' data options read (README, "Data options"): an unsupft data set
+    (a folder or prefix with `dataset.json`), a `.tar`, a folder or prefix of tars written by other
+    tools, or a brace pattern. A brace pattern is left to the stage that reads it, which checks
+    that every shard it names exists (the controller does not expand patterns); the stages also
+    verify what the shards hold."""
     store.exists(store.join(pipeline.store, "runs"))  # raises UserError naming the URI when unreachable
     for name, uri in pipeline.datasets.items():
-        if not store.exists(store.join(uri, "dataset.json")):
-            raise UserError(f"datasets.{name}: {uri}: incomplete data set (no dataset.json); run `unsupft ingest` first")
+        if "{" in uri:
+            continue
+        if uri.endswith(".tar"):
+            if not store.exists(uri):
+                raise UserError(f"datasets.{name}: {uri}: no such shard")
+        elif not store.exists(store.join(uri, DATASET_MANIFEST)) and not any(
+                n.endswith(".tar") for n in store.list_prefix(uri)):
+            raise UserError(f"datasets.{name}: {uri}: not a data set (no {DATASET_MANIFEST} and no .tar shards); "
+                            "run `unsupft ingest` first")
 
 
 def _recorded(run_: st.Run, store_uri: str | None) -> spec_mod.Pipeline:
@@ -82,7 +96,12 @@ def validate(ctx: click.Context, file: str, run_id: str | None) -> None:
 @click.pass_context
 @report_user_errors
 def run(ctx: click.Context, file: str, run_id: str | None, max_parallel: int | None) -> None:
-    """Run a pipeline here and wait; running it again continues where it stopped."""
+    """Run a pipeline here and wait; running it again continues where it stopped.
+
+    Exits 0 when every stage succeeded, 1 when one did not, 2 on bad input. Stopped by SIGTERM or
+    SIGINT, it stops its running stages first, records them as interrupted and exits 143 (SIGTERM)
+    or 130 (SIGINT); running it again resumes them.
+    """
     pipeline = _load(file, ctx.obj["store"])
     run_id = _run_id(run_id, pipeline)
     _preflight(pipeline)
@@ -415,12 +434,12 @@ def _cancel_kube(run_: st.Run, api, wait_s: float, poll_s: float = 1.0) -> None:
 @click.pass_context
 @report_user_errors
 def resume(ctx: click.Context, run_id: str, image: str | None, wait: bool) -> None:
-    """Continue a run whose stages wait for labels, failed (after fixing the cause) or were cancelled."""
+    """Continue a run whose stages wait for labels, failed (after fixing the cause), were cancelled or interrupted."""
     run_ = st.open_run(_store(ctx), run_id)
-    again = [n for n, r in run_.stages.items() if r["state"] in (st.WAITING, st.FAILED, st.CANCELLED)]
+    again = [n for n, r in run_.stages.items() if r["state"] in (st.WAITING, st.FAILED, st.CANCELLED, st.INTERRUPTED)]
     if not again:
         states = ", ".join(f"{n} {r['state']}" for n, r in run_.stages.items())
-        raise UserError(f"run {run_id} has no stage waiting for labels, failed or cancelled ({states})")
+        raise UserError(f"run {run_id} has no stage waiting for labels, failed, cancelled or interrupted ({states})")
     if run_.data["backend"] == "local" and st.controller_alive(run_):
         raise UserError(f"run {run_id} is being run by process {run_.data['controller']['pid']}")
     if run_.data["backend"] == "local":

@@ -24,7 +24,7 @@ from typing import Any
 
 from unsupft import store
 from unsupft.ctl.command import stage_args
-from unsupft.ctl.spec import Pipeline, Resources, Stage
+from unsupft.ctl.spec import Pipeline, Resources, Stage, own_variable
 from unsupft.ctl.state import run_uri
 from unsupft.errors import EXIT_USER_ERROR, EXIT_WAITING_FOR_LABELS, UserError
 
@@ -86,8 +86,11 @@ class Context:
 
 
 def container_env(ctx: Context, res: Resources) -> list[dict[str, str]]:
-    """Unbuffered logs, the store's non-secret settings, then the stage's own `env` (which wins)."""
-    values = {"PYTHONUNBUFFERED": "1", **dict(sorted(ctx.store_env.items())), **res.env}
+    """Unbuffered logs, the store's non-secret settings, then the stage's own `env` (which wins),
+    less unsupft's own variables: `validate` refuses them in a pipeline file, and a `Resources`
+    built in code does not smuggle the checkpoint trust or stage options into a pod either."""
+    allowed = {k: v for k, v in res.env.items() if not own_variable(k)}
+    values = {"PYTHONUNBUFFERED": "1", **dict(sorted(ctx.store_env.items())), **allowed}
     return [{"name": k, "value": v} for k, v in values.items()]
 
 

@@ -6,6 +6,13 @@ that a controller killed with SIGKILL does not take running stages with it. A re
 re-reads run.json: a stage recorded as running whose process is still alive is adopted (waited
 for), one whose process is gone counts as done if its `_DONE.json` appeared, else it runs again
 (and resumes from its checkpoint).
+
+A controller told to stop (SIGTERM from a scheduler, `timeout` or systemd; SIGINT from Ctrl-C) does
+not leave its stages running unwatched: it sends each running stage's group SIGTERM (SIGKILL after
+`KILL_GRACE_S`, or at once on a second signal), records those stages as interrupted, prints one
+line naming them and exits 128 + the signal's number (143, 130), as a shell reports a process a
+signal ended. The next `run` (or `resume`) starts them again and they resume from their last
+checkpoint.
 """
 
 from __future__ import annotations
@@ -18,15 +25,16 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Callable
+from typing import IO, Callable, Iterable, Iterator, NoReturn
 
 from unsupft import store
 from unsupft.ctl import state as st
 from unsupft.ctl.spec import Pipeline
-from unsupft.errors import EXIT_WAITING_FOR_LABELS
+from unsupft.errors import EXIT_USER_ERROR, EXIT_WAITING_FOR_LABELS, ReportedError
 from unsupft.lease import process_alive, process_start
 from unsupft.registry import option_env_prefixes
 from unsupft.trust import TRUST_ENV
@@ -42,22 +50,54 @@ def stage_program() -> list[str]:
     return shlex.split(custom) if custom else [sys.executable, "-m", "unsupft"]
 
 
-def kill_group(pid: int) -> None:
-    """SIGTERM the process group led by `pid`, then SIGKILL whatever is left after `KILL_GRACE_S`."""
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class Stopped(ReportedError):
+    """The controller was stopped by a signal after stopping its stages: exit 128 + the signal."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
+def kill_groups(pids: Iterable[int], hurry: Callable[[], bool] = lambda: False) -> None:
+    """SIGTERM the process groups led by `pids`, then SIGKILL whatever is left after `KILL_GRACE_S`
+    (or as soon as `hurry()` is true). The groups are signalled together, so stopping several
+    stages takes one grace period, not one each."""
+    left = set(pids)
     for sig, wait in ((signal.SIGTERM, KILL_GRACE_S), (signal.SIGKILL, 2.0)):
-        try:
-            os.killpg(pid, sig)
-        except ProcessLookupError:
-            return
-        deadline = time.time() + wait
-        while time.time() < deadline:
+        for pid in list(left):
             try:
-                os.killpg(pid, 0)
+                os.killpg(pid, sig)
             except ProcessLookupError:
-                return
-            with contextlib.suppress(ChildProcessError):  # reap our own child, or it lingers as a zombie
-                os.waitpid(pid, os.WNOHANG)
+                left.discard(pid)
+        deadline = time.time() + wait
+        while left and time.time() < deadline and not (sig == signal.SIGTERM and hurry()):
+            for pid in list(left):
+                try:
+                    os.killpg(pid, 0)
+                except ProcessLookupError:
+                    left.discard(pid)
+                with contextlib.suppress(ChildProcessError):  # reap our own child, or it lingers as a zombie
+                    os.waitpid(pid, os.WNOHANG)
             time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def signals_recorded(received: list[int]) -> Iterator[None]:
+    """While inside, SIGTERM and SIGINT are appended to `received` instead of ending the process, so
+    that the controller can stop its stages first. Only the main thread may set handlers: called
+    from another thread, the signals keep theirs."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, lambda signum, _frame: received.append(signum)) for sig in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 @dataclass
@@ -114,13 +154,17 @@ class LocalBackend:
 
     # ------------------------------------------------------------------------------ entry ---
     def execute(self) -> bool:
-        """Run the pipeline to the end (or to a cancel); True when every stage succeeded."""
+        """Run the pipeline to the end (or to a cancel); True when every stage succeeded.
+        Raises `Stopped` after a SIGTERM or SIGINT (see the module's docstring)."""
         self.run.data["controller"] = {"host": socket.gethostname(), "pid": os.getpid(),
                                        "pid_start": process_start(os.getpid())}
         self.run.save()
-        self._reconcile()
-        try:
+        received: list[int] = []
+        with signals_recorded(received):
+            self._reconcile()
             while True:
+                if received:
+                    self._interrupt(received)
                 if self.run.cancel_requested():
                     self._cancel()
                     return False
@@ -129,11 +173,6 @@ class LocalBackend:
                 if not self.procs and not self._startable():
                     break
                 time.sleep(POLL_S)
-        except KeyboardInterrupt:
-            self.echo("interrupted: stopping running stages (run again to resume)")
-            for name in list(self.procs):
-                self._stop(name, st.PENDING, "interrupted")
-            raise
         return all(r["state"] == st.SUCCEEDED for r in self.run.stages.values())
 
     # ---------------------------------------------------------------------------- phases ---
@@ -210,7 +249,7 @@ class LocalBackend:
                 self._event(name, f"succeeded in {rec['finished'] - rec['started']:.1f}s")
             else:
                 why = f"exit code {code}" if code not in (0, None) else "ended without writing _DONE.json"
-                if self.retries_left[name] > 0:
+                if self.retries_left[name] > 0 and code != EXIT_USER_ERROR:  # bad input fails the same way again
                     self.retries_left[name] -= 1
                     self.run.set(name, state=st.PENDING, message=f"retrying after {why}")
                     self._event(name, f"failed ({why}), retrying")
@@ -232,8 +271,27 @@ class LocalBackend:
         store.upload_file(proc.log_path, self.run.log_uri(name))
         proc.uploaded = time.time()
 
+    def _interrupt(self, received: list[int]) -> NoReturn:
+        """Stop every running stage (a second signal skips the grace period) and record it as
+        interrupted, unless it finished meanwhile; then raise `Stopped` naming them."""
+        why = signal.Signals(received[0]).name
+        kill_groups([proc.pid for proc in self.procs.values()], hurry=lambda: len(received) > 1)
+        interrupted = []
+        for name in list(self.procs):
+            self._close(name)
+            self.run.set(name, finished=time.time(), pid=None)
+            if self.run.accept_done(name):
+                self._event(name, "succeeded while the controller stopped")
+                continue
+            self.run.set(name, state=st.INTERRUPTED, message=f"interrupted: the controller got {why}; run again to resume")
+            self._event(name, f"interrupted ({why})")
+            interrupted.append(name)
+        stages = f"interrupted {', '.join(interrupted)}" if interrupted else "no stage was running"
+        raise Stopped(f"stopped by {why}: {stages}; run again (or `unsupft-ctl resume {self.run.run_id}`) "
+                      "to continue where it stopped", received[0])
+
     def _stop(self, name: str, new_state: str, message: str) -> None:
-        kill_group(self.procs[name].pid)
+        kill_groups([self.procs[name].pid])
         self._close(name)
         self.run.set(name, state=new_state, finished=time.time(), pid=None, message=message)
         self._event(name, message)
@@ -258,10 +316,9 @@ def cancel_local(run: st.Run) -> None:
     """
     run.request_cancel()
     host = socket.gethostname()
-    for rec in run.stages.values():
-        if rec["state"] == st.RUNNING and rec.get("host") == host and process_alive(rec.get("pid"), rec.get("pid_start")):
-            kill_group(rec["pid"])
+    kill_groups([rec["pid"] for rec in run.stages.values()
+                 if rec["state"] == st.RUNNING and rec.get("host") == host and process_alive(rec.get("pid"), rec.get("pid_start"))])
     if not st.controller_alive(run):
         for name, rec in run.stages.items():
-            if rec["state"] in (st.RUNNING, st.PENDING, st.WAITING):
+            if rec["state"] in (st.RUNNING, st.PENDING, st.WAITING, st.INTERRUPTED):
                 run.set(name, state=st.CANCELLED, pid=None, finished=time.time(), message="cancelled")

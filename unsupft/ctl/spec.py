@@ -35,8 +35,9 @@ import yaml
 from unsupft import options as option_table
 from unsupft import store
 from unsupft.errors import UserError
-from unsupft.registry import PIPELINE_KINDS, STAGES
+from unsupft.registry import ENV_PREFIX, PIPELINE_KINDS, STAGES
 from unsupft.stage import CHOSEN_PREFIX
+from unsupft.trust import TRUST_ENV
 
 # Names become Kubernetes object names and store folders: keep them DNS-label shaped.
 NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,38}[a-z0-9])?$")
@@ -48,6 +49,14 @@ JOB_APIS = ("auto", "trainjob", "pytorchjob")
 RUNTIME_KINDS = ("TrainingRuntime", "ClusterTrainingRuntime")
 ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 LABEL_VALUE_RE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]{0,61})?[A-Za-z0-9])?$")  # Kubernetes label values
+# A Kubernetes quantity (`cpu`, `memory`), the grammar of k8s.io/apimachinery pkg/api/resource/quantity.go:
+# a number (`2`, `1.5`, `.5`, `2.`) and one suffix: binary SI (Ki..Ei), decimal SI (n, u, m, k, M..E) or
+# an integer exponent (`e3`). Its parser also takes a lone sign or "." as 0; that is refused here.
+QUANTITY_RE = re.compile(r"^[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([KMGTPE]i|[numkMGTPE]|[eE][+-]?[0-9]+)?$")
+QUANTITIES = ("cpu", "memory")
+# unsupft's own variables (options `UNSUPFT_<STAGE>_<OPTION>`, the checkpoint trust, tuning): the
+# pipeline's parameters say what a stage does, so `resources.env` never sets them.
+OWN_ENV_PREFIX = f"{ENV_PREFIX}_"
 
 STRING_MAPS = ("node_selector", "env", "labels", "annotations")
 CHOSEN_SUFFIX = ".chosen"  # `<select-source stage>.chosen`: the source it chose, as a data-set input
@@ -122,6 +131,39 @@ class Pipeline:
 MAX_BYTES = 1 << 20
 MAX_DEPTH = 64
 MAX_NODES = 100_000  # after expanding aliases: run.json stores the document expanded
+MAX_STAGES = 1000  # as written and after expanding matrices: far above a real study, far below what hurts
+
+
+_NUMBER_TAGS = {"tag:yaml.org,2002:int": int, "tag:yaml.org,2002:float": float}
+_CONSTRUCTOR = yaml.constructor.SafeConstructor()  # reads one scalar as the loader will (nothing cached)
+
+
+def _misread_number(node: yaml.ScalarNode) -> str | None:
+    """Why a plain number is not the number it reads as, or None.
+
+    YAML 1.1 (PyYAML's SafeLoader) reads `010` as octal 8, `1:30` as 90 (base 60), `0x10` as 16 and
+    `0b10` as 2: a person reads ten, a time or a typo, and the stage's own command line (Python's
+    int() and float()) reads 10 or refuses the text. A number is accepted when Python reads its text
+    as the same value: plain decimals, with a sign or `_` between digits; `.inf` and `.nan` are left
+    to the options' ranges."""
+    kind = _NUMBER_TAGS.get(node.tag)
+    if kind is None or node.style is not None:  # quoted or block scalars are strings
+        return None
+    value = _CONSTRUCTOR.yaml_constructors[node.tag](_CONSTRUCTOR, node)
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    text = node.value
+    try:
+        if kind(text) == value:
+            return None
+    except ValueError:
+        pass
+    digits = text.lstrip("+-").replace("_", "")
+    if kind is int and digits[:1] == "0" and digits.isdigit():
+        decimal = int(text.replace("_", ""))
+        return f"{text} is read as octal {value} by YAML 1.1: write {decimal} without the leading zero (or {value}), or quote it"
+    form = {"0x": " (hexadecimal)", "0b": " (binary)"}.get(digits[:2], " (base 60)" if ":" in digits else "")
+    return f"{text} is read as {value}{form} by YAML 1.1: write {value}, or quote it"
 
 
 class _Where:
@@ -150,6 +192,8 @@ class _Where:
             raise UserError(f"{self.file}:{line}: {self.dotted(path)}: nested deeper than {MAX_DEPTH} levels")
         active.add(id(node))
         size = 1
+        if isinstance(node, yaml.ScalarNode) and (misread := _misread_number(node)):
+            raise UserError(f"{self.file}:{line}: {self.dotted(path)}: {misread}")
         if isinstance(node, yaml.MappingNode):
             seen = set()
             for key, value in node.value:
@@ -157,6 +201,8 @@ class _Where:
                     raise UserError(f"{self.file}:{key.start_mark.line + 1}: {self.dotted(path)}: "
                                     "a key must be a plain name, not a list or mapping")
                 name = key.value
+                if misread := _misread_number(key):
+                    raise UserError(f"{self.file}:{key.start_mark.line + 1}: {self.dotted(path + (name,))}: {misread}")
                 if name in seen:
                     raise UserError(f"{self.file}:{key.start_mark.line + 1}: {self.dotted(path + (name,))}: duplicate key")
                 seen.add(name)
@@ -269,6 +315,8 @@ def _build(doc: Any, where: _Where) -> Pipeline:
     raw_stages = _expect(where, ("stages",), doc.get("stages"), dict, "a mapping of stages")
     if not raw_stages:
         raise where.error(("stages",), "a pipeline needs at least one stage")
+    if len(raw_stages) > MAX_STAGES:
+        raise where.error(("stages",), f"{len(raw_stages)} stages; a pipeline holds at most {MAX_STAGES}")
     for sname in raw_stages:
         _name(where, ("stages", sname), sname, "stage")
         if sname in datasets:
@@ -283,7 +331,6 @@ def _build(doc: Any, where: _Where) -> Pipeline:
 
 
 MATRIX = "matrix"
-MAX_STAGES = 1000  # after expanding matrices: far above a real study, far below what hurts
 
 
 def _expand_matrices(where: _Where, raw_stages: dict[str, Any], datasets: dict[str, str]) -> tuple[dict[str, Any], dict[str, str]]:
@@ -521,6 +568,14 @@ def _resources(where: _Where, raw: Any, stages: dict) -> dict[str, Resources]:
                 raise where.error(path, "keys and values are strings (quote numbers and booleans)")
             if fname == "env" and not all(ENV_NAME_RE.match(k) for k in value):
                 raise where.error(path, f"environment variable names are letters, digits and '_': {sorted(value)}")
+            for variable in value if fname == "env" else ():
+                if own_variable(variable):
+                    raise where.error(path + (variable,), _own_variable_refusal(variable))
+            if fname in QUANTITIES and not QUANTITY_RE.match(str(value)):  # what `kube._resources` renders
+                raise where.error(path, f"{value!r} is not a Kubernetes quantity (a number with an optional suffix: "
+                                        "cpu 2, 0.5 or 500m; memory 512Mi, 4Gi or 4G)")
+            if fname in QUANTITIES and str(value).startswith("-"):
+                raise where.error(path, f"out of range: {value} (Kubernetes refuses negative requests)")
             if (fname == "labels" and not all(LABEL_VALUE_RE.match(v) for v in value.values())
                     or fname == "queue" and not LABEL_VALUE_RE.match(value)):
                 raise where.error(path, "label values are at most 63 letters, digits, '-', '_' or '.', "
@@ -548,6 +603,26 @@ def _resources(where: _Where, raw: Any, stages: dict) -> dict[str, Resources]:
                               f"stage {s}: {res.gpus} GPUs for {res.procs_per_node} processes per node (one GPU per process)")
         out[s] = res
     return out
+
+
+def own_variable(name: str) -> bool:
+    """Whether an environment variable is one of unsupft's own, which a pipeline never sets."""
+    return name.upper().startswith(OWN_ENV_PREFIX)
+
+
+def _own_variable_refusal(name: str) -> str:
+    """Why `resources.env` may not set `name`, and what to write instead."""
+    refusal = "a pipeline cannot set unsupft's own variables (UNSUPFT_*)"
+    if name.upper() == TRUST_ENV:
+        return f"{refusal}: it would trust the checkpoints of every stage; ask for it per stage with trust_checkpoint: true"
+    for spec in STAGES.values():
+        prefix = spec.env_name("")
+        if name.upper().startswith(prefix) and len(name) > len(prefix):
+            option = name[len(prefix):].lower()
+            return (f"{refusal}: it would set --{option.replace('_', '-')} of {spec.name} stages behind their cache keys; "
+                    f"give {option} as a parameter of the stage")
+    return (f"{refusal}: the pipeline's parameters say what a stage does; set {name} where the stages run "
+            "(the controller's environment, the image)")
 
 
 def _topological(where: _Where, deps: dict[str, tuple[str, ...]]) -> list[str]:

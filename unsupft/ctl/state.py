@@ -31,6 +31,7 @@ from unsupft.errors import UserError
 PENDING, RUNNING, WAITING, SUCCEEDED, FAILED, CANCELLED = (
     "pending", "running", "waiting-for-labels", "succeeded", "failed", "cancelled",
 )
+INTERRUPTED = "interrupted"  # stopped with its (local) controller; the next run or `resume` continues it
 RUN_FILE = "run.json"
 CANCEL_FILE = "_CANCEL"
 LOGS = "_logs"
