@@ -19,9 +19,11 @@ from PIL import Image
 
 from unsupft import store
 from unsupft.data import load_arrays, read_info
+from unsupft.data.index import resolve
 from unsupft.data.ingest import select
 from unsupft.stages.ingest import ingest_command
 from unsupft.data.sources import FASHION_MNIST_CLASSES, open_source
+from unsupft.errors import UserError
 
 
 
@@ -543,6 +545,9 @@ def test_sigkill_leaves_nothing_the_next_run_keeps(many_photos: Path, tmp_path: 
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     assert not (out / "dataset.json").exists()
+    assert (out / "_INGESTING.json").exists()  # marks the folder unsupft's, unfinished: readers refuse it
+    with pytest.raises(UserError, match="unfinished ingestion"):
+        resolve(str(out))
     assert list(tmpdir.iterdir()) == []  # shards are built in anonymous temp files: nothing named
     # what a kill between a temp file's creation and its rename leaves, and a concurrent writer's
     (out / f".tmp-shard-000004.tar~{store._HOST}~{proc.pid}~0a1b").write_bytes(b"partial")

@@ -20,7 +20,13 @@ sharing a key (WebDataset's rule: the path up to the first dot of the file name)
 Their classes are the label ids found, in increasing order (named by the ids); their channels
 follow the first image (grayscale: 1, anything else: 3); their image size is not known (mixed).
 Having no digest to check, each of their images is identified (its header parsed) while scanning,
-so a member that is no image stops the stage before it writes anything.
+so a member that is no image stops the stage before it writes anything. A member name that is not
+UTF-8 keeps its bytes as `\\xe9` escapes in the key. A folder of tars is foreign unless unsupft
+marked it as its own unfinished ingestion (`_INGESTING.json`, or, from before that marker, shards
+named and written the way `unsupft ingest` writes them): those are refused, not read half-written.
+
+Keys name samples (`--labels`, `--initial`, label rounds), so a key that appears twice is refused
+(`unsupft ingest` writes a copy with unique keys).
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ import re
 import tarfile
 import threading
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import IO
 
 import numpy as np
@@ -44,14 +50,13 @@ from PIL import Image
 
 from unsupft import store
 from unsupft.data.encode import WIDE_MODES, UnsupportedPixels, eight_bit
-from unsupft.data.info import INFO_NAME, DatasetInfo, read_info
-from unsupft.data.shards import CorruptShard
+from unsupft.data.info import INFO_NAME, INGESTING_NAME, DatasetInfo, read_info
+from unsupft.data.shards import SHARD_NAME, CorruptShard, written_by_unsupft
 from unsupft.errors import UserError
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 JSON_LABEL_FIELDS = ("label", "cls", "class", "target")
 INDEX_FORMAT = "unsupft-index/1"
-_SHARD_NAME = re.compile(r"shard-\d{6}\.tar")  # what `unsupft ingest` writes before dataset.json
 _KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # webdataset's base_plus_ext
 _INDEX_THREADS = 8  # shards scanned at once: first reads from S3 are bound by latency, not CPU
 
@@ -86,9 +91,14 @@ def resolve(uri: str) -> tuple[DatasetInfo | None, list[ShardRef]]:
     if store.exists(store.join(uri, INFO_NAME)):
         info = read_info(uri)
         return info, [ShardRef(info.shard_uri(s), s.samples, s.sha256) for s in info.shards]
-    tars = [name for name in store.list_prefix(uri) if name.endswith(".tar")]
-    if not tars or all(_SHARD_NAME.fullmatch(name) for name in tars):
-        # no shards, or unsupft's own names without the manifest written last: not (yet) a data set
+    names = store.list_prefix(uri)
+    marker = next((name for name in names if PurePosixPath(name).name == INGESTING_NAME), None)
+    if marker is not None:
+        raise UserError(f"{uri}: an unfinished ingestion ({marker} is there, {INFO_NAME} is not); "
+                        f"rerun that `unsupft ingest` to finish it")
+    tars = [name for name in names if name.endswith(".tar")]
+    if not tars or (all(SHARD_NAME.fullmatch(name) for name in tars) and written_by_unsupft(store.join(uri, tars[0]))):
+        # no shards, or what an ingestion killed before it wrote markers left: not (yet) a data set
         read_info(uri)  # raises "incomplete data set (no dataset.json); ... not a data set ..."
     return None, [ShardRef(store.join(uri, name)) for name in tars]
 
@@ -226,10 +236,19 @@ def _scan(ref: ShardRef, foreign: bool) -> ShardIndex:
         raise CorruptShard(f"{ref.uri}: holds {len(keys)} samples, dataset.json says {ref.samples}")
     if not keys:
         raise UserError(f"{ref.uri}: no image member in the shard ({', '.join('.' + e for e in IMAGE_EXTENSIONS)})")
-    encoded = [k.encode() for k in keys]
+    encoded = [_key_bytes(k) for k in keys]
     return ShardIndex(b"".join(encoded), np.cumsum([len(k) for k in encoded], dtype=np.int64),
                       np.asarray(offsets, np.int64), np.asarray(sizes, np.int64), np.asarray(labels, np.int64),
                       first_mode)
+
+
+def _key_bytes(key: str) -> bytes:
+    """A key's UTF-8; a member name that is not UTF-8 (tarfile hands its bytes over as surrogates)
+    keeps each such byte as a `\\xe9` escape, so the key is text that every reader can print."""
+    try:
+        return key.encode()
+    except UnicodeEncodeError:
+        return key.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace").encode()
 
 
 def _cache_file(ref: ShardRef, version: str) -> Path:
@@ -293,8 +312,20 @@ class SampleIndex:
         return np.array([int(v.split(":", 1)[0]) for v in self.shard_versions], dtype=np.int64)
 
 
-def open_index(uri: str) -> SampleIndex:
-    """Resolve a data option and index its shards (from the cache after the first read)."""
+def _repeated_key(index: SampleIndex) -> tuple[int, int] | None:
+    """(first, second) positions of the first key that appears twice in `index`, None when keys are
+    unique (one pass over the keys' bytes; the positions are looked for only when there is one)."""
+    blob, ends = index.key_bytes.tobytes(), index.key_ends.tolist()
+    keys = [blob[start:end] for start, end in zip([0, *ends[:-1]], ends)]
+    if len(set(keys)) == len(keys):
+        return None
+    first: dict[bytes, int] = {}
+    return next((first[key], i) for i, key in enumerate(keys) if first.setdefault(key, i) != i)
+
+
+def open_index(uri: str, unique_keys: bool = True) -> SampleIndex:
+    """Resolve a data option and index its shards (from the cache after the first read). A key
+    that appears twice is one line unless `unique_keys` is off (ingestion makes them unique)."""
     info, refs = resolve(uri)
     if not refs:
         raise UserError(f"{uri}: the data set is empty")
@@ -310,6 +341,12 @@ def open_index(uri: str) -> SampleIndex:
         labels=None, key_bytes=np.frombuffer(b"".join(s.key_bytes for s in shards), np.uint8),
         key_ends=np.concatenate([s.key_ends + start for s, start in zip(shards, blob_starts.tolist())]),
         classes=[], channels=3, image_size=None)
+    repeat = _repeated_key(index) if unique_keys else None
+    if repeat is not None:
+        where = [index.shard_uris[int(index.shard[i])] for i in repeat]
+        raise UserError(f"{uri}: sample key {index.key(repeat[0])!r} appears twice (in {where[0]}"
+                        f"{' and ' + where[1] if where[1] != where[0] else ''}); keys name samples, so they must be "
+                        f"unique (`unsupft ingest {uri} OUT_URI` writes a copy with unique keys)")
     if info is not None:
         index.classes, index.channels, index.image_size = info.classes, info.channels, info.image_size
         if info.labeled:

@@ -1,7 +1,9 @@
 """`dataset.json`: the manifest that makes a directory of shards a data set.
 
 It is written last, after every shard is in place, so its presence is the sign that a data set is
-complete; readers refuse a URI without it instead of training on half an ingestion.
+complete; readers refuse a URI without it instead of training on half an ingestion. While an
+ingestion writes, `_INGESTING.json` beside the shards says so (a folder of shards without either
+file is foreign: unsupft did not write it).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from unsupft.stage import DATASET_MANIFEST
 
 FORMAT = "unsupft-shards/1"
 INFO_NAME = DATASET_MANIFEST  # a data set is known by it, also as a stage input (unsupft.stage)
+INGESTING_NAME = "_INGESTING.json"  # there while an ingestion writes (unsupft.data.shards)
 
 
 @dataclass(frozen=True)

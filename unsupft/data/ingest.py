@@ -9,7 +9,9 @@ upright, shrunk, re-encoded) is `unsupft.data.encode`'s business.
 WebDataset shards (an unsupft data set, a `.tar`, a folder or S3 prefix of tars, a brace pattern)
 are read through the sample index, the same way the stages read them: selection works on the
 index's label array, and each kept image member is copied as its very bytes (one pread or ranged
-GET each), so nothing is decoded and memory holds the index, never the images.
+GET each), so nothing is decoded and memory holds the index, never the images. Their keys are
+data: one that is unsafe as a member name (`../../x/k`, `/x/k`) or that appears twice is rewritten
+(`unique_keys`), said in one line, and listed with its key in SOURCE in `sources.tsv`.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import click
 import numpy as np
@@ -31,10 +33,9 @@ from PIL import Image
 from unsupft import options, store
 from unsupft.data.encode import (DEFAULT_QUALITY, FORMATS, KEEP, Encoding, UnreadableImage, encode_array, encode_bytes,
                                   encode_file, stored_size)
-from unsupft.data.index import SampleIndex
-from unsupft.data.info import INFO_NAME
-from unsupft.data.samples import Samples, image_format, open_samples
-from unsupft.data.shards import CorruptShard, Sample, write_dataset
+from unsupft.data.index import SampleIndex, open_index
+from unsupft.data.samples import Samples, image_format
+from unsupft.data.shards import CorruptShard, Part, Sample, check_outputs, safe_name, unsafe_name, write_datasets
 from unsupft.data.sources import SourceData, is_shard_source, open_source
 from unsupft.errors import UserError
 
@@ -126,10 +127,34 @@ def _samples(source: SourceData, indices: np.ndarray, label_map: dict[int, int] 
         yield Sample(key=source.keys[i], data=data, ext=ext, label=label, source=origin)
 
 
+def unique_keys(keys: Sequence[str]) -> dict[int, tuple[str, str]]:
+    """{position: (new key, why)} for the keys a shard written by unsupft cannot carry as they are:
+    one that is unsafe as a member name becomes its `safe_name`, and one that is taken (a repeat,
+    or a rewrite landing on another sample's key) gets the first free `~2`, `~3`, ... Decided by the
+    source's keys in index order alone, so every rerun, `--limit` or `--split` gives a sample the
+    same key, and a key that needs no change is never taken from its sample."""
+    kept = {key for key in keys if unsafe_name(key) is None}
+    taken: set[str] = set()
+    renamed: dict[int, tuple[str, str]] = {}
+    for i, key in enumerate(keys):
+        if key in kept and key not in taken:
+            taken.add(key)
+            continue
+        base = key if key in kept else safe_name(key)
+        new, count = base, 1
+        while new in taken or new in kept:
+            count += 1
+            new = f"{base}~{count}"
+        taken.add(new)
+        renamed[i] = (new, "it appears twice" if key in kept else unsafe_name(key))
+    return renamed
+
+
 def _copied(stored: Samples, indices: np.ndarray, label_map: dict[int, int] | None, encoding: Encoding,
-            sizes: set[tuple[int, int]]) -> Iterator[Sample]:
+            sizes: set[tuple[int, int]], renamed: dict[int, tuple[str, str]]) -> Iterator[Sample]:
     """The shard samples at `indices`: each image member's very bytes, or one re-encode when
-    --resize/--format ask for it; the stored (H, W) of each, read from its header, goes to `sizes`."""
+    --resize/--format ask for it; the stored (H, W) of each, read from its header, goes to `sizes`.
+    A key in `renamed` is written as its new key, with its key in SOURCE as the sample's source."""
     copy = encoding.fmt == KEEP and encoding.short_side is None
     for i in (int(i) for i in indices):
         key = stored.key(i)
@@ -147,7 +172,10 @@ def _copied(stored: Samples, indices: np.ndarray, label_map: dict[int, int] | No
         except (OSError, ValueError, SyntaxError) as exc:
             raise CorruptShard(f"{where}: unreadable image ({exc})") from exc
         label = None if label_map is None else label_map[int(stored.index.labels[i])]
-        yield Sample(key=key, data=data, ext=ext, label=label)
+        if i in renamed:
+            yield Sample(key=renamed[i][0], data=data, ext=ext, label=label, source=key)
+        else:
+            yield Sample(key=key, data=data, ext=ext, label=label)
 
 
 def _only_size(sizes: set[tuple[int, int]]) -> tuple[int, int] | None:
@@ -194,14 +222,13 @@ def ingest(config: IngestConfig) -> None:
     source, test_fraction = config.source, config.test_fraction
     out_uri = store.normalize(config.out_uri)
     part_uris = [out_uri] if test_fraction is None else [store.join(out_uri, "train"), store.join(out_uri, "test")]
-    for uri in part_uris:
-        if not config.overwrite and store.exists(store.join(uri, INFO_NAME)):
-            raise UserError(f"{uri}: holds a complete data set already (add --overwrite to replace it)")
-    stored, data = None, None
+    unfinished = check_outputs(part_uris, config.overwrite)
+    stored, data, renamed = None, None, {}
     if is_shard_source(source):
         if config.labels_file is not None:
             raise UserError(f"{source}: --labels is for IDX image files only, not shards")
-        stored = open_samples(source)
+        stored = Samples(open_index(source, unique_keys=False))
+        renamed = unique_keys(stored.keys())
         selectable, labels, all_classes, channels = stored.index, stored.index.labels, stored.classes, stored.channels
     else:
         data = open_source(source, config.labels_file, skip_unreadable=config.skip_corrupt)
@@ -225,18 +252,28 @@ def ingest(config: IngestConfig) -> None:
         ("--format", config.fmt if config.fmt != KEEP else None)) if value is not None)
     encoding = Encoding(fmt=config.fmt, short_side=config.resize, quality=config.quality, channels=channels)
     skipped = list(data.unreadable) if config.skip_corrupt and data is not None else None
+    if unfinished:
+        click.echo(f"{out_uri}: an earlier ingestion into it did not finish; writing it again", file=sys.stderr)
+    rewritten = [int(i) for i in indices if int(i) in renamed] if renamed else []
+    if rewritten:
+        old_key, (new_key, why) = stored.key(rewritten[0]), renamed[rewritten[0]]
+        click.echo(f"{source}: rewrote {len(rewritten)} sample keys that are unsafe as member names or repeated "
+                   f"(first: {old_key!r} -> {new_key!r}, {why}); sources.tsv lists each with its key in SOURCE",
+                   file=sys.stderr)
+    writes = []
+    for uri, part in parts.items():
+        if stored is not None:
+            sizes: set[tuple[int, int]] = set()
+            writes.append(Part(uri, _copied(stored, part, label_map, encoding, sizes, renamed),
+                               functools.partial(_only_size, sizes)))
+        else:
+            writes.append(Part(uri, _samples(data, part, label_map, encoding, skipped),
+                               common_size(data.sizes[part], config.resize)))
     with _sigterm_exits():
-        for uri, part in parts.items():
-            if stored is not None:
-                sizes: set[tuple[int, int]] = set()
-                samples = _copied(stored, part, label_map, encoding, sizes)
-                image_size = functools.partial(_only_size, sizes)
-            else:
-                samples = _samples(data, part, label_map, encoding, skipped)
-                image_size = common_size(data.sizes[part], config.resize)
-            manifest = write_dataset(uri, samples, classes=names, labeled=label_map is not None, channels=channels,
-                                     image_size=image_size, shard_size=config.shard_size,
-                                     source=f"{source} {options}{' --unlabeled' if config.unlabeled else ''}".strip())
-            click.echo(f"{uri}: {manifest['samples']} samples in {len(manifest['shards'])} shards", file=sys.stderr)
+        manifests = write_datasets(writes, classes=names, labeled=label_map is not None, channels=channels,
+                                   shard_size=config.shard_size,
+                                   source=f"{source} {options}{' --unlabeled' if config.unlabeled else ''}".strip())
+    for uri, manifest in zip(parts, manifests):
+        click.echo(f"{uri}: {manifest['samples']} samples in {len(manifest['shards'])} shards", file=sys.stderr)
     if skipped:
         click.echo(f"skipped {len(skipped)} unreadable image files (first: {skipped[0]})", file=sys.stderr)

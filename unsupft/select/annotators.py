@@ -3,13 +3,21 @@
 A manual round is an exchange through the store, so that it works the same on a laptop and in a
 cluster where the stage runs as a batch Job with nobody attached:
 
-  <out>/requests/round-N.csv       columns `key` (the samples to label, in order) and, from round 1
-                                   on, `guess` (the previous round's model's class for it)
+  <out>/requests/round-N.csv       columns `key` (the samples to label, in order), from round 1
+                                   on `guess` (the previous round's model's class for it), and
+                                   `image` when some key is no plain file name (below)
   <out>/requests/round-N/<key>.png the images, viewable in any file browser or S3 console
   <out>/requests/classes.json      the class names to choose from
   <out>/labels/round-N.csv         written by the person (or `unsupft annotate <out>`): key,label
                                    where label is a class name, or `?` for "not sure": that image
                                    goes back to the pool and costs no budget
+
+Keys are data, not paths (a foreign shard's key may be `../../victim/k3`): an image is named
+`<key>.png` only when the key is a plain relative name (letters, digits, `_`, `-`, `/` between
+them: unsupft's own keys and most foreign ones); any other key gets a flat name, a readable part of
+the key plus a hash of all of it (`victim_k3~1f2e3d4c5b6a7980.png`), that no other key shares and
+that stays in the round's folder. `image_uri` is the one place that decides, for the stage and for
+`unsupft annotate` alike, and the CSV's `image` column names those files for a person.
 
 While the labels file is missing the stage stops with exit code 75 (`EXIT_WAITING_FOR_LABELS`); the
 next attempt (`unsupft label --resume`, or the controller's retry) finds the file and goes on.
@@ -18,8 +26,10 @@ next attempt (`unsupft label --resume`, or the controller's retry) finds the fil
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
+import re
 from typing import Any, Callable, Iterable, Protocol, Sequence
 
 import torch
@@ -30,6 +40,10 @@ from unsupft.errors import UserError
 
 
 UNSURE = "?"
+# a key that is its own image's name: relative components of portable characters, no dots (so no
+# `..`, no hidden file, no folder that is also a `<key>.png`) and no `~` (which only hashed names hold)
+_PLAIN_KEY = re.compile(r"[A-Za-z0-9_-]+(?:/[A-Za-z0-9_-]+)*")
+_PLAIN_KEY_LENGTH = 150  # with `.png` and the store's temp prefix, well inside a file name's 255 bytes
 
 
 class WaitingForLabels(Exception):
@@ -64,8 +78,19 @@ def labels_uri(out: str, round_index: int) -> str:
     return store.join(out, "labels", f"round-{round_index}.csv")
 
 
+def image_name(key: str) -> str:
+    """The file name of `key`'s image below `requests/round-N/` (see the module docstring):
+    `<key>.png` for a plain key, else `<readable part>~<hash>.png`, flat and unique to the key."""
+    if len(key) <= _PLAIN_KEY_LENGTH and _PLAIN_KEY.fullmatch(key):
+        return f"{key}.png"
+    readable = re.sub(r"[^A-Za-z0-9_-]+", "_", key).strip("_")[:64]
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    return f"{readable}~{digest}.png"
+
+
 def image_uri(out: str, round_index: int, key: str) -> str:
-    return store.join(out, "requests", f"round-{round_index}", f"{key}.png")
+    """Where `key`'s image of round `round_index` is stored: always inside that round's folder."""
+    return store.join(out, "requests", f"round-{round_index}", image_name(key))
 
 
 def classes_uri(out: str) -> str:
@@ -157,6 +182,7 @@ class ManualAnnotator:
             store.write_bytes(image_uri(self.out, round_index, key), png_bytes(self.image_of(key)))
         store.write_text(classes_uri(self.out), json.dumps(self.classes))
         guesses = self.guesses(round_index, keys) if self.guesses else None
-        header = ["key", "guess"] if guesses else ["key"]
-        rows = ([k, guesses[k]] if guesses else [k] for k in keys)
+        named = any(image_name(k) != f"{k}.png" for k in keys)  # keys that cannot name their own file
+        header = ["key"] + (["guess"] if guesses else []) + (["image"] if named else [])
+        rows = ([k] + ([guesses[k]] if guesses else []) + ([image_name(k)] if named else []) for k in keys)
         store.write_text(request_uri(self.out, round_index), csv_text(header, rows))

@@ -20,6 +20,7 @@ def ingest_command(config: IngestConfig) -> None:
     IDX image file (with --labels), an .npz (arrays images/x, labels/y, optional class_names) or
     sklearn:digits (8x8, kept at native size), or WebDataset shards: an unsupft data set, a .tar, a
     folder or S3 prefix of tars, a brace pattern (images copied byte for byte; classes from their .cls
-    or .json labels). A folder's file paths are kept in sources.tsv.
+    or .json labels; a key that is unsafe as a file name or appears twice is rewritten, said in one
+    line). A folder's file paths, and the rewritten keys' originals, are kept in sources.tsv.
     """
     ingest(config)
