@@ -182,6 +182,14 @@ def test_json_labels_written_as_text_are_read(tmp_path: Path) -> None:
     assert _labels_of(tmp_path / "out") == {"a": 0, "b": 1, "c": 1}
 
 
+def test_a_json_member_without_a_label_keeps_the_cls_label(tmp_path: Path) -> None:
+    """img2dataset-style metadata (`.json` with a caption) beside a `.cls`: the label is the `.cls`."""
+    (tmp_path / "f.tar").write_bytes(_tar({"a.png": _png(8), "a.cls": b"0", "a.json": b'{"caption": "x"}',
+                                           "b.png": _png(8), "b.cls": b"1", "b.json": b'{"caption": "y"}'}))
+    _ok(["ingest", tmp_path / "f.tar", tmp_path / "d"])
+    assert _labels_of(tmp_path / "d") == {"a": 0, "b": 1}
+
+
 BAD_LABELS = {  # member of sample 'b' -> what the error line says
     "json-class-name": ({"b.json": b'{"label": "cat"}'}, "json field 'label' is 'cat', not a class id"),
     "json-bool": ({"b.json": b'{"label": true}'}, "is True, not a class id"),
@@ -247,6 +255,12 @@ def odd_paths(tmp_path: Path) -> Path:
 ], ids=["fifo", "fifo-tar", "dangling", "dangling-tar", "dangling-in-class-folder", "fifo-labels"])
 def test_a_fifo_or_broken_link_is_named(args: list[str], needle: str, odd_paths: Path) -> None:
     _refused(["ingest", *(a.format(t=odd_paths) for a in args), odd_paths / "out"], needle.format(t=odd_paths), odd_paths)
+
+
+@pytest.mark.parametrize("name, needle", [("fifo", "is a FIFO"), ("dangling", "is a broken symbolic link to")])
+def test_stages_name_a_fifo_or_broken_link_too(name: str, needle: str, odd_paths: Path) -> None:
+    _refused(["pretrain", "--data", odd_paths / name, "--out", odd_paths / "out", *MOCO], f"{odd_paths}/{name}: {needle}",
+             odd_paths)
 
 
 def test_a_fifo_in_an_image_folder_is_named_not_waited_on(odd_paths: Path) -> None:

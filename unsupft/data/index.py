@@ -49,14 +49,15 @@ from braceexpand import braceexpand
 from PIL import Image
 
 from unsupft import store
-from unsupft.data.encode import WIDE_MODES, UnsupportedPixels, eight_bit
+from unsupft.data.encode import GRAY_MODES, WIDE_MODES, UnsupportedPixels, eight_bit
 from unsupft.data.info import INFO_NAME, INGESTING_NAME, DatasetInfo, read_info
 from unsupft.data.shards import SHARD_NAME, CorruptShard, written_by_unsupft
+from unsupft.data.sources import require_file_or_folder
 from unsupft.errors import UserError
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 JSON_LABEL_FIELDS = ("label", "cls", "class", "target")
-INDEX_FORMAT = "unsupft-index/1"
+INDEX_FORMAT = "unsupft-index/2"
 _KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # webdataset's base_plus_ext
 _INDEX_THREADS = 8  # shards scanned at once: first reads from S3 are bound by latency, not CPU
 
@@ -84,6 +85,9 @@ def resolve(uri: str) -> tuple[DatasetInfo | None, list[ShardRef]]:
                 raise UserError(f"{uri}: the pattern names {shard}, which does not exist")
         return None, [ShardRef(store.normalize(s)) for s in shard_uris]
     uri = store.normalize(uri)
+    local = store.local_path(uri)
+    if local is not None:
+        require_file_or_folder(local)
     if uri.endswith(".tar"):
         if not store.exists(uri):
             raise UserError(f"{uri}: no such shard")
@@ -222,9 +226,11 @@ def _scan(ref: ShardRef, foreign: bool) -> ShardIndex:
                             first_mode = first_mode or mode
                     elif ext in ("cls", "json"):
                         try:
-                            label = _label_of(ext, tar.extractfile(member).read())
+                            found = _label_of(ext, tar.extractfile(member).read())
                         except (ValueError, UnicodeDecodeError) as exc:
                             raise CorruptShard(f"{ref.uri}: sample {key!r}: malformed {ext} member ({exc})") from exc
+                        if found is not None:  # a .json without a label field keeps the .cls label
+                            label = found
                 close_sample()
             reader.drain()
         except (tarfile.TarError, EOFError, OSError) as exc:
@@ -356,7 +362,7 @@ def open_index(uri: str, unique_keys: bool = True) -> SampleIndex:
                                    f"{len(info.classes)} classes")
             index.labels = raw_labels
         return index
-    if shards[0].first_mode in ("1", "L", "LA", "I", "I;16", "F"):
+    if shards[0].first_mode in GRAY_MODES:
         index.channels = 1
     missing = int((raw_labels < 0).sum())
     if 0 < missing < len(raw_labels):

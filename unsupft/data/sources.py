@@ -20,7 +20,7 @@ import numpy as np
 
 from unsupft import store
 from unsupft.data.encode import UnreadableImage, scan_header
-from unsupft.data.info import INFO_NAME
+from unsupft.data.info import INFO_NAME, INGESTING_NAME
 from unsupft.errors import UserError
 
 FASHION_MNIST_CLASSES = [
@@ -86,7 +86,8 @@ def is_shard_source(spec: str) -> bool:
         return False
     local = Path(store.normalize(spec))
     require_file_or_folder(local)
-    return spec.endswith(".tar") or local.is_dir() and ((local / INFO_NAME).is_file() or any(local.glob("*.tar")))
+    return spec.endswith(".tar") or local.is_dir() and ((local / INFO_NAME).is_file() or (local / INGESTING_NAME).is_file()
+                                                       or any(local.glob("*.tar")))
 
 
 def open_source(spec: str, labels_file: str | None = None, skip_unreadable: bool = False) -> SourceData:
