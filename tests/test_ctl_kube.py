@@ -136,12 +136,12 @@ def test_rendered_objects_pass_the_official_schemas(job_api):
     assert c["securityContext"]["capabilities"]["drop"] == ["ALL"]
     if job_api == "pytorchjob":
         master = base["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]
-        assert master["command"][:5] == ["torchrun", "--nproc-per-node", "8", "-m", "unsupft"]
+        assert master["command"][:5] == ["unsupft", "launch", "--nproc-per-node", "8", "pretrain"]
         assert base["spec"]["pytorchReplicaSpecs"]["Worker"]["replicas"] == 1
         assert master["resources"]["limits"]["nvidia.com/gpu"] == "8"
     else:
         trainer = base["spec"]["trainer"]
-        assert trainer["command"][:3] == ["torchrun", "-m", "unsupft"]  # PET_* from the Trainer's torch plugin
+        assert trainer["command"][:3] == ["unsupft", "launch", "pretrain"]  # PET_* from the torch plugin
         assert (trainer["numNodes"], trainer["numProcPerNode"]) == (2, 8)
         assert trainer["resourcesPerNode"]["limits"]["nvidia.com/gpu"] == "8"
         assert base["spec"]["runtimeRef"] == {"apiGroup": "trainer.kubeflow.org", "kind": "TrainingRuntime", "name": "unsupft"}

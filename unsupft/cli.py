@@ -6,6 +6,7 @@ environment (how pod specs and CI usually set them); an option given on the comm
 The names are set per option rather than by Click's `auto_envvar_prefix`, which derives them from
 Python parameter names. A data-set input may be `chosen:<select-source output>` (the source that
 stage chose, `unsupft.stage.resolve_chosen`): resolved here, before the stage sees its options.
+`unsupft launch` runs a stage on several processes (`unsupft.distributed.launch`).
 """
 
 from __future__ import annotations
@@ -68,13 +69,25 @@ class LazyGroup(OneLineGroup):
     """A click group whose sub-commands, the stages of `unsupft.registry`, are imported only when used."""
 
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted(STAGES)
+        return sorted([*STAGES, *self.commands])
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
-        return _load(STAGES[name]) if name in STAGES else None
+        return _load(STAGES[name]) if name in STAGES else super().get_command(ctx, name)
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="unsupft")
 def main() -> None:
     """unsupft stages: each reads inputs from URIs and writes its outputs to --out."""
+
+
+@main.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False},
+              add_help_option=False,  # `unsupft launch --help` is torchrun's help
+              short_help="Run a stage on several processes (torchrun).")
+@click.argument("argv", nargs=-1, type=click.UNPROCESSED)
+@report_user_errors
+def launch(argv: tuple[str, ...]) -> None:
+    """Run a stage on several processes (torchrun's options, then STAGE ...); exits with the stage's code."""
+    from unsupft.distributed import launch as launch_stage  # torch: only when launching
+
+    launch_stage(argv)

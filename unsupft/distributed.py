@@ -1,22 +1,63 @@
-"""Process-group setup from the environment that torchrun or the Kubeflow operator provides.
+"""Process-group setup from the environment that torchrun or the Kubeflow operator provides, and
+the launcher that starts a stage's processes (`unsupft launch`).
 
-A stage never takes distributed options: `torchrun --nproc-per-node 4 -m unsupft pretrain ...`
-sets RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT, and a Kubeflow PyTorchJob sets either
-the same variables (one process per pod) or torchrun's `PET_*` ones (NNODES, NODE_RANK,
-MASTER_ADDR, MASTER_PORT) when the pod command is not torchrun itself. Without any of them the
-stage runs as a single process.
+A stage never takes distributed options: `unsupft launch --nproc-per-node 4 pretrain ...` (or plain
+`torchrun --nproc-per-node 4 -m unsupft pretrain ...`) sets RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/
+MASTER_PORT for each process, and a Kubeflow PyTorchJob sets either the same variables (one process
+per pod) or torchrun's `PET_*` ones (NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT) when the pod
+command is not a launcher. Without any of them the stage runs as a single process.
+
+`launch` is torchrun that exits with the stage's own code. torchrun exits 1 whenever a worker
+fails, whatever the worker's code: bad input (2), waiting for labels (75) and an infrastructure
+failure (69) all left a multi-process stage's container as 1, so the Job's `podFailurePolicy` rule
+for 2 and 75 never fired and the driver retried bad input on GPUs. `launch` runs
+`torch.distributed.run`'s own parser and `run()`: the same options, the same `PET_*` environment
+defaults (that parser's `env` actions read them), rendezvous, agent and restarts, every worker
+`python -u -m unsupft STAGE ...` with its RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT
+from torchrun's agent (read by `env_dist`, as before). Only its end differs: failed workers give the
+code `stage_exit_code` picks, a SIGTERM or SIGINT to the launcher (torchrun forwards it to the
+workers first) 128 + the signal's number, as a shell reports a process killed by it.
+
+Whoever starts `launch` configures the rendezvous, so the rendered stage objects (`unsupft.ctl.kube`)
+carry no rendezvous flags:
+- Kubeflow Trainer v2.3.0's torch plugin (kubeflow/trainer
+  pkg/runtime/framework/plugins/torch/torch.go, `EnforceMLPolicy`) injects PET_NNODES,
+  PET_NPROC_PER_NODE and PET_NODE_RANK (the Job completion index) into the `node` container
+  whatever its command, and PET_MASTER_ADDR/PET_MASTER_PORT for every command but torchtune's
+  `tune run` (`constants.TorchTuneEntrypoint`, the only command it inspects or rewrites); its
+  webhook (`Validate`, same file) refuses those five names in `trainer.env` and checks nothing else
+  of the command, which the JobSet plugin copies into that container as it is
+  (pkg/runtime/framework/plugins/jobset/builder.go, `Trainer`).
+- The training operator v1.9.0 (kubeflow/training-operator pkg/controller.v1/pytorch/envvar.go
+  `setPodEnv`, master.go) sets PET_NNODES (all replicas), PET_NPROC_PER_NODE (`nprocPerNode`),
+  PET_NODE_RANK, PET_MASTER_ADDR/PET_MASTER_PORT and also MASTER_ADDR, MASTER_PORT, WORLD_SIZE and
+  RANK in the pod; torchrun's agent sets the workers' own values over those. Its webhook
+  (pkg/webhooks/pytorch/pytorchjob_webhook.go) checks the container's name, not its command.
+- By hand: `unsupft launch --standalone --nproc-per-node 4 pretrain ...`.
 """
 
 from __future__ import annotations
 
 import atexit
 import os
+import signal
+import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from unsupft.errors import UserError
+from unsupft.errors import EXIT_INFRA, EXIT_USER_ERROR, EXIT_WAITING_FOR_LABELS, UserError
+
+# The codes a stage chooses itself, strongest first. Bad input wins: every rank reads the same input
+# and config, so a retry meets it again, and the peers of a rank that stopped on it fail only as a
+# consequence (exit 1 from a broken collective, or torchrun's SIGTERM). Waiting for labels is next:
+# a deliberate, complete stop (its state is saved), which a retry cannot end either. An
+# infrastructure failure (69, after the stage's own retries) outranks the 1 its peers then crash
+# with, so the scheduler sees the cause; both may be retried, so naming it costs nothing.
+STAGE_CODES = (EXIT_USER_ERROR, EXIT_WAITING_FOR_LABELS, EXIT_INFRA)
+SIGNAL_BASE = 128  # a process killed by signal N exits 128 + N in a shell, and so in a container
 
 
 @dataclass(frozen=True)
@@ -122,3 +163,60 @@ def mean_across_ranks(values: dict[str, float]) -> dict[str, float]:
 def default_device() -> torch.device:
     """The device a single-process stage computes on: the first GPU when there is one."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def stage_exit_code(exit_codes: Sequence[int]) -> int:
+    """The container's exit code for workers that failed with `exit_codes` (as `Popen` reports them:
+    negative for a signal), in the order torchrun's agent recorded them.
+
+    A code of `STAGE_CODES` wins, in that order; else the first other code a worker exited with
+    itself (1: an unhandled exception, a bug); else 128 + the first signal. Signals come last because
+    the agent, once a worker has failed, sends SIGTERM to the others and records them too
+    (torch/distributed/elastic/multiprocessing/api.py, `SubprocessContext._poll`), after the failure
+    that caused it: a worker killed from outside (the OOM killer's SIGKILL) is that first signal.
+    """
+    for code in STAGE_CODES:
+        if code in exit_codes:
+            return code
+    own = [code for code in exit_codes if code > 0]
+    if own:
+        return own[0]
+    signals = [code for code in exit_codes if code < 0]
+    return SIGNAL_BASE - signals[0] if signals else 1
+
+
+def _describe(exit_code: int) -> str:
+    if exit_code >= 0:
+        return f"exit {exit_code}"
+    try:
+        return signal.Signals(-exit_code).name
+    except ValueError:
+        return f"signal {-exit_code}"
+
+
+def launch(argv: Sequence[str]) -> None:
+    """`unsupft launch [torchrun options] STAGE [stage options]`: run STAGE on every process as
+    torchrun would (its options, PET_* defaults), then exit with the stage's code (module docstring)."""
+    from torch.distributed import run as torchrun
+    from torch.distributed.elastic.multiprocessing import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    parser = torchrun.get_args_parser()  # reads the PET_* environment now, as torchrun does
+    parser.prog = "unsupft launch"
+    parser.description = ("Run an unsupft stage on several processes: torchrun's options, then the stage "
+                          "and its options; exits with the stage's own code.")
+    args = parser.parse_args(argv)
+    if args.module or args.no_python or args.run_path:
+        raise UserError("unsupft launch runs an unsupft stage: give the stage and its options (no -m, --no-python or --run-path)")
+    stage = args.training_script
+    args.module, args.training_script = True, "unsupft"
+    args.training_script_args = [stage, *args.training_script_args]
+    try:
+        torchrun.run(args)
+    except ChildFailedError as failed:
+        code = stage_exit_code([failure.exitcode for failure in failed.failures.values()])
+        ranks = ", ".join(f"rank {rank}: {_describe(failure.exitcode)}" for rank, failure in sorted(failed.failures.items()))
+        print(f"unsupft {stage}: exit {code} ({ranks})", file=sys.stderr)
+        sys.exit(code)
+    except SignalException as stopped:
+        sys.exit(SIGNAL_BASE + int(stopped.sigval))

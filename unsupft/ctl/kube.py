@@ -4,7 +4,8 @@ A stage asking for one process runs as a `batch/v1` Job; more processes (nodes x
 node) run as a Kubeflow Trainer v2 `TrainJob` (trainer.kubeflow.org/v1alpha1, as of Trainer
 v2.3.0) or a training-operator v1 `PyTorchJob` (kubeflow.org/v1), whichever the cluster serves
 (`kubeapi.Api.served`), or as the pipeline (`resources.job_api`) or the command line say. Their
-pods call `torchrun` without rendezvous flags: the operator's `PET_*` environment configures it.
+pods call `unsupft launch` (torchrun that exits with the stage's own code: 2, 69, 75 reach the
+pod; `unsupft.distributed.launch`) without rendezvous flags: the operator's `PET_*` environment configures it.
 
 Every attempt is its own object named `<run>-<stage>-<attempt>`, owned (ownerReferences) by the
 run's ConfigMap, so deleting that one object (`helm uninstall`, `unsupft-ctl cancel`) lets the
@@ -39,6 +40,9 @@ UID = 1000
 FAIL_AT_ONCE = [EXIT_USER_ERROR, EXIT_WAITING_FOR_LABELS]  # retrying cannot help these
 RUNTIME_PATCH_MANAGER = "unsupft.io/ctl"
 TRAINER_VERSION = "v2.3.0"  # the Kubeflow Trainer release whose API (and CRDs in tests/data) we target
+# A multi-process stage's command: torchrun's options and PET_* environment, the stage's own exit
+# code (`unsupft.distributed.launch`, where the operators' environment is cited).
+LAUNCH = ["unsupft", "launch"]
 
 
 def object_name(*parts: str) -> str:
@@ -246,7 +250,7 @@ class PyTorchJob(JobKind):
 
     def spec(self, ctx, stage, args, attempt):
         res = stage.resources
-        command = ["torchrun", "--nproc-per-node", str(res.procs_per_node), "-m", "unsupft", *args]
+        command = [*LAUNCH, "--nproc-per-node", str(res.procs_per_node), *args]
 
         def replica(count: int) -> dict[str, Any]:
             main = container("pytorch", command, res, ctx)  # the operator requires this name
@@ -280,7 +284,7 @@ class TrainJob(JobKind):
         return {
             "runtimeRef": {"apiGroup": self.group, "kind": res.runtime_kind, "name": res.runtime},
             "activeDeadlineSeconds": res.deadline_s,
-            "trainer": {"image": res.image, "command": ["torchrun", "-m", "unsupft", *args],
+            "trainer": {"image": res.image, "command": [*LAUNCH, *args],
                         "env": container_env(ctx, res), "numNodes": res.nodes, "numProcPerNode": res.procs_per_node,
                         "resourcesPerNode": _resources(res)},
             "runtimePatches": [{"manager": RUNTIME_PATCH_MANAGER, "trainingRuntimeSpec": {
