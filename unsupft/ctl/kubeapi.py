@@ -40,6 +40,17 @@ def _status_message(exc: Exception) -> str:
         return str(body)
 
 
+def refusal(exc: Exception) -> str:
+    """An API error as the API server words it: `422 Invalid: <the Status object's message>`
+    (a webhook's denial, RBAC's Forbidden, a validation error), for `status` and the driver's log."""
+    body = getattr(exc, "body", None)
+    try:
+        reason = json.loads(body).get("reason") if body else None
+    except (ValueError, AttributeError):
+        reason = None
+    return f"{getattr(exc, 'status', '')} {reason or getattr(exc, 'reason', '')}: {_status_message(exc)}".strip()
+
+
 class Api:
     def __init__(self, api_client=None, *, retries: int = 8, backoff_s: float = 0.5, max_backoff_s: float = 30.0,
                  sleep: Callable[[float], None] = time.sleep) -> None:
