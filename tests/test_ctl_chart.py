@@ -44,7 +44,8 @@ def test_chart_renders_valid_objects_with_least_privilege():
     assert set(by_kind) == {"ServiceAccount", "Role", "RoleBinding", "ConfigMap", "Job"}  # no Trainer API here: no runtime
     job = by_kind["Job"]
     assert job["metadata"]["name"] == "inet-driver-r4"
-    assert job["spec"]["activeDeadlineSeconds"] == 2592000  # 30 days, as `unsupft-ctl submit`
+    deadline = job["spec"]["activeDeadlineSeconds"]
+    assert deadline == 2592000 and isinstance(deadline, int)  # 30 days, as `unsupft-ctl submit`; not Helm's 2.592e+06
     submitted = kube.driver_job(kube.Context("inet", "ml"), "s3://b/s", "img:1")["spec"]
     assert job["spec"]["podFailurePolicy"] == submitted["podFailurePolicy"]  # exit 73 fails it, evictions do not count
     assert job["spec"]["template"]["spec"]["restartPolicy"] == "Never"
