@@ -21,7 +21,19 @@ It speaks real HTTP/JSON to the official `kubernetes` client, as an API server w
   quota"), "evict" (the first pod is evicted with a DisruptionTarget condition and replaced, then
   success), "queued" (suspended, as Kueue holds what it has not admitted, until `reads`, then success);
 - faults on the wire: `fail_next(method, path_part, status, times)` answers 429 (with
-  Retry-After: 0), 5xx, 403 "exceeded quota", or "reset" (the connection closed without an answer).
+  Retry-After: 0), 5xx, 403 "exceeded quota", or "reset" (the connection closed without an answer);
+- refusals of a create, in the API server's order (authorization, then admission, then storage's
+  409), each answered with the Status object upstream builds:
+  `forbid(verb, plural)`: RBAC grants the caller no `verb` on `plural`: 403 Forbidden, as
+  k8s.io/apiserver pkg/endpoints/handlers/responsewriters/errors.go `Forbidden`/`forbiddenMessage`
+  words it through k8s.io/apimachinery pkg/api/errors/errors.go `NewForbidden` (a create names no
+  object: `<resource>.<group> is forbidden: User "..." cannot create resource ...`);
+  `deny(plural, webhook, code, reason, message)`: a validating webhook answers allowed: false
+  with that result Status; the API server rewrites it as
+  k8s.io/apiserver pkg/admission/plugin/webhook/errors/statuserror.go `ToStatusErr` does (code
+  403 and reason Forbidden when the webhook gave none; message `<resource>.<group> "<name>" is
+  forbidden: admission webhook "<webhook>" denied the request: <message>`; details group, kind
+  (the resource, as upstream) and name).
 """
 
 from __future__ import annotations
@@ -37,6 +49,8 @@ from urllib.parse import parse_qs, urlparse
 GROUPS = {"batch/v1": ["jobs"], "kubeflow.org/v1": ["pytorchjobs"], "trainer.kubeflow.org/v1alpha1": ["trainjobs"]}
 CORE = ("pods", "events", "configmaps", "serviceaccounts")
 STAGE_KINDS = ("jobs", "pytorchjobs", "trainjobs")
+GROUP_OF = {plural: gv.split("/")[0] for gv, plurals in GROUPS.items() for plural in plurals} | {p: "" for p in CORE}
+USER = "system:serviceaccount:ml:unsupft-driver"  # who the driver's requests come from
 QUOTA_MESSAGE = 'exceeded quota: gpu-quota, requested: requests.nvidia.com/gpu=8, used: requests.nvidia.com/gpu=8, limited: requests.nvidia.com/gpu=8'
 
 
@@ -77,6 +91,8 @@ class Emulator:
         self.reads: dict[str, int] = {}
         self.log: list[tuple[str, str]] = []  # (verb, name) of creates and deletes
         self.faults: list[dict[str, Any]] = []
+        self.forbidden: set[tuple[str, str]] = set()  # (verb, plural) RBAC does not grant
+        self.webhooks: dict[str, tuple[str, dict[str, Any]]] = {}  # plural -> (webhook, its result Status)
         self.installed = set(installed)
         self.on_success = on_success
         self.lock = threading.RLock()
@@ -99,6 +115,13 @@ class Emulator:
     def fail_next(self, method: str, path_part: str, status: int | str, times: int = 1) -> None:
         self.faults.append({"method": method, "path": path_part, "status": status, "times": times})
 
+    def forbid(self, verb: str, plural: str) -> None:
+        self.forbidden.add((verb, plural))
+
+    def deny(self, plural: str, webhook: str, code: int = 0, reason: str = "", message: str = "") -> None:
+        """Every create of `plural` is denied by `webhook` with this result Status, until removed."""
+        self.webhooks[plural] = (webhook, {"code": code, "reason": reason, "message": message})
+
     def add(self, plural: str, namespace: str, obj: dict[str, Any]) -> dict[str, Any]:
         with self.lock:
             meta = obj.setdefault("metadata", {})
@@ -114,6 +137,32 @@ class Emulator:
         """Everything labelled with this run still in the API (pods included)."""
         return sorted(f"{p}/{n}" for (p, _, n), o in self.objects.items()
                       if (o["metadata"].get("labels") or {}).get("unsupft.io/run") == run_id)
+
+    def refusal(self, verb: str, plural: str, namespace: str, name: str) -> dict[str, Any] | None:
+        """The Status the API server answers a request with before storing anything, or None."""
+        group = GROUP_OF[plural]
+        resource = f"{plural}.{group}" if group else plural  # schema.GroupResource.String()
+        if (verb, plural) in self.forbidden:  # authorization runs before admission
+            because = f'User "{USER}" cannot {verb} resource "{plural}" in API group "{group}" in the namespace "{namespace}"'
+            return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                    "message": f"{resource} is forbidden: {because}", "reason": "Forbidden",
+                    "details": {"group": group, "kind": plural}, "code": 403}
+        if verb != "create" or plural not in self.webhooks:
+            return None
+        webhook, result = self.webhooks[plural]
+        denied_by = f'admission webhook "{webhook}" denied the request'
+        if result["message"]:
+            message = f"{denied_by}: {result['message']}"
+        elif result["reason"]:
+            message = f"{denied_by}: {result['reason']}"
+        else:
+            message = f"{denied_by} without explanation"
+        code = result["code"] or 403
+        prefix = "Internal error occurred" if code == 500 else f'{resource} "{name or "Unknown"}" is forbidden'
+        details = ({"causes": [{"message": message}]} if code == 500
+                   else {"name": name or "Unknown", "group": group, "kind": plural})
+        return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "message": f"{prefix}: {message}",
+                "reason": result["reason"] or ("InternalError" if code == 500 else "Forbidden"), "details": details, "code": code}
 
     def _pods(self, owner: dict[str, Any]) -> list[dict[str, Any]]:
         uid = owner["metadata"]["uid"]
@@ -301,6 +350,9 @@ class Emulator:
                 name = body["metadata"]["name"]
                 with emu.lock:
                     emu.log.append(("create", name))
+                    refused = emu.refusal("create", plural, ns, name)
+                    if refused:
+                        return self._send(refused["code"], refused)
                     if (plural, ns, name) in emu.objects:
                         return self._status(409, "AlreadyExists", f"{plural} {name!r} already exists")
                     owners = body["metadata"].get("ownerReferences") or []

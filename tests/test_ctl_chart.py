@@ -12,6 +12,7 @@ import yaml
 helm = pytest.importorskip("helm_python")
 
 from tests.test_ctl_kube import validate_core, validate_crd  # noqa: E402
+from unsupft.ctl import kube  # noqa: E402
 
 CHART = Path(__file__).resolve().parents[1] / "charts" / "unsupft"
 PIPELINE = (Path(__file__).resolve().parents[1] / "jobs" / "imagenet-multinode.yaml").read_text()
@@ -43,6 +44,11 @@ def test_chart_renders_valid_objects_with_least_privilege():
     assert set(by_kind) == {"ServiceAccount", "Role", "RoleBinding", "ConfigMap", "Job"}  # no Trainer API here: no runtime
     job = by_kind["Job"]
     assert job["metadata"]["name"] == "inet-driver-r4"
+    deadline = job["spec"]["activeDeadlineSeconds"]
+    assert deadline == 2592000 and isinstance(deadline, int)  # 30 days, as `unsupft-ctl submit`; not Helm's 2.592e+06
+    submitted = kube.driver_job(kube.Context("inet", "ml"), "s3://b/s", "img:1")["spec"]
+    assert job["spec"]["podFailurePolicy"] == submitted["podFailurePolicy"]  # exit 73 fails it, evictions do not count
+    assert job["spec"]["template"]["spec"]["restartPolicy"] == "Never"
     pod = job["spec"]["template"]["spec"]
     assert pod["securityContext"]["runAsNonRoot"] and pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
     assert pod["serviceAccountName"] == "inet-driver"
@@ -124,6 +130,7 @@ def test_chart_lints_clean():
     {"pipeline": "x", "colour": "red"},
     {"pipeline": "x", "image": {"repository": "r", "tag": "t", "pullPolicy": "Sometimes"}},
     {"pipeline": "x", "driver": {"backoffLimit": -1}},
+    {"pipeline": "x", "driver": {"activeDeadlineSeconds": 0}},
     {"pipeline": "x", "runId": "Bad_Name"},
     {"pipeline": "x", "runId": "9lives"},
     {"pipeline": "x", "store": "file:///tmp"},

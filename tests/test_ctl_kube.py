@@ -163,6 +163,11 @@ def test_retries_by_cause_deadlines_and_ownership():
     assert run_policy["cleanPodPolicy"] == "Running" and run_policy["activeDeadlineSeconds"] == 7200
     assert {r["restartPolicy"] for r in pytorchjob["spec"]["pytorchReplicaSpecs"].values()} == {"ExitCode"}
     assert trainjob["spec"]["activeDeadlineSeconds"] == 7200
+    assert driver["spec"]["activeDeadlineSeconds"] == kube.DRIVER_DEADLINE_S == 30 * 24 * 3600
+    assert driver["spec"]["template"]["spec"]["restartPolicy"] == "Never"  # podFailurePolicy needs it
+    assert driver["spec"]["podFailurePolicy"]["rules"] == [  # another live driver holds the run: no retries
+        {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+        {"action": "FailJob", "onExitCodes": {"containerName": "driver", "operator": "In", "values": [kube.EXIT_DRIVER_HELD]}}]
     for obj in (driver, trainjob, pytorchjob, adapt, lab):
         assert obj["metadata"]["ownerReferences"] == [{"apiVersion": "v1", "kind": "ConfigMap", "name": "kt-run", "uid": "0000-1"}]
         assert obj["metadata"]["annotations"][kube.ANNOTATION_RUN] == "s3://bucket/store/runs/kt"

@@ -4,6 +4,7 @@ and that nothing of the run is left in the namespace after cancel or uninstall."
 
 from __future__ import annotations
 
+import json
 import threading
 from pathlib import Path
 
@@ -11,11 +12,12 @@ import pytest
 from click.testing import CliRunner
 from kubernetes import client
 
+from unsupft import lease
 from unsupft import stage as stage_contract
 from unsupft.ctl import cli, kube, kubeapi, kubedriver
 from unsupft.ctl import state as st
 from unsupft.errors import UserError
-from tests.kube_emulator import GROUPS, Emulator
+from tests.kube_emulator import GROUPS, USER, Emulator
 from tests.test_ctl_kube import PIPELINE, _pipeline
 
 
@@ -47,8 +49,9 @@ class Cluster:
 
     def driver(self, **kw):
         kw.setdefault("poll_s", 0.0)
+        kw.setdefault("echo", lambda s: None)
         return kubedriver.Driver(self.run, self.pipeline, self.api, kube.Context("kt", "ml", "creds"),
-                                 echo=lambda s: None, clock=lambda: self.t, **kw)
+                                 clock=lambda: self.t, **kw)
 
     def status(self) -> str:
         result = CliRunner().invoke(cli.main, ["--store", self.store, "status", "kt"])
@@ -405,3 +408,103 @@ def test_drive_exits_0_on_a_final_state_and_1_only_when_the_api_stays_down(clust
     result = CliRunner().invoke(cli.main, ["--store", cluster.store, "drive", "kt", "--api-retries", "1"])
     assert result.exit_code == 1
     assert result.output.strip().splitlines()[-1] == "error: Kubernetes API: 503 Service Unavailable after 2 tries"
+
+
+TRAINER_WEBHOOK = "validate.trainjob.trainer.kubeflow.org"
+RUNTIME_MISSING = 'spec.runtimeRef: Invalid value: {"name":"unsupft"}: TrainingRuntime ml/unsupft not found'
+REFUSALS = {  # how each refusal reads in `status`: the API server's own Status message
+    "webhook": ("base", "TrainJob kt-base-1 refused by the API server: 422 Invalid: trainjobs.trainer.kubeflow.org "
+                f'"kt-base-1" is forbidden: admission webhook "{TRAINER_WEBHOOK}" denied the request: {RUNTIME_MISSING}'),
+    "rbac": ("adapt", "Job kt-adapt-1 refused by the API server: 403 Forbidden: jobs.batch is forbidden: "
+             f'User "{USER}" cannot create resource "jobs" in API group "batch" in the namespace "ml"'),
+}
+
+
+@pytest.mark.parametrize("refusal", sorted(REFUSALS))
+def test_a_refused_create_fails_the_stage_once_with_the_api_message(cluster, monkeypatch, refusal):
+    """A webhook's 422 or RBAC's 403: one attempt, the message in `status` and the driver's log, the
+    driver exits 0 (a failed run is final), the stages after it are not started."""
+    if refusal == "webhook":
+        cluster.emu.deny("trainjobs", TRAINER_WEBHOOK, 422, "Invalid", RUNTIME_MISSING)
+    else:
+        cluster.emu.forbid("create", "jobs")
+    stage, shown = REFUSALS[refusal]
+    _point_cli_at(cluster.emu, monkeypatch)
+    monkeypatch.setattr(kubedriver, "POLL_S", 0.0)
+    result = CliRunner().invoke(cli.main, ["--store", cluster.store, "drive", "kt"])
+    assert result.exit_code == 0, result.output
+    assert f"{stage}: failed ({shown})" in result.output
+    states = cluster.states()
+    assert states[stage] == ("failed", 1)  # retries: 1 in the pipeline, none spent: it would be refused again
+    assert states["lab"] == ("pending", 0)
+    assert _creates(cluster.emu).count(f"kt-{stage}-1") == 1 and f"kt-{stage}-2" not in _creates(cluster.emu)
+    assert shown in cluster.status()
+    cluster.cancel_and_check_clean()
+
+
+def test_the_emulated_denial_is_the_api_servers_status():
+    """The Status object the client gets, as statuserror.go's ToStatusErr builds it."""
+    with Emulator() as emu:
+        emu.deny("trainjobs", TRAINER_WEBHOOK, 422, "Invalid", RUNTIME_MISSING)
+        emu.deny("jobs", "validation.gatekeeper.sh")  # a webhook that gives no code, reason or message
+        api = kubeapi.Api(client.ApiClient(client.Configuration(host=emu.url)), sleep=lambda s: None)
+        bodies = []
+        for kind, name in (("TrainJob", "a"), ("Job", "b")):
+            obj = {"apiVersion": "x", "kind": kind, "metadata": {"name": name, "namespace": "ml", "labels": {}}, "spec": {}}
+            with pytest.raises(client.exceptions.ApiException) as caught:
+                api.create(obj)
+            bodies.append((caught.value.status, json.loads(caught.value.body)))
+    assert bodies[0] == (422, {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "code": 422,
+                               "reason": "Invalid", "details": {"name": "a", "group": "trainer.kubeflow.org", "kind": "trainjobs"},
+                               "message": f'trainjobs.trainer.kubeflow.org "a" is forbidden: admission webhook '
+                                          f'"{TRAINER_WEBHOOK}" denied the request: {RUNTIME_MISSING}'})
+    assert bodies[1][0] == 403 and bodies[1][1]["reason"] == "Forbidden"
+    assert bodies[1][1]["message"] == 'jobs.batch "b" is forbidden: admission webhook "validation.gatekeeper.sh" denied the request without explanation'
+
+
+def _delete_as_an_admin(cluster, name: str) -> None:
+    """`kubectl delete trainjob NAME`: background propagation, not through the driver."""
+    cluster.api.custom.delete_namespaced_custom_object("trainer.kubeflow.org", "v1alpha1", "ml", "trainjobs", name,
+                                                       propagation_policy="Background")
+
+
+def test_a_stage_object_deleted_by_someone_else_is_a_failed_attempt(cluster):
+    log: list[str] = []
+    for name in ("kt-base-1", "kt-base-2"):
+        cluster.emu.script[name] = ("succeed", 10 ** 6)
+    d = cluster.driver(echo=log.append)
+    d._setup()
+    d._step()
+    _delete_as_an_admin(cluster, "kt-base-1")
+    d._step()  # attempt 1 is a failure (retries: 1 left one more)
+    assert "base: attempt 1 failed (deleted by someone else: TrainJob kt-base-1 is gone); retrying" in log
+    d._step()
+    assert cluster.states()["base"] == ("running", 2) and "kt-base-2" in cluster.emu.stage_objects()
+    _delete_as_an_admin(cluster, "kt-base-2")
+    d.execute()  # no attempt left: the stage fails with the reason, nothing after it starts
+    assert cluster.states() == {"base": ("failed", 2), "adapt": ("pending", 0), "lab": ("pending", 0)}
+    assert "deleted by someone else: TrainJob kt-base-2 is gone" in cluster.status()
+    assert _creates(cluster.emu) == ["kt-base-1", "kt-base-2"]  # never recreated under the same name
+    cluster.cancel_and_check_clean()
+
+
+def test_a_driver_that_died_before_creating_still_creates_its_attempt(cluster):
+    d = cluster.driver()
+    d._setup()
+    cluster.run.set("base", state=st.RUNNING, attempts=1, created=False)  # intent recorded, then the driver died
+    d.execute()
+    assert cluster.states()["base"] == ("succeeded", 1) and _creates(cluster.emu)[0] == "kt-base-1"
+    cluster.cancel_and_check_clean()
+
+
+def test_a_run_held_by_another_live_driver_exits_73_not_retried(cluster, monkeypatch):
+    """The driver Job's podFailurePolicy fails the Job on 73 (tests/test_ctl_kube.py checks the rule)."""
+    _point_cli_at(cluster.emu, monkeypatch)
+    held = lease.acquire(f"{cluster.run.uri}/{lease.LEASE}", "unsupft-ctl", "run kt")  # this live process holds it
+    try:
+        result = CliRunner().invoke(cli.main, ["--store", cluster.store, "drive", "kt"])
+    finally:
+        held.release()
+    assert result.exit_code == kube.EXIT_DRIVER_HELD == 73
+    assert result.output.strip().splitlines()[-1].startswith("error: run kt is in use by unsupft-ctl")
+    assert _creates(cluster.emu) == []

@@ -23,6 +23,7 @@ from unsupft.ctl import spec as spec_mod
 from unsupft.ctl import state as st
 from unsupft.ctl.command import check_options
 from unsupft.errors import OneLineGroup, UserError, report_user_errors
+from unsupft.lease import LeaseHeld
 from unsupft.stage import DATASET_MANIFEST
 
 DEFAULT_STORE = "file://./runs"
@@ -293,7 +294,8 @@ def drive(ctx: click.Context, run_id: str, create_from: str | None, namespace: s
     """Drive an existing run to its end (what `submit` starts; in the cluster, the driver Job).
 
     On Kubernetes it exits 0 whenever the run is final (succeeded, failed, cancelled, waiting for
-    labels), 1 only when the API server stayed unreachable through every retry.
+    labels), 1 only when the API server stayed unreachable through every retry, and 73 when another
+    live driver holds the run (its Job's podFailurePolicy then fails it instead of retrying).
     """
     if create_from:
         pipeline = _load(create_from, ctx.obj["store"])
@@ -304,7 +306,15 @@ def drive(ctx: click.Context, run_id: str, create_from: str | None, namespace: s
                   job_api=None if job_api == "auto" else job_api)
         ctx.obj["store"] = pipeline.store
     run_ = st.open_run(_store(ctx), run_id)
-    st.take(run_)  # a restarted driver takes over once its predecessor's lease has expired
+    try:
+        st.take(run_)  # a restarted driver takes over once its predecessor's lease has expired
+    except LeaseHeld as exc:
+        if run_.data["backend"] != "kubernetes":
+            raise
+        from unsupft.ctl.kube import EXIT_DRIVER_HELD
+
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(EXIT_DRIVER_HELD)
     pipeline = _recorded(run_, _store(ctx) if ctx.obj.get("store") else None)
     if run_.data["backend"] == "local":
         sys.exit(_drive_local(run_, pipeline))

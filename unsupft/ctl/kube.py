@@ -43,6 +43,12 @@ TRAINER_VERSION = "v2.3.0"  # the Kubeflow Trainer release whose API (and CRDs i
 # A multi-process stage's command: torchrun's options and PET_* environment, the stage's own exit
 # code (`unsupft.distributed.launch`, where the operators' environment is cited).
 LAUNCH = ["unsupft", "launch"]
+# `unsupft-ctl drive` exits with this when another live driver holds the run's lease (sysexits.h
+# EX_CANTCREAT: a second controller of the run cannot be made). The driver Job's podFailurePolicy
+# fails the Job on it at once: a new pod would only find the same holder. Exit 69 keeps its meaning
+# (the store unreachable after retries), which a new pod may well get past.
+EXIT_DRIVER_HELD = 73
+DRIVER_DEADLINE_S = 30 * 24 * 3600  # the driver Job's activeDeadlineSeconds: a whole run, stage after stage
 
 
 def object_name(*parts: str) -> str:
@@ -145,11 +151,12 @@ def placement(res: Resources, service_account: str | None = None) -> dict[str, A
     return out
 
 
-def pod_failure_policy(container_name: str) -> dict[str, Any]:
-    """Evictions and preemptions do not count; bad input and waiting-for-labels end the Job at once."""
+def pod_failure_policy(container_name: str, fail_at_once: list[int] = FAIL_AT_ONCE) -> dict[str, Any]:
+    """Evictions and preemptions do not count; the exit codes retrying cannot help (a stage's bad
+    input and waiting-for-labels; the driver's run held by another driver) end the Job at once."""
     return {"rules": [
         {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
-        {"action": "FailJob", "onExitCodes": {"containerName": container_name, "operator": "In", "values": FAIL_AT_ONCE}},
+        {"action": "FailJob", "onExitCodes": {"containerName": container_name, "operator": "In", "values": list(fail_at_once)}},
     ]}
 
 
@@ -322,11 +329,14 @@ def owner_reference(configmap: dict[str, Any]) -> dict[str, Any]:
 
 
 def driver_job(ctx: Context, store_uri: str, image: str, *, service_account: str = "unsupft-driver",
-               generation: int = 0) -> dict[str, Any]:
+               generation: int = 0, deadline_s: int = DRIVER_DEADLINE_S) -> dict[str, Any]:
     """The small Job that runs `unsupft-ctl drive RUN` next to the stages (`generation` counts resumes).
 
     It exits 0 whenever the run reaches a final state, so `backoffLimit` only covers crashes and an
-    API server that stayed unreachable through the driver's own retries.
+    API server that stayed unreachable through the driver's own retries; `activeDeadlineSeconds`
+    bounds a driver that never gets there. Its podFailurePolicy (hence restartPolicy Never) fails
+    the Job at once when another driver holds the run (`EXIT_DRIVER_HELD`) and does not count a
+    driver pod evicted from a drained node.
     """
     res = Resources(image=image, cpu="100m", memory="256Mi")
     suffix = ("driver",) if not generation else ("driver", str(generation))
@@ -334,9 +344,10 @@ def driver_job(ctx: Context, store_uri: str, image: str, *, service_account: str
     main["resources"]["limits"]["memory"] = "512Mi"
     return {"apiVersion": "batch/v1", "kind": "Job",
             "metadata": metadata(ctx, object_name(ctx.run_id, *suffix), labels(ctx.run_id, component="driver")),
-            "spec": {"backoffLimit": 6, "ttlSecondsAfterFinished": TTL_SECONDS,
+            "spec": {"backoffLimit": 6, "activeDeadlineSeconds": deadline_s, "ttlSecondsAfterFinished": TTL_SECONDS,
+                     "podFailurePolicy": pod_failure_policy("driver", [EXIT_DRIVER_HELD]),
                      "template": {"metadata": {"labels": labels(ctx.run_id, component="driver")},
-                                  "spec": pod_spec(main, res, restart="OnFailure", service_account=service_account)}}}
+                                  "spec": pod_spec(main, res, restart="Never", service_account=service_account)}}}
 
 
 def render(pipeline: Pipeline, ctx: Context, image: str) -> list[dict[str, Any]]:

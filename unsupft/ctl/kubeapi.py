@@ -2,7 +2,8 @@
 API server: 429 (with its Retry-After), 5xx and dropped connections are retried with capped
 exponential backoff and full jitter, a bounded number of times; a 403 "exceeded quota" is its own
 exception (`QuotaExceeded`) because it means *wait*, not *fail*; a 404 on a whole API group means
-the CRD is not installed (`Api.served`).
+the CRD is not installed (`Api.served`). Every other 4xx reaches the caller as the client's
+`ApiException`, whose Status `refusal` words as the API server did (the driver fails the stage on it).
 
 Jobs, PyTorchJobs and TrainJobs all go through `CustomObjectsApi` (its paths are the generic
 `/apis/<group>/<version>/namespaces/<ns>/<plural>`, batch/v1 included), so every kind is a dict.
@@ -38,6 +39,17 @@ def _status_message(exc: Exception) -> str:
         return json.loads(body).get("message", "") if body else str(exc)
     except (ValueError, AttributeError):
         return str(body)
+
+
+def refusal(exc: Exception) -> str:
+    """An API error as the API server words it: `422 Invalid: <the Status object's message>`
+    (a webhook's denial, RBAC's Forbidden, a validation error), for `status` and the driver's log."""
+    body = getattr(exc, "body", None)
+    try:
+        reason = json.loads(body).get("reason") if body else None
+    except (ValueError, AttributeError):
+        reason = None
+    return f"{getattr(exc, 'status', '')} {reason or getattr(exc, 'reason', '')}: {_status_message(exc)}".strip()
 
 
 class Api:

@@ -8,6 +8,11 @@ when the object's run annotation says it is this run's). What it handles besides
   within `resources.<stage>.retries`; exit 2 (bad input) is never retried, exit 75 means waiting
   for labels;
 - a ResourceQuota refusing the object keeps the stage pending with the reason;
+- any other 4xx refusing the object (an admission webhook's denial, RBAC's Forbidden, a validation
+  error) fails the stage at once with the API server's own message: the same object would be
+  refused again;
+- a stage object deleted by someone else (not by this driver) is a failed attempt, retried within
+  `retries`, never silently recreated;
 - pods stuck pending (image pull errors, unschedulable, pods refused by quota) are reported in
   `status` and fail the stage after `resources.<stage>.pending_timeout_s`;
 - the run's ConfigMap gone (`helm uninstall`) means the run was removed: stop, create nothing;
@@ -23,7 +28,7 @@ from typing import Any, Callable
 from unsupft.ctl import state as st
 from unsupft.ctl.kube import (ANNOTATION_RUN, LABEL_ATTEMPT, LABEL_RUN, LABEL_STAGE, QUEUE_LABEL, Context, exit_code_of,
                               job_kind, object_name, owner_reference, stage_object)
-from unsupft.ctl.kubeapi import Api, QuotaExceeded
+from unsupft.ctl.kubeapi import Api, QuotaExceeded, refusal
 from unsupft.ctl.spec import Pipeline, Stage
 from unsupft.errors import EXIT_USER_ERROR, EXIT_WAITING_FOR_LABELS, UserError
 
@@ -141,11 +146,11 @@ class Driver:
         kind, obj_name = job_kind(stage, self.ctx), obj["metadata"]["name"]
         # Record the intent first: a driver killed right after `create` adopts the object by name.
         self.run.set(name, state=st.RUNNING, attempts=attempt, object=f"{obj['kind']}/{obj_name}",
-                     started=self.clock(), finished=None, message="", deleting=False,
+                     started=self.clock(), finished=None, message="", deleting=False, created=False,
                      first_attempt=rec.get("first_attempt") or attempt)
         try:
             self.api.create(obj)
-            self.run.set(name, stuck_since=None)
+            self.run.set(name, stuck_since=None, created=True)
             self.echo(f"{name}: created {obj['kind']} {obj_name}")
         except QuotaExceeded as exc:
             self.run.set(name, state=st.PENDING, attempts=attempt - 1, object=None)
@@ -156,6 +161,9 @@ class Driver:
                                  "or choose another with resources.job_api / --job-api (docs/cluster.md)")
             elif exc.status == 409:
                 self._adopt(name, kind, obj_name)
+            elif 400 <= exc.status < 500:  # 429 and quota's 403 never get here (kubeapi retries or raises them)
+                self.run.set(name, object=None)
+                self._fail(name, f"{obj['kind']} {obj_name} refused by the API server: {refusal(exc)}")
             else:
                 raise
 
@@ -167,6 +175,7 @@ class Driver:
             self._fail(name, f"{found['kind']} {obj_name} already exists and belongs to {owner or 'something else'}, "
                              f"not to {self.ctx.run_uri}; delete it or use another run id")
             return
+        self.run.set(name, created=found is not None)
         self.echo(f"{name}: adopted {kind.kind} {obj_name}")
 
     def _fail(self, name: str, why: str) -> None:
@@ -197,10 +206,17 @@ class Driver:
             if obj is None:
                 self._start(name, rec, stage, attempt + 1)
             return
-        if obj is None:  # recorded but never created (driver died in between) or deleted by someone
-            if not self.run.accept_done(name):
+        if obj is None:
+            if self.run.accept_done(name) or self.run.cancel_requested():  # (cancel deletes it: not a failure)
+                return
+            if rec.get("created"):  # ours, and gone without this driver deleting it
+                self._attempt_failed(name, rec, stage, kind, obj_name,
+                                     f"deleted by someone else: {kind.kind} {obj_name} is gone")
+            else:  # recorded but never created: the driver died in between
                 self._start(name, rec, stage, attempt)
             return
+        if not rec.get("created"):  # created by a driver that died before recording it
+            self.run.set(name, created=True)
         outcome, message = kind.outcome(obj)
         if outcome == "running" and kind.suspended(obj):
             queue = (obj["metadata"].get("labels") or {}).get(QUEUE_LABEL)
@@ -228,7 +244,13 @@ class Driver:
             self.echo(f"{name}: waiting for labels")
         elif code == EXIT_USER_ERROR:
             self._fail(name, f"bad input (exit 2), not retried; see `unsupft-ctl logs {self.run.run_id} {name}`")
-        elif attempt - (rec.get("first_attempt") or 1) < stage.resources.retries:
+        else:
+            self._attempt_failed(name, rec, stage, kind, obj_name, why)
+
+    def _attempt_failed(self, name: str, rec: dict[str, Any], stage: Stage, kind, obj_name: str, why: str) -> None:
+        """A failed attempt: removed before the next one within `retries`, else the stage fails."""
+        attempt = rec["attempts"]
+        if attempt - (rec.get("first_attempt") or 1) < stage.resources.retries:
             self.api.delete(kind, self.ctx.namespace, obj_name)
             self.run.set(name, deleting=True, message=f"attempt {attempt} failed ({why}); removing it before attempt {attempt + 1}")
             self.echo(f"{name}: attempt {attempt} failed ({why}); retrying")

@@ -143,7 +143,7 @@ def refresh(run: Run, pipeline: Pipeline) -> None:
         if prev is None:
             continue
         rec.update({keep: prev[keep] for keep in ("attempts", "started", "finished", "done_key", "done_hash", "pid",
-                                                  "pid_start", "host", "exit_code", "message", "object", "started_key")
+                                                  "pid_start", "host", "exit_code", "message", "object", "started_key", "created")
                     if keep in prev})
         rec["state"] = prev["state"] if prev["key"] == rec["key"] else PENDING
     run.data.update(spec=fresh["spec"], order=fresh["order"], stages=fresh["stages"])
