@@ -7,6 +7,8 @@ The names are set per option rather than by Click's `auto_envvar_prefix`, which 
 Python parameter names. A data-set input may be `chosen:<select-source output>` (the source that
 stage chose, `unsupft.stage.resolve_chosen`): resolved here, before the stage sees its options.
 `unsupft launch` runs a stage on several processes (`unsupft.distributed.launch`).
+An empty output (`--out ''`, a variable expanding to nothing) is refused here: as a path it would
+be the current directory.
 """
 
 from __future__ import annotations
@@ -31,6 +33,25 @@ def _add_environment(spec: StageSpec, command: click.Command) -> None:
     if not command.epilog:
         command.epilog = (f"\b\nExample:\n  {spec.example}\n\n"
                           f"Every option can also be set as {spec.env_name('')}<OPTION>.")
+
+
+# The parameters naming where a stage writes (`--out`; ingest's positional OUT_URI).
+_OUTPUTS = ("out", "out_uri")
+
+
+def _not_empty(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+    """An output that is empty or blank: refused (`store.normalize` would make it the current directory)."""
+    if isinstance(value, str) and not value.strip():
+        raise click.BadParameter("empty; give the output's path or URI ('.' for the current directory)",
+                                 ctx=ctx, param=param)
+    return value
+
+
+def _refuse_empty_outputs(command: click.Command) -> None:
+    """Give the stage's output parameter a check that it is not empty (`_not_empty`)."""
+    for param in command.params:
+        if param.name in _OUTPUTS and param.callback is None:
+            param.callback = _not_empty
 
 
 def _resolve_chosen_sources(spec: StageSpec, command: click.Command) -> None:
@@ -61,6 +82,7 @@ def _load(spec: StageSpec) -> click.Command:
     """The stage's command, imported and prepared once per process."""
     command = pkgutil.resolve_name(spec.command)
     _add_environment(spec, command)
+    _refuse_empty_outputs(command)
     _resolve_chosen_sources(spec, command)
     return command
 

@@ -6,10 +6,16 @@ retries (the store unreachable or failing, another writer holding the output): e
 (EX_UNAVAILABLE), and the same command may well succeed later, so a scheduler can retry it. The CLIs
 turn either into one `error: ...` line on stderr; every other exception is a bug and keeps its
 traceback.
+
+A file-system failure is classified by its cause (`os_error`), wherever it happens: a full disk or
+an exceeded quota is infrastructure (exit 69: free space and run the command again; it resumes, as
+every store write is a temp file renamed whole), a place that cannot be written (read-only file
+system, permission denied) is bad input (exit 2: the command names the wrong place).
 """
 
 from __future__ import annotations
 
+import errno
 import functools
 import sys
 from typing import Any, Callable, TypeVar
@@ -53,16 +59,38 @@ class InfraError(ReportedError):
     exit_code = EXIT_INFRA
 
 
+_NO_SPACE = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded"}
+_NOT_WRITABLE = {errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
+                 errno.EPERM: "operation not permitted"}
+
+
+def os_error(exc: OSError, path: object = None) -> ReportedError | None:
+    """The one-line error of a file-system failure that is not a bug, naming `path` (default: the
+    file the exception names), or None for any other `OSError`."""
+    where = path if path is not None else exc.filename
+    prefix = f"{where}: " if where is not None else ""
+    if exc.errno in _NO_SPACE:
+        return InfraError(f"{prefix}{_NO_SPACE[exc.errno]}; free some space and run the same command again "
+                          f"(nothing was half-written)")
+    if exc.errno in _NOT_WRITABLE:
+        return UserError(f"{prefix}{_NOT_WRITABLE[exc.errno]}")
+    return None
+
+
 def report_user_errors(fn: F) -> F:
-    """Decorate a Click command so that a `ReportedError` becomes one line on stderr and its exit code."""
+    """Decorate a Click command so that a `ReportedError`, or an `OSError` that `os_error` knows,
+    becomes one line on stderr and its exit code."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except ReportedError as exc:
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(exc.exit_code)
+        except (ReportedError, OSError) as exc:
+            error = os_error(exc) if isinstance(exc, OSError) else exc
+            if error is None:
+                raise
+            click.echo(f"error: {error}", err=True)
+            sys.exit(error.exit_code)
 
     return wrapper  # type: ignore[return-value]
 

@@ -20,9 +20,12 @@ skips a stage whose `_DONE.json` holds the config hash it recorded.
 Outputs are owned, here once for every stage:
 - By one config. `is_done` and `write_config` refuse an output that holds another config's files,
   finished or partial (one line naming the keys that differ), or files no stage wrote; with
-  `--overwrite` (`StageOptions`) the output is emptied and the stage starts clean. A rerun with
-  the same config resumes, and the training loop checks that a checkpoint it resumes from was
-  written under this config (`owner`).
+  `--overwrite` (`StageOptions`) the files the stages write (`WRITTEN`) are deleted from another
+  config's output and the stage starts clean. Nothing else is ever deleted: a folder without a
+  stage's config.json (a home folder, a bucket root, another tool's output) or an output that also
+  holds files of someone else is refused with `--overwrite` too, naming them. A rerun with the
+  same config resumes, and the training loop checks that a checkpoint it resumes from was written
+  under this config (`owner`).
 - By one writer. `write_config` takes the output's lease (`unsupft.lease`, `<out>/_LEASE.json`)
   before its first write and `write_done` gives it up after its last, so a second process writing
   the same output stops with one line (exit 69) instead of mixing its files into the first's.
@@ -30,6 +33,7 @@ Outputs are owned, here once for every stage:
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import platform
@@ -41,12 +45,30 @@ import click
 
 from unsupft import __version__, lease, options, store, trust
 from unsupft.errors import UserError
+from unsupft.registry import STAGES
 
 DONE = "_DONE.json"
 CONFIG = "config.json"
 METRICS_FILE = "metrics.jsonl"
 DATASET_MANIFEST = "dataset.json"  # what identifies a data set input (written by unsupft.data.shards)
 RESOLVED = "resolved"  # the config.json key of facts read from the data: recorded, not hashed
+
+# The files of one training run (any stage's output, and the runs stages keep inside their own).
+_RUN_FILES = (CONFIG, DONE, lease.LEASE, METRICS_FILE, "checkpoint.pt", "model.pt", "moco.pt",
+              "events.out.tfevents.*", "train_keys.txt", "test.json")
+# Every file a stage writes into its output, as patterns of its path there (`*` also spans
+# folders): what `--overwrite` deletes, and `_DONE.json` lists. A stage that writes a new name adds
+# it here (tests/test_bad_inputs_outputs.py checks the stages' outputs against it); one missing
+# makes `--overwrite` refuse the output, never delete a file unsupft did not write. A label
+# round's answers (labels/round-N.csv) are a person's work, and not among them.
+WRITTEN = (
+    *_RUN_FILES,
+    "report.json", "report.html", "feature_map.png", "fewshot_curves.png", "label_curves.png",  # evaluate
+    "study.json", "study.md", "study.html",  # study
+    "ranking.json", "ranking.md", *(f"candidates/*/{name}" for name in _RUN_FILES),  # select-source
+    "state.json", "labels.csv", "rounds.jsonl", *(f"rounds/round-*/{name}" for name in _RUN_FILES),  # label
+    "requests/classes.json", "requests/round-*.csv", "requests/round-*/*.png", "labels/round-*.progress.json",
+)
 
 # This process's claims: output URI -> (its lease, the config hash it writes under).
 _claims: dict[str, tuple[lease.Lease, str]] = {}
@@ -73,7 +95,8 @@ class StageOptions(options.Options):
              f"unpickler, which can run code from the file: only for files you trust. Also {trust.TRUST_ENV}=1.")
     overwrite: bool = options.option(
         False, is_flag=True, callback=_set_overwrite, hashed=False,
-        help="Empty --out first when it holds another config's (or a partial foreign) output, instead of refusing it.")
+        help="Replace another config's output in --out (finished or partial): delete the files unsupft wrote "
+             "there first, instead of refusing it. Files unsupft did not write are never deleted.")
 
 
 def _identity(config: dict[str, Any]) -> dict[str, Any]:
@@ -105,22 +128,47 @@ def differences(old: dict[str, Any], new: dict[str, Any]) -> str:
     return ", ".join(named) + (f" and {len(keys) - 6} more" if len(keys) > 6 else "")
 
 
+def written_by_unsupft(name: str) -> bool:
+    """Whether `name` (a path inside an output) is one of the files the stages write (`WRITTEN`)."""
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in WRITTEN)
+
+
+def _is_stage_config(value: Any) -> bool:
+    """Whether a config.json holds what `start` writes (another tool's config.json does not)."""
+    return isinstance(value, dict) and value.get("stage") in STAGES
+
+
+def _named(names: Sequence[str], shown: int = 3) -> str:
+    """`3 files: a, b, c` or `12 files: a, b, c and 9 more`, for a one-line message."""
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return f"{len(names)} file{'s' if len(names) != 1 else ''}: {', '.join(names[:shown])}{more}"
+
+
 def _foreign(out: str, config: dict[str, Any]) -> list[str]:
-    """The files of `out` when it is not this config's to write (none when it is: empty, or holding
-    this config): refused here, unless --overwrite lets the caller replace them."""
+    """The files to delete from `out` before `config` writes there: none when it is this config's
+    (empty, or holding this config), else, with --overwrite, another config's output's files,
+    which unsupft wrote. Refused (one line) without --overwrite, and with it wherever a file is
+    not unsupft's: the files `--overwrite` would have deleted before are named."""
     names = [n for n in store.list_prefix(out) if n != lease.LEASE]
-    why = None
-    if CONFIG in names:  # one listing, then the config: a writer starting meanwhile is seen whole
-        existing = store.read_json(store.join(out, CONFIG))
-        if not isinstance(existing, dict):
-            why = f"holds a {CONFIG} that is not a stage config"
-        elif config_hash(existing) != config_hash(config):
-            why = f"holds the output of another config ({differences(existing, config)})"
-    elif names:
-        why = f"is not empty and holds no {CONFIG} (e.g. {names[0]}): not a stage output of this config"
-    if why is not None and not _overwrite:
+    if not names:
+        return []
+    # one listing, then the config: a writer starting meanwhile is seen whole
+    existing = store.read_json(store.join(out, CONFIG)) if CONFIG in names else None
+    overwrite_note = "; --overwrite deletes only what unsupft wrote" if _overwrite else ""
+    if not _is_stage_config(existing):
+        what = f"holds a {CONFIG} no unsupft stage wrote" if CONFIG in names else f"holds no {CONFIG}"
+        raise UserError(f"{out}: is not empty and {what}, so it is not a stage output ({_named(names)})"
+                        f"{overwrite_note}; use another --out")
+    if config_hash(existing) == config_hash(config):
+        return []
+    why = f"holds the output of another config ({differences(existing, config)})"
+    others = [n for n in names if not written_by_unsupft(n)]
+    if others:
+        raise UserError(f"{out}: {why} and files unsupft did not write ({_named(others)}){overwrite_note}; "
+                        f"use another --out")
+    if not _overwrite:
         raise UserError(f"{out}: {why}; use another --out, or --overwrite to replace it")
-    return names if why is not None else []
+    return names
 
 
 def write_config(out: str, config: dict[str, Any]) -> None:
@@ -129,7 +177,7 @@ def write_config(out: str, config: dict[str, Any]) -> None:
     if out not in _claims:
         held = lease.acquire(store.join(out, lease.LEASE), f"unsupft {config.get('stage', 'stage')}", out)
         try:
-            for name in _foreign(out, config):  # only with --overwrite: the output starts clean
+            for name in _foreign(out, config):  # only with --overwrite: unsupft's files, deleted
                 store.delete(store.join(out, name))
         except BaseException:
             held.release()
@@ -250,8 +298,8 @@ class StageRun:
         write_config(self.out, self.config)
 
     def finish(self, **extra: Any) -> dict[str, Any]:
-        """Write `_DONE.json`: the stage is complete, its outputs are the files in the output."""
-        outputs = [n for n in store.list_prefix(self.out) if n not in (lease.LEASE, DONE)]
+        """Write `_DONE.json`: the stage is complete, its outputs are the files it wrote there."""
+        outputs = [n for n in store.list_prefix(self.out) if n not in (lease.LEASE, DONE) and written_by_unsupft(n)]
         return write_done(self.out, self.name, self.config, self.inputs, outputs, self.started, **extra)
 
 

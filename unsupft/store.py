@@ -15,6 +15,9 @@ Guarantees:
   temp file is left alone.
 - Errors a user can cause (bad URI, missing bucket or key, access denied, bad credentials) surface
   as `UserError` with one line naming the URI and the cause.
+- A local write that fails for its place's sake names the URI it wrote (not its temp file, which is
+  removed): a full disk or quota as `InfraError` (exit 69; the rerun resumes), a read-only or
+  forbidden place as `UserError` (`unsupft.errors.os_error`, `writing`).
 - Transient failures (connection refused or reset, timeouts, 5xx, throttling) are retried with
   exponential backoff for `UNSUPFT_STORE_RETRY_SECONDS` (default 60) in all; past that they surface
   as `InfraError` (exit code 69), so a 2-second outage of the server does not end a stage, and one
@@ -44,7 +47,7 @@ from pathlib import Path
 from typing import IO, Any, Callable, Iterator, TypeVar
 from urllib.parse import urlparse
 
-from unsupft.errors import InfraError, UserError
+from unsupft.errors import InfraError, UserError, os_error
 
 _MULTIPART_THRESHOLD = 64 * 1024 * 1024
 RETRY_ENV = "UNSUPFT_STORE_RETRY_SECONDS"
@@ -177,6 +180,8 @@ def _s3_errors(uri: str) -> Iterator[None]:
     except NoCredentialsError as exc:
         raise UserError(f"{uri}: no S3 credentials found (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or a profile)") from exc
     except (ConnectionError, HTTPClientError, ResponseStreamingError, Urllib3Error, OSError) as exc:
+        if isinstance(exc, OSError) and os_error(exc) is not None:
+            raise  # this machine's disk (a download's target), not the server: no retry
         endpoint = _s3_client().meta.endpoint_url
         raise _Transient(f"the S3 endpoint {endpoint} is unreachable or dropped the connection ({exc})") from exc
     except BotoCoreError as exc:
@@ -376,8 +381,7 @@ def list_prefix(uri: str) -> list[str]:
 def download_file(uri: str, path: str | os.PathLike) -> None:
     """Copy the object at `uri` to a local file (atomically)."""
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with _atomic_local_file(target) as tmp:
+    with writing(str(target)), _atomic_local_file(target) as tmp:
         if is_s3(uri):
             bucket, key = _split_s3(uri)
             _retrying(uri, lambda: _s3_client().download_file(bucket, key, str(tmp)))
@@ -474,6 +478,19 @@ def _atomic_local_file(target: Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+@contextlib.contextmanager
+def writing(uri: str) -> Iterator[None]:
+    """Writes to the local `uri` inside: a failure `os_error` knows (disk full, read-only, permission
+    denied) becomes its one-line error naming `uri`; any other stays as it is."""
+    try:
+        yield
+    except OSError as exc:
+        error = os_error(exc, uri)
+        if error is None:
+            raise
+        raise error from exc
+
+
 def _local_parent_ok(uri: str, path: Path) -> None:
     for parent in path.parents:
         if parent.exists():
@@ -528,11 +545,8 @@ def upload_stream(uri: str, stream: IO[bytes]) -> None:
         return
     path = _local(uri)
     _local_parent_ok(uri, path)
-    try:
-        with _atomic_local_file(path) as tmp, tmp.open("wb") as out:
-            shutil.copyfileobj(stream, out, 1 << 20)
-    except PermissionError as exc:
-        raise UserError(f"{uri}: permission denied") from exc
+    with writing(uri), _atomic_local_file(path) as tmp, tmp.open("wb") as out:
+        shutil.copyfileobj(stream, out, 1 << 20)
 
 
 def upload_file(path: str | os.PathLike, uri: str) -> None:
@@ -562,16 +576,17 @@ def create_exclusive(uri: str, data: bytes) -> str | None:
             raise
     path = _local(uri)
     _local_parent_ok(uri, path)
-    fd, tmp_name = _create_temp(path)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-        os.link(tmp_name, path)
-        return _version(data)
-    except FileExistsError:
-        return None
-    finally:
-        os.unlink(tmp_name)
+    with writing(uri):
+        fd, tmp_name = _create_temp(path)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                out.write(data)
+            os.link(tmp_name, path)
+            return _version(data)
+        except FileExistsError:
+            return None
+        finally:
+            os.unlink(tmp_name)
 
 
 def read_versioned(uri: str) -> tuple[bytes, str] | None:
@@ -608,19 +623,20 @@ def replace_if(uri: str, data: bytes, version: str) -> str | None:
             if "already exists" in str(exc) or _not_found(exc) or "ConditionalRequestConflict" in str(exc):
                 return None
             raise
-    try:
-        stream = open(_local(uri), "r+b")
-    except FileNotFoundError:
-        return None
-    with stream:
-        fcntl.flock(stream, fcntl.LOCK_EX)
-        if _version(stream.read()) != version:
+    with writing(uri):
+        try:
+            stream = open(_local(uri), "r+b")
+        except FileNotFoundError:
             return None
-        stream.seek(0)
-        stream.truncate()
-        stream.write(data)
-        stream.flush()
-        os.fsync(stream.fileno())
+        with stream:
+            fcntl.flock(stream, fcntl.LOCK_EX)
+            if _version(stream.read()) != version:
+                return None
+            stream.seek(0)
+            stream.truncate()
+            stream.write(data)
+            stream.flush()
+            os.fsync(stream.fileno())
     return _version(data)
 
 
@@ -630,7 +646,8 @@ def delete(uri: str) -> None:
         bucket, key = _split_s3(uri)
         _retrying(uri, lambda: _s3_client().delete_object(Bucket=bucket, Key=key))
         return
-    _local(uri).unlink(missing_ok=True)
+    with writing(uri):
+        _local(uri).unlink(missing_ok=True)
 
 
 def delete_prefix(uri: str) -> None:

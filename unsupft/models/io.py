@@ -17,7 +17,9 @@ Formats `load_backbone` accepts (file, or a stage output URI holding `model.pt`)
 `describe(meta)` is the one line a stage prints about what it loaded.
 The architecture is read from the checkpoint (or guessed from the tensor shapes) and must match
 `arch` when given. A 3-channel stem loaded for 1-channel input is summed over colours (and a
-1-channel stem spread over 3), the usual way to reuse RGB weights on grayscale images.
+1-channel stem spread over 3), the usual way to reuse RGB weights on grayscale images. Weights are
+checked as they load (`_check_weights`): NaN or infinite values, or integer or bool tensors where
+the model keeps floats, are refused with one line naming the tensor.
 """
 
 from __future__ import annotations
@@ -231,6 +233,27 @@ def _adapt_stem(state: dict[str, torch.Tensor], in_channels: int) -> dict[str, t
     return {**state, "conv1.weight": weight}
 
 
+def _check_weights(uri: str, tensors: dict[str, Any], model_state: dict[str, torch.Tensor] | None = None,
+                   prefix: str = "") -> None:
+    """Refuse weights no model can use as they are, with one line naming the tensor: one that is not
+    floating point where the model keeps floats (`load_state_dict` would cast int64 or bool values
+    into weights without a word), or one holding NaN or infinite values (every output would be NaN:
+    clustering fails on the features, finetuning diverges at its first step). Buffers the model
+    keeps as integers (BatchNorm's `num_batches_tracked`) are integers in a checkpoint too.
+    `model_state` None: every tensor is a weight (a projection head, a classifier)."""
+    for name, value in tensors.items():
+        if not isinstance(value, torch.Tensor):
+            continue
+        target = model_state.get(name) if model_state is not None else None
+        keeps_floats = target.is_floating_point() if target is not None else model_state is None
+        if keeps_floats and not value.is_floating_point():
+            raise UserError(f"{uri}: tensor '{prefix}{name}' holds {str(value.dtype).removeprefix('torch.')} values "
+                            f"where the model keeps floating-point weights: not a checkpoint of weights")
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise UserError(f"{uri}: tensor '{prefix}{name}' holds NaN or infinite values: not usable weights "
+                            f"(a training run that diverged?)")
+
+
 def load_backbone(uri: str, *, arch: str | None = None, in_channels: int | None = None,
                   trust: bool | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """A backbone with the weights at `uri` (a checkpoint file or a stage output) and its metadata.
@@ -248,8 +271,12 @@ def load_backbone(uri: str, *, arch: str | None = None, in_channels: int | None 
         raise UserError(f"{file_uri}: checkpoint holds a {found} backbone, but {arch} was asked for")
     arch = arch or found
     in_channels = in_channels or meta["in_channels"] or int(state["conv1.weight"].shape[1])
-    state = _adapt_stem(state, in_channels)
     model = build_backbone(arch, in_channels)
+    _check_weights(file_uri, state, model.state_dict())
+    for part in ("head", "classifier"):
+        if meta.get(part):
+            _check_weights(file_uri, meta[part], prefix=f"{part}.")
+    state = _adapt_stem(state, in_channels)
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as exc:  # shape mismatches raise even with strict=False

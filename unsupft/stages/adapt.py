@@ -19,7 +19,7 @@ from unsupft.data.mixing import replay_subset, with_replay
 from unsupft.data.samples import Mixture, image_size_of, open_samples
 from unsupft.errors import UserError, report_user_errors
 from unsupft.seeding import seed_everything
-from unsupft.stages.moco_common import MIXES, MoCoOptions, MoCoTask, init_moco, lr_option, queue_size_for, run_moco
+from unsupft.stages.moco_common import MIXES, MoCoOptions, MoCoTask, batch_and_queue, init_moco, lr_option, run_moco
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -64,10 +64,9 @@ def adapt_command(config: AdaptConfig) -> None:
             raise UserError(f"--replay-fraction {config.replay_fraction} of {config.replay_source} selects no image")
         images = Mixture([(tgt, None), (source, subset.numpy())])
         order, replayed = with_replay(len(tgt), subset, config.seed, config.replay_ratio), len(subset)
-    queue_size, queue_reason = queue_size_for(config.queue_size, order.size if order else len(images), config.batch_size)
+    sizes = batch_and_queue(config, order.size if order else len(images))
     seed_everything(config.seed)
-    moco, arch, notes = init_moco(config.init, config.arch, tgt.channels, dim=128, queue_size=queue_size,
+    moco, arch, notes = init_moco(config.init, config.arch, tgt.channels, dim=128, queue_size=sizes["queue_size"],
                                   temperature=config.temperature, momentum=config.key_momentum)
     run_moco(run, MoCoTask(moco, config.mix, config.mix_alpha), images, size, order, config,
-             resolved={"arch": arch, "replayed_images": replayed, **notes, "queue_size": queue_size,
-                       "queue_size_reason": queue_reason})
+             resolved={"arch": arch, "replayed_images": replayed, **notes, **sizes})

@@ -38,7 +38,7 @@ from unsupft.models.features import extract_features
 from unsupft.models import ARCHS, load_backbone
 from unsupft.models.io import describe
 from unsupft.eval.fewshot import draw_shots
-from unsupft.train.transfer import METHODS, FinetuneConfig, finetune, predict
+from unsupft.train.transfer import METHODS, FinetuneConfig, check_batch, finetune, predict
 
 METRIC_NAMES = ("classifier", "fewshot", "retrieval", "clustering", "sdbw", "linear", "map")
 
@@ -161,6 +161,7 @@ def evaluate_command(config: EvaluateConfig) -> None:
     test_labels = align_test_labels(train, test)
     if "fewshot" in enabled and shot_list:
         draw_shots(train.labels.numpy(), max(shot_list), seed, train.classes)  # K fits every class?
+        check_batch(FinetuneConfig(method=config.method, batch_size=config.batch_size))
     curves = {name: label_rounds(name, uri) for name, uri in label_runs.items()}
     loaded, cards = {}, {}
     for name, uri in models.items():

@@ -25,7 +25,7 @@ from unsupft.errors import UserError
 from unsupft.models import ARCHS, build_backbone, load_backbone, save_model
 from unsupft.models.io import describe
 from unsupft.models.moco import MoCo, save_moco
-from unsupft.train.batches import EpochOrder, LoaderBatches, ShardWindows, Shuffled
+from unsupft.train.batches import MIN_BN_BATCH, EpochOrder, LoaderBatches, ShardWindows, Shuffled, require_bn_batch
 from unsupft.train.loop import LoopConfig, TrainTask, train, unwrap
 
 MIXES = ("cutmix", "mixup", "none")
@@ -101,6 +101,27 @@ DEFAULT_EPOCHS = 200.0  # training length when neither --steps nor --epochs is g
 AUTO_QUEUE_CAP = 65536  # MoCo v2's queue: what "auto" gives an epoch of ImageNet's size
 
 
+def batch_for(requested: int, epoch_size: int) -> tuple[int, str]:
+    """The global batch of a MoCo run over epochs of `epoch_size` samples and why (config.json
+    records both): `--batch-size`, or an epoch (rounded down to a whole batch per process) when it
+    is larger. A batch larger than the data set would hold images more than once: fewer distinct
+    images than the batch (and the learning rate scaled for it) claims. Refused, before anything is
+    written, when a process would get fewer than 2 images: MoCo trains BatchNorm."""
+    world = distributed.env_dist().world_size
+    require_bn_batch(requested, world)
+    if requested <= epoch_size:
+        return requested, "given"
+    batch = epoch_size // world * world
+    if batch // world < MIN_BN_BATCH:
+        raise UserError(f"the data set has {epoch_size} samples per epoch: too few for batches of "
+                        f"{MIN_BN_BATCH} images per process ({world} processes)")
+    reason = (f"--batch-size {requested} is larger than the data set's epoch ({epoch_size} samples): batches "
+              f"of {batch}, so that no image repeats within a batch")
+    if distributed.env_dist().is_main:
+        click.echo(f"warning: {reason} (config.json records it under resolved)", err=True)
+    return batch, reason
+
+
 def queue_size_for(requested: int | str, epoch_size: int, batch_size: int) -> tuple[int, str]:
     """The MoCo queue's length for `--queue-size` and why (config.json records both).
 
@@ -108,7 +129,8 @@ def queue_size_for(requested: int | str, epoch_size: int, batch_size: int) -> tu
     key becomes one of its negatives, which contradicts what InfoNCE means (issue 12). "auto" keeps
     the queue within an epoch, a whole number of batches long (each step then replaces a whole
     batch of keys, as in facebookresearch/moco, which asserts `K % batch == 0`), at most MoCo v2's
-    65,536. An explicit value is honoured, with a warning when it exceeds the epoch.
+    65,536. An explicit value is honoured, with a warning when it exceeds the epoch. (The stages'
+    batch is at most an epoch, `batch_for`.)
     """
     if requested != "auto":
         if requested > epoch_size and distributed.env_dist().is_main:
@@ -121,6 +143,15 @@ def queue_size_for(requested: int | str, epoch_size: int, batch_size: int) -> tu
     size = min(epoch_size, AUTO_QUEUE_CAP) // batch_size * batch_size
     bound = f"the epoch ({epoch_size} samples)" if epoch_size <= AUTO_QUEUE_CAP else f"the cap {AUTO_QUEUE_CAP}"
     return size, f"auto: {bound} rounded down to a multiple of the batch ({batch_size})"
+
+
+def batch_and_queue(config: MoCoOptions, epoch_size: int) -> dict[str, Any]:
+    """What a MoCo run resolves from the size of its epoch, as config.json records it under
+    "resolved": the batch (`batch_for`) and the queue's length (`queue_size_for`), each with why."""
+    batch, batch_reason = batch_for(config.batch_size, epoch_size)
+    queue, queue_reason = queue_size_for(config.queue_size, epoch_size, batch)
+    return {"batch_size": batch, "batch_size_reason": batch_reason, "queue_size": queue,
+            "queue_size_reason": queue_reason}
 
 
 def lr_option(per_256: float) -> Any:
@@ -175,14 +206,15 @@ class MoCoOptions(MoCoRecipe, stage.StageOptions):
 def run_moco(run: stage.StageRun, task: MoCoTask, images: Mixture, size: list[int], order: EpochOrder | None,
              config: MoCoOptions, resolved: dict[str, Any]) -> None:
     """Resolve length and lr, train, and write the stage outputs: config.json first, metrics.jsonl
-    and checkpoint.pt by the loop, then model.pt, moco.pt and _DONE.json last."""
+    and checkpoint.pt by the loop, then model.pt, moco.pt and _DONE.json last. `resolved` holds the
+    batch (`batch_for`) and the queue's length."""
     # read a window of shards at a time (docs/data.md): what makes S3 fast; small sets are unchanged
     order = ShardWindows(order or Shuffled(len(images), config.seed), *images.shard_layout(), window_bytes(),
                          config.seed)
     epoch_size = order.size
     if order.windowed:
         resolved = {**resolved, "shuffle_window_bytes": order.window_bytes}
-    batch_size = config.batch_size
+    batch_size = resolved["batch_size"]
     steps = steps_for(config.steps, config.epochs, epoch_size, batch_size)
     lr = config.lr if config.lr is not None else config.lr_per_256 * batch_size / 256
     in_channels = task.model.backbone.in_channels

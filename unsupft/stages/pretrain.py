@@ -13,7 +13,7 @@ from unsupft.data.samples import Mixture, image_size_of, open_samples
 from unsupft.errors import report_user_errors
 from unsupft.models.moco import freeze_all_but_bn
 from unsupft.seeding import seed_everything
-from unsupft.stages.moco_common import MoCoOptions, MoCoTask, init_moco, queue_size_for, run_moco
+from unsupft.stages.moco_common import MoCoOptions, MoCoTask, batch_and_queue, init_moco, run_moco
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -54,11 +54,10 @@ def pretrain(config: PretrainConfig) -> None:
     n_source = sum(len(s) for s in (sets[:-1] if target else sets))
     order = rebalanced(n_source, len(sets[-1]), config.target_ratio, config.seed) if target else None
     images = Mixture([(s, None) for s in sets])
-    queue_size, queue_reason = queue_size_for(config.queue_size, order.size if order else len(images), config.batch_size)
+    sizes = batch_and_queue(config, order.size if order else len(images))
     seed_everything(config.seed)
-    moco, arch, notes = init_moco(config.init, config.arch, first.channels, dim=128, queue_size=queue_size,
+    moco, arch, notes = init_moco(config.init, config.arch, first.channels, dim=128, queue_size=sizes["queue_size"],
                                   temperature=config.temperature, momentum=config.key_momentum)
     if config.freeze == "bn-only":
         freeze_all_but_bn(moco)
-    run_moco(run, MoCoTask(moco), images, size, order, config,
-             resolved={"arch": arch, **notes, "queue_size": queue_size, "queue_size_reason": queue_reason})
+    run_moco(run, MoCoTask(moco), images, size, order, config, resolved={"arch": arch, **notes, **sizes})

@@ -28,7 +28,7 @@ import click
 import numpy as np
 
 from unsupft import options, stage, store
-from unsupft.distributed import default_device
+from unsupft.distributed import default_device, env_dist
 from unsupft.data.samples import Fitted, Samples, image_size_of, open_samples
 from unsupft.errors import UserError, report_user_errors
 from unsupft.models.features import extract_features
@@ -38,6 +38,7 @@ from unsupft.models import load_backbone
 from unsupft.eval.fewshot import draw_shots
 from unsupft.stages.moco_common import MoCoRecipe
 from unsupft.stages.pretrain import PretrainConfig, pretrain
+from unsupft.train.batches import require_bn_batch
 
 CANDIDATE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")  # a folder name on every store
 
@@ -132,6 +133,8 @@ def select_source_command(config: SelectSourceConfig) -> None:
         "probe_train": config.probe_train, "probe_test": config.probe_test})
     if run is None:
         return
+    # before the claim: each candidate's pretrain would refuse it only after select-source had written
+    require_bn_batch(config.batch_size, env_dist().world_size)
     probe_train = open_samples(config.probe_train)
     for uri in [*candidates.values(), *target]:
         if len(open_samples(uri, probe_train.channels)) == 0:

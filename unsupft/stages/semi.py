@@ -44,7 +44,7 @@ from unsupft.models import ARCHS, load_backbone
 from unsupft.models.io import describe
 from unsupft.models.heads import momentum_update
 from unsupft.seeding import mix_seed, seed_everything
-from unsupft.train.batches import LoaderBatches
+from unsupft.train.batches import MIN_BN_BATCH, LoaderBatches, require_bn_batch
 from unsupft.train.loop import LoopConfig, TrainTask, train, unwrap
 from unsupft.train.transfer import TransferModel, save_finetuned
 
@@ -205,7 +205,10 @@ def semi_command(config: SemiConfig) -> None:
         raise UserError(f"{config.train}: no labeled images to train on")
     backbone, meta = load_backbone(config.init, arch=config.arch, in_channels=data.channels)
     size = image_size_of(data, meta.get("image_size"), "give an --init with a recorded image size")
-    per_rank = min(distributed.per_rank_batch(config.batch_size), len(indices))
+    if config.unlabeled_weight == 0:  # else BatchNorm also sees the batch's 2*mu unlabeled views
+        require_bn_batch(config.batch_size, distributed.env_dist().world_size)
+    # one labeled image: two views of it
+    per_rank = min(distributed.per_rank_batch(config.batch_size), max(len(indices), MIN_BN_BATCH))
     workers = default_workers() if config.workers is None else config.workers
 
     main = distributed.env_dist().is_main

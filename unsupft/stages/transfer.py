@@ -26,7 +26,7 @@ from unsupft.eval.classifier import labels_in_classes, score_classifier, summary
 from unsupft.eval.fewshot import select_training_set
 from unsupft.models import ARCHS, load_backbone
 from unsupft.models.io import describe
-from unsupft.train.transfer import METHODS, FinetuneConfig, finetune, save_finetuned
+from unsupft.train.transfer import METHODS, FinetuneConfig, check_batch, finetune, save_finetuned
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -77,6 +77,7 @@ def transfer_command(config: TransferConfig) -> None:
     click.echo(f"init: {describe(meta)}", err=True)
     indices, labels = select_training_set(data, config.shots, config.seed, config.labels)
     meta["image_size"] = image_size_of(data, config.image_size or meta.get("image_size"), "--image-size")
+    check_batch(config.finetuning())
 
     run.claim(image_size=meta["image_size"])
     model = finetune(backbone, meta, subset(data, meta["image_size"], indices), labels, len(data.classes),

@@ -8,7 +8,8 @@ which is what makes a resumed run continue the same run. Each sample also gets i
 step sees do not depend on DataLoader workers, their number, or resuming.
 
 Any data set size and batch size work: a batch that crosses an epoch boundary takes the rest of
-one epoch and the start of the next, and data sets smaller than a batch repeat within it.
+one epoch and the start of the next, and data sets smaller than a batch repeat within it. A
+model with BatchNorm trains on batches of at least `MIN_BN_BATCH` images (`require_bn_batch`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,23 @@ from typing import Any, Callable, Iterator, Protocol
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from unsupft.errors import UserError
 from unsupft.seeding import mix_seed
+
+# BatchNorm in training mode normalises each channel over the batch: one image at a 1x1 feature
+# map leaves one value ("Expected more than 1 value per channel when training"), and at larger
+# maps its statistics are one image's, not the data's.
+MIN_BN_BATCH = 2
+
+
+def require_bn_batch(batch_size: int, processes: int = 1) -> None:
+    """Refuse `--batch-size` (one line, before anything is written) when it gives each of
+    `processes` (those sharing a global batch) fewer than `MIN_BN_BATCH` images per batch."""
+    if batch_size // processes < MIN_BN_BATCH:
+        each = f" on each of {processes} processes" if processes > 1 else ""
+        raise UserError(f"--batch-size {batch_size}: BatchNorm trains on batches of at least {MIN_BN_BATCH} "
+                        f"images{each}; give a larger --batch-size")
+
 
 class EpochOrder(Protocol):
     """What a training epoch consists of: a fixed number of indices, reordered per epoch."""

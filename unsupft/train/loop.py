@@ -92,6 +92,7 @@ import dataclasses
 import json
 import math
 import random
+import socket
 import sys
 import tempfile
 import time
@@ -105,7 +106,7 @@ from torch import nn
 from tqdm import tqdm
 
 from unsupft import checkpoint, distributed, stage, store
-from unsupft.errors import UserError
+from unsupft.errors import ReportedError, UserError
 from unsupft.seeding import seed_everything
 from unsupft.stage import METRICS_FILE
 
@@ -248,6 +249,16 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def _record(line: str) -> dict[str, Any] | None:
+    """A metrics.jsonl line's record; None for a blank line or the torn last line of a run that
+    stopped while appending it (a full disk, a kill), which a resumed run drops."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
+
+
 class _MetricsLog:
     """metrics.jsonl (rank 0): appended locally line by line, rewritten whole on S3 at checkpoints."""
 
@@ -259,9 +270,8 @@ class _MetricsLog:
         if not enabled:
             return
         if resume_step is not None and store.exists(self.uri):
-            kept = [ln for ln in store.read_text(self.uri).splitlines()
-                    if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
-            self.lines = [ln + "\n" for ln in kept]
+            records = [(ln, _record(ln)) for ln in store.read_text(self.uri).splitlines()]
+            self.lines = [ln + "\n" for ln, r in records if r is not None and r.get("step", 0) <= resume_step]
         store.write_text(self.uri, "".join(self.lines))
 
     def append(self, record: dict[str, Any]) -> None:
@@ -270,7 +280,7 @@ class _MetricsLog:
         line = json.dumps(record) + "\n"
         self.lines.append(line)
         if self.local is not None:
-            with open(self.local, "a") as f:
+            with store.writing(self.uri), open(self.local, "a") as f:
                 f.write(line)
 
     def flush(self) -> None:
@@ -281,48 +291,80 @@ class _MetricsLog:
 class _TensorBoard:
     """TensorBoard scalars of the metrics records (rank 0), written with tensorboardX when it is
     installed: it needs only protobuf (about 3 MB), where `torch.utils.tensorboard` needs the whole
-    `tensorboard` package and its server dependencies just to write. Outputs on S3 are written to a
-    local folder first and uploaded at `flush` (event files are appended to, which S3 cannot do)."""
+    `tensorboard` package and its server dependencies just to write. The events are written by the
+    training thread, on disk at least every `FLUSH_SECONDS` (tensorboardX's `SummaryWriter` writes
+    from a thread of its own, where a full disk ends in a traceback instead of one line). Outputs on
+    S3 are written to a local folder first and uploaded at `flush`, at every checkpoint (event
+    files are appended to, which S3 cannot do)."""
+
+    FLUSH_SECONDS = 30.0
 
     def __init__(self, out: str, resume_step: int | None, enabled: bool) -> None:
-        self.writer, self.staging, self.out = None, None, out
+        self.records, self.staging, self.out, self.flushed = None, None, out, time.monotonic()
         if not enabled:
             return
         try:
-            from tensorboardX import SummaryWriter
+            from tensorboardX.proto.event_pb2 import Event, SessionLog
+            from tensorboardX.record_writer import RecordWriter
         except ImportError:  # the optional extra is not installed: metrics.jsonl alone
             return
         local = store.local_path(out)
         if local is None:
             self.staging = tempfile.TemporaryDirectory(prefix="unsupft-tb-")
             local = Path(self.staging.name)
-        # tensorboardX names files by the second: a run resumed within the same second would
-        # overwrite its predecessor's file; the nanoseconds keep them apart and in order
-        self.writer = SummaryWriter(str(local), purge_step=resume_step, flush_secs=30,
-                                    filename_suffix=f".{time.time_ns():020d}")
+        self.folder = str(local)  # where the event files are written (named when that fails)
+        # TensorBoard's file name (tensorboardX's EventsWriter: by the second); a run resumed within
+        # the same second would overwrite its predecessor's file: the nanoseconds keep them apart
+        name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{time.time_ns():020d}"
+        with store.writing(self.folder):
+            local.mkdir(parents=True, exist_ok=True)
+            self.records = RecordWriter(str(local / name))
+            self._write(Event(wall_time=time.time(), file_version="brain.Event:2"))
+            if resume_step is not None:  # SummaryWriter's purge_step: TensorBoard drops the earlier
+                # files' events at and past the step, as metrics.jsonl drops its lines
+                self._write(Event(step=resume_step, file_version="brain.Event:2"))
+                self._write(Event(step=resume_step, session_log=SessionLog(status=SessionLog.START)))
+
+    def _write(self, event: Any) -> None:
+        self.records.write(event.SerializeToString())
 
     def add(self, record: dict[str, Any]) -> None:
-        if self.writer is None:
+        if self.records is None:
             return
-        for name, value in record.items():
-            if name not in ("step", "time") and isinstance(value, (int, float)):
-                self.writer.add_scalar(name, value, global_step=record["step"], walltime=record["time"])
+        from tensorboardX.proto.event_pb2 import Event
+        from tensorboardX.summary import scalar
+
+        with store.writing(self.folder):
+            for name, value in record.items():
+                if name not in ("step", "time") and isinstance(value, (int, float)):
+                    self._write(Event(wall_time=record["time"], step=record["step"], summary=scalar(name, value)))
+            if time.monotonic() - self.flushed > self.FLUSH_SECONDS:
+                self._write_out()
+
+    def _write_out(self) -> None:
+        self.records.flush()  # and fsync
+        self.flushed = time.monotonic()
 
     def flush(self) -> None:
-        if self.writer is None:
+        if self.records is None:
             return
-        self.writer.flush()
+        with store.writing(self.folder):
+            self._write_out()
         if self.staging is not None:
             for path in Path(self.staging.name).iterdir():
                 store.upload_file(path, store.join(self.out, path.name))
 
     def close(self) -> None:
-        if self.writer is None:
+        if self.records is None:
             return
-        self.flush()
-        self.writer.close()
-        if self.staging is not None:
-            self.staging.cleanup()
+        try:
+            self.flush()
+        finally:
+            records, self.records = self.records, None
+            with contextlib.suppress(OSError):  # a full disk was reported by the flush above
+                records.close()
+            if self.staging is not None:
+                self.staging.cleanup()
 
 
 class _Progress:
@@ -368,7 +410,7 @@ def _load_checkpoint(uri: str, cfg: LoopConfig, owner: str | None) -> dict[str, 
         raise UserError(f"{uri}: not a training checkpoint of this tool; remove it or choose another --out")
     if owner is not None and state.get("owner") != owner:
         raise UserError(f"{uri}: written under another stage config than this run's (or by an older unsupft); "
-                        f"resuming from it would mix two configs: use --overwrite to start clean")
+                        f"resuming from it would mix two configs: delete it to start clean, or use another --out")
     if state["step"] > cfg.steps:
         raise UserError(f"{uri}: checkpoint is at step {state['step']}, past the {cfg.steps} steps asked for")
     return state
@@ -471,8 +513,13 @@ def train(task: TrainTask, data: Any, cfg: LoopConfig) -> TrainResult:
             if checkpoint_now:
                 save(done)
                 saved_at = done
+    except BaseException:
+        with contextlib.suppress(ReportedError):  # the error that stopped the run is the one to report
+            board.close()
+        raise
+    else:
+        board.close()
     finally:
         progress.close()
-        board.close()
         task.model = model
     return TrainResult(step=cfg.steps, resumed_from=resumed_from, metrics=last)

@@ -49,7 +49,7 @@ from unsupft.models import save_model
 from unsupft.models.features import extract_features
 from unsupft.models.heads import momentum_update, projection_head
 from unsupft.preprocess import preprocess
-from unsupft.train.batches import LoaderBatches
+from unsupft.train.batches import MIN_BN_BATCH, LoaderBatches, require_bn_batch
 from unsupft.train.loop import LoopConfig, TrainTask, train, unwrap
 from unsupft.seeding import seed_everything
 
@@ -300,6 +300,13 @@ class BiTuning(TransferMethod):
 METHODS: dict[str, type[TransferMethod]] = {"ce": CrossEntropy, "coin": Coin, "bituning": BiTuning, "linear": Linear}
 
 
+def check_batch(config: FinetuneConfig) -> None:
+    """Refuse `config.batch_size` when BatchNorm cannot train on it (`require_bn_batch`), unless the
+    method keeps the backbone frozen (`linear`): stages call it before they write anything."""
+    if not METHODS[config.method].frozen_backbone:
+        require_bn_batch(config.batch_size)
+
+
 def finetune(backbone: nn.Module, meta: dict[str, Any], images: Dataset | torch.Tensor, labels: torch.Tensor,
              num_classes: int, config: FinetuneConfig = FinetuneConfig(), out: str | None = None) -> TransferModel:
     """Finetune `backbone` (modified in place, and returned inside the model) on labeled images.
@@ -307,7 +314,10 @@ def finetune(backbone: nn.Module, meta: dict[str, Any], images: Dataset | torch.
     `meta` is the dict `load_backbone` returns (its `image_size` decides the input size; None keeps
     the images' size). `images` uint8 [N, C, H, W] (in memory or lazy), `labels` long [N] in [0, num_classes).
     `config.epochs` passes of `ceil(N / batch_size)` steps over the images in shuffled batches of
-    `min(batch_size, N)`; everything random (classifier init, order, augmentation) follows `config.seed`.
+    `min(batch_size, max(N, MIN_BN_BATCH))` (a single labeled image is seen in two augmentations per
+    batch: BatchNorm cannot train on one image, and `check_batch` refuses a `batch_size` of one
+    unless the backbone is frozen); everything random (classifier init, order, augmentation)
+    follows `config.seed`.
     Training runs in the one loop (`unsupft.train.loop.train`) on its device. When `out` is given,
     `<out>/checkpoint.pt` (every epoch; a rerun resumes from it) and `<out>/metrics.jsonl` (one line per epoch:
     step, lr, loss and its parts and train accuracy of the epoch's last batch) are written there.
@@ -315,10 +325,11 @@ def finetune(backbone: nn.Module, meta: dict[str, Any], images: Dataset | torch.
     """
     if len(images) == 0:
         raise UserError("no labeled images to finetune on")
+    check_batch(config)
     seed_everything(config.seed)
     model = TransferModel(backbone, num_classes, meta.get("image_size"))
     labels = labels.long()
-    batch = min(config.batch_size, len(images))
+    batch = min(config.batch_size, max(len(images), MIN_BN_BATCH))
     steps_per_epoch = math.ceil(len(images) / batch)
     method_config = MethodConfig(**asdict(config), steps_per_epoch=steps_per_epoch)
     task = METHODS[config.method](model, method_config, images, labels)
