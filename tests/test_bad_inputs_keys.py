@@ -371,3 +371,18 @@ def test_full_disk_between_the_two_manifests(tmpfs: Callable[[int], Path], tmp_p
     for part in ("train", "test"):  # the first run's train/ shard replaced, no marker left
         names = sorted(p.name for p in (disk / "d" / part).iterdir())
         assert names[0] == "dataset.json" and len(names) == 2 and names[1].startswith("shard-"), names
+
+
+def test_overwrite_deletes_only_the_files_unsupft_wrote(tmp_path: Path) -> None:
+    """A complete set with a user's file of a shard name beside it: `--overwrite` replaces the set's
+    own shards (those its manifest lists) and keeps the user's file, bytes and all."""
+    out = tmp_path / "d"
+    assert run("ingest", "sklearn:digits", out, "--limit", "30", "--shard-size", "10").exit_code == 0
+    old = sorted(p.name for p in out.glob("shard-*.tar"))
+    (out / "shard-000009.tar").write_bytes(b"the user's own file")
+    result = run("ingest", "sklearn:digits", out, "--limit", "20", "--shard-size", "10", "--overwrite")
+    assert result.exit_code == 0, result.output
+    assert (out / "shard-000009.tar").read_bytes() == b"the user's own file"
+    assert not any((out / name).exists() for name in old)  # the old set's shards are gone
+    assert json.loads((out / "dataset.json").read_text())["samples"] == 20
+    assert not (out / "_INGESTING.json").exists()

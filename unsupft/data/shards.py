@@ -13,7 +13,10 @@ exactly as USTAR stores it.
 While an ingestion writes into a folder, `_INGESTING.json` marks it as unfinished; `dataset.json`,
 written last, marks it complete, and the marker is removed after it. The marker is what tells
 unsupft's partial output from foreign shards that happen to share its names (`shard-000000.tar`
-is also `webdataset.ShardWriter`'s documented pattern).
+is also `webdataset.ShardWriter`'s documented pattern). The marker also names every file the
+ingestion writes, before it writes it, so what a later ingestion deletes is only what unsupft wrote
+there: the files an old manifest lists and those a killed run's marker names, never a user's file
+that happens to carry a shard name.
 """
 
 from __future__ import annotations
@@ -189,17 +192,19 @@ class _Writing:
         self.token = f"-{secrets.token_hex(4)}" if store.exists(store.join(self.out, INFO_NAME)) else ""
         self.marker = store.join(self.out, INGESTING_NAME)
         self.had_marker = store.exists(self.marker)  # a killed run's leftovers: the next success removes them
+        # what unsupft wrote here before: the old set's files and a killed run's (its marker names them)
+        self.earlier = _listed_files(self.out) + (_marker_files(self.marker) if self.had_marker else [])
         self.written: list[str] = []
         self.shards: list[ShardInfo] = []
         self.manifest: dict[str, Any] | None = None  # set once written
 
     def put(self, name: str, stream: IO[bytes]) -> None:
-        """Store one file below the data set; the first one is preceded by the marker."""
-        if not self.written and not self.had_marker:
-            store.write_json(self.marker, {"format": "unsupft-ingesting/1",
-                                           "started": datetime.datetime.now(datetime.timezone.utc).isoformat(
-                                               timespec="seconds")})
+        """Store one file below the data set, named in the marker first (so a kill at any moment
+        leaves no file of ours that the marker does not name)."""
         self.written.append(name)
+        store.write_json(self.marker, {"format": "unsupft-ingesting/1",
+                                       "updated": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                                       "files": sorted({*self.earlier, *self.written})})
         store.upload_stream(store.join(self.out, name), stream)
 
     def write_samples(self, samples: Iterable[Sample], labeled: bool, shard_size: int) -> bool:
@@ -243,13 +248,29 @@ class _Writing:
             store.delete(self.marker)
 
     def finish(self) -> None:
-        """Remove what the new manifest does not list of the names ingestion owns (the old set's
+        """Remove what unsupft wrote here before that the new manifest does not list (the old set's
         files, a killed run's), then the marker."""
-        keep = set(self.written)
-        for name in store.list_prefix(self.out):
-            if _OWNED_NAME.fullmatch(name) and name not in keep:
+        for name in sorted(set(self.earlier) - set(self.written)):
+            if _OWNED_NAME.fullmatch(name):
                 store.delete(store.join(self.out, name))
         store.delete(self.marker)
+
+
+def _listed_files(out: str) -> list[str]:
+    """The shard and sources files the data set at `out` lists (none without a `dataset.json`)."""
+    info = store.join(out, INFO_NAME)
+    try:
+        manifest = store.read_json(info) if store.exists(info) else {}
+        names = [shard["name"] for shard in manifest.get("shards", [])] + [manifest.get("sources")]
+    except (UserError, AttributeError, KeyError, TypeError):  # a damaged manifest: delete nothing it may name
+        return []
+    return [name for name in names if isinstance(name, str)]
+
+
+def _marker_files(marker: str) -> list[str]:
+    """The files a killed ingestion's marker names (a marker of an older unsupft names none)."""
+    files = store.read_json(marker).get("files", [])
+    return [name for name in files if isinstance(name, str)]
 
 
 def write_datasets(parts: Sequence[Part], *, classes: list[str], labeled: bool, channels: int, source: str,
