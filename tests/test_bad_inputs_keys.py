@@ -181,10 +181,10 @@ def test_label_manual_keeps_hostile_keys_inside_out(inputs: dict[str, Path], sto
     assert all(image_uri(out, 0, k) == store.join(out, "requests", "round-0", image_of[k]) for k in keys)
 
     with annotate_server(out) as url:  # the page finds every image by its key
-        task = json.load(urllib.request.urlopen(f"{url}/task"))
+        task = json.load(urllib.request.urlopen(f"{url}/task"))  # the page's server on 127.0.0.1
         assert task["keys"] == keys
         for key in keys:
-            with urllib.request.urlopen(f"{url}/img/{quote(key, safe='')}") as response:
+            with urllib.request.urlopen(f"{url}/img/{quote(key, safe='')}") as response:  # 127.0.0.1
                 assert response.read() == store.read_bytes(image_uri(out, 0, key))
 
     classes = open_index(str(inputs["hostile"])).classes
