@@ -167,13 +167,15 @@ def default_device() -> torch.device:
 
 def stage_exit_code(exit_codes: Sequence[int]) -> int:
     """The container's exit code for workers that failed with `exit_codes` (as `Popen` reports them:
-    negative for a signal), in the order torchrun's agent recorded them.
+    negative for a signal), in rank order.
 
     A code of `STAGE_CODES` wins, in that order; else the first other code a worker exited with
-    itself (1: an unhandled exception, a bug); else 128 + the first signal. Signals come last because
-    the agent, once a worker has failed, sends SIGTERM to the others and records them too
-    (torch/distributed/elastic/multiprocessing/api.py, `SubprocessContext._poll`), after the failure
-    that caused it: a worker killed from outside (the OOM killer's SIGKILL) is that first signal.
+    itself (1: an unhandled exception, a bug); else 128 + the lowest rank's signal. Signals come last
+    because the agent, once a worker has failed, sends SIGTERM to the others and records them as
+    failed too (torch/distributed/elastic/multiprocessing/api.py, `SubprocessContext._poll`), all at
+    once: the failures carry no order in time (their timestamps are the second they were recorded),
+    so when only signals are left, a worker the OOM killer ended (SIGKILL, 137) and a peer the agent
+    stopped (SIGTERM, 143) are told apart by the per-rank line `launch` prints, not by the code.
     """
     for code in STAGE_CODES:
         if code in exit_codes:
