@@ -139,10 +139,26 @@ def test_chart_lints_clean():
     {"pipeline": "x", "tolerations": [{"key": "x", "operator": "Exists", "efect": "NoSchedule"}]},
     {"pipeline": "x", "trainingRuntime": {"enabled": "maybe", "name": "unsupft", "image": {"repository": "r", "tag": "1"}}},
     {"pipeline": "x", "serviceAccount": {"create": True, "name": "Bad"}},
+    {"pipeline": "x", "kueue": {"queueName": "gpu/queue"}},
+    {"pipeline": "x", "kueue": {"queue": "gpu"}},
 ])
 def test_bad_values_are_rejected_by_the_schema(values):
     with pytest.raises(helm.HelmError):
         _render(values)
+
+
+def _driver(values: dict) -> dict:
+    return next(o for o in _render(values) if o["kind"] == "Job")
+
+
+def test_the_driver_job_goes_into_the_runs_kueue_queue():
+    assert kube.QUEUE_LABEL not in _driver({"pipeline": PIPELINE})["metadata"]["labels"]
+    queued = PIPELINE.replace("  defaults:\n", "  defaults:\n    queue: gpu-queue\n", 1)
+    assert "queue: gpu-queue" in queued
+    assert _driver({"pipeline": queued})["metadata"]["labels"][kube.QUEUE_LABEL] == "gpu-queue"  # as `submit` does
+    chosen = {"pipeline": queued, "kueue": {"queueName": "cpu-queue"}}
+    assert _driver(chosen)["metadata"]["labels"][kube.QUEUE_LABEL] == "cpu-queue"  # the chart value wins
+    _validate(_driver(chosen))
 
 
 def test_missing_pipeline_is_an_error():

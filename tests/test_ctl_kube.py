@@ -173,6 +173,20 @@ def test_retries_by_cause_deadlines_and_ownership():
         assert obj["metadata"]["annotations"][kube.ANNOTATION_RUN] == "s3://bucket/store/runs/kt"
 
 
+def test_every_object_kueue_manages_goes_into_the_runs_queue():
+    """Kueue reads the queue label on top-level objects; under `manageJobsWithoutQueueName: true` a
+    driver Job without it would be suspended for ever, so it goes into the run's default queue."""
+    configmap, driver, trainjob, adapt, lab = kube.render(_pipeline(), _ctx(), "img:1")
+    pytorchjob = kube.render(_pipeline(), _ctx(job_api="pytorchjob"), "img:1")[2]
+    for obj in (driver, trainjob, pytorchjob, adapt, lab):
+        assert obj["metadata"]["labels"][kube.QUEUE_LABEL] == "gpu-queue", obj["kind"]
+    assert kube.QUEUE_LABEL not in configmap["metadata"]["labels"]  # not a workload
+    text = PIPELINE.replace(", queue: gpu-queue", "").replace("adapt: {{gpus: 1,", "adapt: {{queue: adapt-queue, gpus: 1,")
+    _, driver, trainjob, adapt, lab = kube.render(_pipeline(text=text), _ctx(), "img:1")
+    assert adapt["metadata"]["labels"][kube.QUEUE_LABEL] == "adapt-queue"  # a stage's own queue is not the run's
+    assert not any(kube.QUEUE_LABEL in o["metadata"]["labels"] for o in (driver, trainjob, lab))
+
+
 def test_pod_plumbing_reaches_every_kind():
     _, _, trainjob, adapt, lab = kube.render(_pipeline(), _ctx(), "img:1")
     pytorchjob = kube.render(_pipeline(), _ctx(job_api="pytorchjob"), "img:1")[2]

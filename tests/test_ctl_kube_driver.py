@@ -385,6 +385,7 @@ def test_resume_from_the_cli_starts_a_new_driver_under_the_run(cluster, monkeypa
     driver = cluster.emu.objects[("jobs", "ml", "kt-driver-1")]
     assert driver["metadata"]["ownerReferences"][0]["uid"] == cluster.emu.objects[("configmaps", "ml", "kt-run")]["metadata"]["uid"]
     assert driver["spec"]["template"]["spec"]["serviceAccountName"] == "unsupft-driver"
+    assert driver["metadata"]["labels"][kube.QUEUE_LABEL] == "gpu-queue"  # the run's default queue, read from run.json
     cluster.run = st.open_run(cluster.store, "kt")
     assert cluster.run.stages["lab"]["state"] == "pending"
     cluster.driver().execute()  # what that driver Job does

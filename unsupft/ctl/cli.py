@@ -223,7 +223,8 @@ def submit(ctx, file, backend, namespace, run_id, image, secret, service_account
             raise UserError(f"ConfigMap {extra['owner']} already exists in namespace {namespace} (a run with this id from "
                             "another store?); delete it or pick another --run-id") from None
         kctx.owner = kube.owner_reference(configmap)
-        driver = kube.driver_job(kctx, pipeline.store, image, service_account=service_account)
+        driver = kube.driver_job(kctx, pipeline.store, image, service_account=service_account,
+                                 queue=kube.default_queue(pipeline.source))
         api.create(driver)
         click.echo(f"submitted run {run_id}: Job {driver['metadata']['name']} in namespace {namespace}")
     elif wait:
@@ -491,7 +492,8 @@ def _resume_driver(run_: st.Run, api, image: str | None) -> dict:
     run_.data["generation"] = generation
     run_.save()
     driver = kube.driver_job(kctx, run_.data["store"], image, generation=generation,
-                             service_account=run_.data.get("service_account") or "unsupft-driver")
+                             service_account=run_.data.get("service_account") or "unsupft-driver",
+                             queue=kube.default_queue(run_.data.get("spec") or {}))
     api.create(driver)
     return driver
 

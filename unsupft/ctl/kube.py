@@ -328,13 +328,21 @@ def owner_reference(configmap: dict[str, Any]) -> dict[str, Any]:
             "uid": configmap["metadata"]["uid"]}
 
 
+def default_queue(source: dict[str, Any]) -> str | None:
+    """The run's default Kueue LocalQueue (`resources.defaults.queue` of the pipeline as written),
+    which the driver Job goes into too: under Kueue's `manageJobsWithoutQueueName: true` a Job
+    without the queue label is suspended for ever, so a run whose stages name a queue would never start."""
+    return (((source or {}).get("resources") or {}).get("defaults") or {}).get("queue")
+
+
 def driver_job(ctx: Context, store_uri: str, image: str, *, service_account: str = "unsupft-driver",
-               generation: int = 0, deadline_s: int = DRIVER_DEADLINE_S) -> dict[str, Any]:
+               generation: int = 0, deadline_s: int = DRIVER_DEADLINE_S, queue: str | None = None) -> dict[str, Any]:
     """The small Job that runs `unsupft-ctl drive RUN` next to the stages (`generation` counts resumes).
 
     It exits 0 whenever the run reaches a final state, so `backoffLimit` only covers crashes and an
     API server that stayed unreachable through the driver's own retries; `activeDeadlineSeconds`
-    bounds a driver that never gets there. Its podFailurePolicy (hence restartPolicy Never) fails
+    bounds a driver that never gets there; `queue` (the run's default, `default_queue`) labels it
+    for Kueue. Its podFailurePolicy (hence restartPolicy Never) fails
     the Job at once when another driver holds the run (`EXIT_DRIVER_HELD`) and does not count a
     driver pod evicted from a drained node.
     """
@@ -343,7 +351,7 @@ def driver_job(ctx: Context, store_uri: str, image: str, *, service_account: str
     main = container("driver", ["unsupft-ctl", "--store", store_uri, "drive", ctx.run_id], res, ctx)
     main["resources"]["limits"]["memory"] = "512Mi"
     return {"apiVersion": "batch/v1", "kind": "Job",
-            "metadata": metadata(ctx, object_name(ctx.run_id, *suffix), labels(ctx.run_id, component="driver")),
+            "metadata": metadata(ctx, object_name(ctx.run_id, *suffix), labels(ctx.run_id, component="driver"), queue),
             "spec": {"backoffLimit": 6, "activeDeadlineSeconds": deadline_s, "ttlSecondsAfterFinished": TTL_SECONDS,
                      "podFailurePolicy": pod_failure_policy("driver", [EXIT_DRIVER_HELD]),
                      "template": {"metadata": {"labels": labels(ctx.run_id, component="driver")},
@@ -354,7 +362,7 @@ def render(pipeline: Pipeline, ctx: Context, image: str) -> list[dict[str, Any]]
     """Every object a submit creates: the run's ConfigMap, the driver Job, then each stage's first attempt."""
     run = run_uri(pipeline.store, ctx.run_id)
     ctx.run_uri = ctx.run_uri or run
-    return [run_configmap(ctx, pipeline.store), driver_job(ctx, pipeline.store, image)] + [
+    return [run_configmap(ctx, pipeline.store), driver_job(ctx, pipeline.store, image, queue=default_queue(pipeline.source))] + [
         stage_object(ctx, s, stage_args(s, run), 1) for s in pipeline.stages.values()]
 
 
